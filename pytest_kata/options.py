@@ -1,0 +1,199 @@
+"""Every ``--kata-*`` option in one table, so that the CLI flag, the ini twin and ``kata.toml`` agree.
+
+Precedence, highest first: command line, ini file (``[pytest]``/``[tool.pytest.ini_options]``), ``kata.toml``
+(or ``[tool.pytest_kata]`` in ``pyproject.toml``) in the rootdir, then the default. Library code reads the
+resolved values from :class:`KataSettings`; it never sees pytest.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pytest_kata.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib as _toml
+else:  # pragma: no cover
+    import tomli as _toml
+
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+OptType = Literal["path", "paths", "str", "int", "float", "bool", "choice"]
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # settings attribute; flag is --kata-<name with - for _>, ini/toml key is kata_<name> / <name>
+    type: OptType
+    help: str
+    default: Any = None
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--kata-" + self.name.replace("_", "-")
+
+    @property
+    def ini(self) -> str:
+        return "kata_" + self.name
+
+
+OPTIONS: tuple[Option, ...] = (
+    # foundation (issue 2)
+    Option("candidate", "paths", "candidate bundle: a kata-static .tar.xz/.tar.gz/.tar.zst, an /opt/kata tree or a "
+           "root holding opt/kata; repeat (or comma-separate) to give the split 4.1 tarballs together", metavar="PATH"),
+    Option("baseline", "paths", "the release the candidate replaces (same forms as --kata-candidate)", metavar="PATH"),
+    Option("shim", "str", "which configuration/handler to validate, e.g. qemu, clh, qemu-runtime-rs "
+           "(default: the bundle's default shim; 'all' for every shipped configuration)", metavar="SHIM"),
+    Option("profile", "choice", "rule profile: which rules apply and at what severity", "default",
+           choices=("default", "strict", "confidential")),
+    Option("waivers", "path", "TOML file of waivers (rule id, justification, expiry)", metavar="FILE"),
+    Option("advisories", "paths", "advisory feed: OSV JSON file, directory or GitHub advisory-database tree "
+           "(default: the Kata advisories shipped with pytest-kata)", metavar="FEED"),
+    Option("report", "path", "write the JSON verdict to FILE", metavar="FILE"),
+    Option("fail_on", "choice", "lowest severity whose failure rejects the candidate", "high", choices=SEVERITIES),
+    Option("keep_on_failure", "bool", "keep failed hosts/sandboxes running for inspection and print how to reach them",
+           False),
+    Option("installed_config", "path", "an installed configuration.toml to check for drift against the shipped one",
+           metavar="FILE"),
+    # hosts (issue 3)
+    Option("hosts", "int", "how many KVM hosts to provision per run", 1, metavar="N"),
+    Option("host_provider", "choice", "where hosts come from", "libvirt", choices=("libvirt", "local", "ssh")),
+    Option("libvirt_uri", "str", "libvirt connection URI (remote qemu+ssh:// URIs scale out)", "qemu:///system",
+           metavar="URI"),
+    Option("host_image", "path", "prebuilt host image (qcow2/raw); default: build vm-images' host recipe (cached)",
+           metavar="FILE"),
+    Option("accel", "choice", "VM acceleration: auto detects whether KVM really works here", "auto",
+           choices=("auto", "kvm", "tcg")),
+    Option("boot_timeout", "float", "seconds a host may take to reach its prompt", 240.0, metavar="SECONDS"),
+    Option("ssh_hosts", "str", "comma-separated user@host for --kata-host-provider ssh", metavar="LIST"),
+    # sandboxes (issue 5)
+    Option("runtime", "str", "runtime handler for workload tests: kata-<shim> (candidate), runc or runsc (controls)",
+           metavar="HANDLER"),
+    Option("driver", "choice", "sandbox driver: direct boots the guest kernel+image; containerd uses ctr + a "
+           "runtime handler", "auto", choices=("auto", "direct", "containerd")),
+    # guest image (issue 6)
+    Option("vulns", "paths", "vulnerability feed(s): Debian tracker JSON, OSV dir/zip, Alpine secdb, kernel CNA "
+           "records", metavar="FEED"),
+    Option("surface_budget", "float", "allowed growth (percent) of the guest image attack surface against the "
+           "baseline", 10.0, metavar="PERCENT"),
+)
+
+BY_NAME = {o.name: o for o in OPTIONS}
+
+
+@dataclass
+class KataSettings:
+    """The resolved values of every option, plus where each came from (for the run header)."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    rootdir: Path = Path.cwd()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _convert(option: Option, raw: Any, origin: str, base: Path) -> Any:
+    """Turn a CLI/ini/toml value into the option's type; bad values name their origin."""
+    if raw is None:
+        return None
+    where = f"{origin}: {option.name}"
+    try:
+        if option.type == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(f"expected true/false, got {raw!r}")
+        if option.type == "int":
+            return int(raw)
+        if option.type == "float":
+            return float(raw)
+        if option.type == "choice":
+            value = str(raw).strip().lower()
+            if value not in option.choices:
+                raise ValueError(f"expected one of {', '.join(option.choices)}, got {raw!r}")
+            return value
+        if option.type == "path":
+            return _resolve(str(raw), base)
+        if option.type == "paths":
+            items = raw if isinstance(raw, list | tuple) else [raw]
+            out: list[str] = []
+            for item in items:
+                out.extend(p.strip() for p in str(item).replace("\n", ",").split(",") if p.strip())
+            return [_resolve(p, base) for p in out] or None
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"bad value for {option.flag}: {exc}", path=where) from None
+
+
+def _resolve(text: str, base: Path) -> str:
+    if "://" in text:  # URLs (feeds) stay as given
+        return text
+    p = Path(text).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def read_kata_toml(rootdir: Path) -> tuple[dict[str, Any], Path | None]:
+    """Options from ``kata.toml`` or ``[tool.pytest_kata]`` in ``pyproject.toml`` (kata.toml wins)."""
+    kata_toml = rootdir / "kata.toml"
+    pyproject = rootdir / "pyproject.toml"
+    for path, section in ((kata_toml, None), (pyproject, ("tool", "pytest_kata"))):
+        if not path.is_file():
+            continue
+        try:
+            data = _toml.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, _toml.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read options: {exc}", path=path) from None
+        if section:
+            for key in section:
+                data = data.get(key, {}) if isinstance(data, dict) else {}
+            if not data:
+                continue
+        if not isinstance(data, dict):
+            raise ConfigError("expected a table of options", path=path)
+        table = data.get("kata", data) if path == kata_toml else data
+        normalised = {str(k).replace("-", "_").removeprefix("kata_"): v for k, v in table.items()}
+        unknown = sorted(set(normalised) - set(BY_NAME))
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(BY_NAME))}",
+                              path=path)
+        return normalised, path
+    return {}, None
+
+
+def resolve_settings(cli: dict[str, Any], ini: dict[str, Any], rootdir: Path, cwd: Path | None = None) -> KataSettings:
+    """Merge the sources by precedence. ``cli``/``ini`` hold None for options not given there."""
+    toml_values, toml_path = read_kata_toml(rootdir)
+    settings = KataSettings(rootdir=rootdir)
+    cwd = cwd or Path.cwd()
+    for option in OPTIONS:
+        for origin, values, base in (("command line", cli, cwd), ("ini", ini, rootdir),
+                                     (str(toml_path), toml_values, rootdir)):
+            raw = values.get(option.name)
+            if raw is not None and raw != [] and raw != "":
+                settings.values[option.name] = _convert(option, raw, origin, base)
+                settings.sources[option.name] = origin
+                break
+        else:
+            settings.values[option.name] = option.default
+            settings.sources[option.name] = "default"
+    return settings
+
+
+def severity_rank(severity: str) -> int:
+    """Order of severities; unknown ones rank as medium so that a typo never hides a failure."""
+    try:
+        return SEVERITIES.index(severity.lower())
+    except ValueError:
+        return SEVERITIES.index("medium")

@@ -1,0 +1,212 @@
+"""The pytest plugin: options, markers, the candidate fixtures, and the verdict. Thin by design.
+
+Everything it does is delegated to the library (:mod:`pytest_kata.options`, :mod:`pytest_kata.verdict`,
+:mod:`pytest_kata.bundle`); feature fixtures (rules, hosts, networks, sandboxes, images) live in
+:mod:`pytest_kata.plugins` and are loaded from here.
+"""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_kata import hooks
+from pytest_kata import plugins as _plugins
+from pytest_kata.errors import KataError
+from pytest_kata.options import OPTIONS, SEVERITIES, KataSettings, resolve_settings
+from pytest_kata.recorder import RESULT_KEY, CheckRecorder, result_from_report, status_for_report
+from pytest_kata.verdict import Result, Verdict
+
+pytest_plugins = [f"pytest_kata.plugins.{m.name}" for m in pkgutil.iter_modules(_plugins.__path__)]
+
+SETTINGS = pytest.StashKey[KataSettings]()
+MARKERS = {
+    "kata_check(id, *, severity='medium', title=None)": "a check that counts in the verdict, with a stable id",
+    "kata_advisory(advisory_id)": "the Kata advisory (GHSA-... or CVE-...) this test guards against",
+    "kata_requires(*needs)": "skip unless the candidate/host has each need: shim, agent, kvm, libvirt, containerd",
+    "kata_hosts(n)": "the test needs n provisioned hosts",
+    "kata_dirty": "the test changes its host beyond repair: give it a fresh host instead of a revert",
+}
+ADVISORY_PREFIXES = ("GHSA-", "CVE-", "GO-", "KCSA-")
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(hooks)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kata", "Kata Containers release validation (pytest-kata)")
+    for o in OPTIONS:
+        default = f" (default: {o.default})" if o.default not in (None, False) else ""
+        kwargs: dict[str, Any] = {"dest": f"kata_{o.name}", "default": None, "help": o.help + default}
+        if o.type == "bool":
+            kwargs["action"] = "store_true"
+        elif o.type == "paths":
+            kwargs.update(action="append", metavar=o.metavar or "PATH")
+        else:
+            kwargs["metavar"] = o.metavar or o.name.upper()
+            if o.choices:
+                kwargs["choices"] = o.choices
+        group.addoption(o.flag, **kwargs)
+        parser.addini(o.ini, help=o.help + default, type="string", default="")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for signature, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{signature}: {text}")
+    cli = {o.name: config.getoption(f"kata_{o.name}") for o in OPTIONS}
+    ini = {o.name: config.getini(o.ini) for o in OPTIONS}
+    try:
+        config.stash[SETTINGS] = resolve_settings(cli, ini, Path(config.rootpath), Path(config.invocation_params.dir))
+    except KataError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(VerdictCollector(config), "kata-verdict")
+
+
+def settings_of(config: pytest.Config) -> KataSettings:
+    return config.stash[SETTINGS]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    s = settings_of(config)
+    given = [f"{o.flag}={s.values[o.name]}" for o in OPTIONS if s.sources.get(o.name) != "default"]
+    return [f"kata: {' '.join(given) or 'no options given'}"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Validate marker arguments up front: a typo in a severity must not silently downgrade a check."""
+    for item in items:
+        for mark in item.iter_markers("kata_check"):
+            if not mark.args or not isinstance(mark.args[0], str):
+                raise pytest.UsageError(f"{item.nodeid}: kata_check needs a string id as first argument")
+            sev = mark.kwargs.get("severity", "medium")
+            if sev not in SEVERITIES:
+                raise pytest.UsageError(f"{item.nodeid}: kata_check severity {sev!r} not in {SEVERITIES}")
+        for mark in item.iter_markers("kata_advisory"):
+            if len(mark.args) != 1 or not str(mark.args[0]).startswith(ADVISORY_PREFIXES):
+                raise pytest.UsageError(f"{item.nodeid}: kata_advisory takes one id starting with "
+                                        f"{'/'.join(ADVISORY_PREFIXES)}")
+        for mark in item.iter_markers("kata_hosts"):
+            if len(mark.args) != 1 or not isinstance(mark.args[0], int) or mark.args[0] < 1:
+                raise pytest.UsageError(f"{item.nodeid}: kata_hosts takes one positive int")
+
+
+@pytest.fixture(scope="session")
+def kata_settings(pytestconfig: pytest.Config) -> KataSettings:
+    """The resolved ``--kata-*`` options (command line > ini > kata.toml > default)."""
+    return settings_of(pytestconfig)
+
+
+def _open(paths: list[str] | None, what: str) -> Any:
+    if not paths:
+        pytest.skip(f"no {what} given: pass --kata-{what} PATH (a kata-static tarball or an /opt/kata tree)")
+    from pytest_kata.bundle import open_bundle
+
+    try:
+        return open_bundle(paths)
+    except KataError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+@pytest.fixture(scope="session")
+def kata_candidate(pytestconfig: pytest.Config, kata_settings: KataSettings) -> Any:
+    """The candidate bundle, opened safely and inventoried once per session (per xdist worker)."""
+    bundle = _open(kata_settings.candidate, "candidate")
+    pytestconfig.hook.pytest_kata_candidate_opened(bundle=bundle, config=pytestconfig)
+    return bundle
+
+
+@pytest.fixture(scope="session")
+def kata_baseline(kata_settings: KataSettings) -> Any:
+    """The release the candidate replaces (skips when none was given)."""
+    return _open(kata_settings.baseline, "baseline")
+
+
+@pytest.fixture
+def kata_result(request: pytest.FixtureRequest) -> CheckRecorder:
+    """Records this test's check id, severity, title and evidence for the verdict (and allure)."""
+    recorder = CheckRecorder.for_item(request.node)
+    request.node.stash[RESULT_KEY] = recorder
+    return recorder
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    recorder = item.stash.get(RESULT_KEY, None) or CheckRecorder.from_markers(item)
+    if recorder is not None and _counts(report):
+        payload = recorder.payload(status_for_report(report, recorder))
+        report.user_properties.append(("kata_result", json.dumps(payload, default=str)))
+        if report.failed or report.when == "call":
+            recorder.attach_to_allure(payload)
+    return report
+
+
+def _counts(report: pytest.TestReport) -> bool:
+    return report.when == "call" or (report.when == "setup" and not report.passed) or \
+        (report.when == "teardown" and report.failed)
+
+
+
+class VerdictCollector:
+    """Controller-side: gathers results from all workers, decides, writes the report, fixes the exit status."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.results: dict[str, Result] = {}
+        self.other_failures: set[str] = set()
+        self.verdict: Verdict | None = None
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        result = result_from_report(report)
+        if result is None:
+            if report.failed:
+                self.other_failures.add(report.nodeid)
+            return
+        previous = self.results.get(report.nodeid)
+        if previous is None or result.status == "error" or previous.status in ("pass",):
+            self.results[report.nodeid] = result
+        self.config.hook.pytest_kata_result(result=result, config=self.config)
+
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        s = settings_of(self.config)
+        if not self.results and not s.report:
+            return
+        candidate: dict[str, Any] = {"path": None, "version": None, "sha256": None}
+        if s.candidate:
+            from pytest_kata.bundle import identify
+
+            try:
+                candidate = identify(s.candidate)
+            except KataError as exc:
+                candidate = {"path": s.candidate, "version": None, "sha256": None, "error": str(exc)}
+        self.verdict = Verdict(candidate, list(self.results.values()), s.fail_on)
+        self.config.hook.pytest_kata_verdict(verdict=self.verdict, config=self.config)
+        if s.report:
+            self.verdict.write(s.report)
+        if not self.results:
+            return
+        failed_checks = {r.nodeid for r in self.results.values() if r.status in ("fail", "error")}
+        if self.verdict.verdict == "accept" and exitstatus == pytest.ExitCode.TESTS_FAILED \
+                and not self.other_failures and failed_checks:
+            session.exitstatus = pytest.ExitCode.OK  # only failures below --kata-fail-on: the gate passes
+        elif self.verdict.verdict == "reject" and exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.verdict is None:
+            return
+        terminalreporter.write_sep("=", "kata verdict")
+        for line in self.verdict.table(width=terminalreporter._tw.fullwidth).splitlines():
+            markup = {"red": True} if line.startswith(("fail", "error", "VERDICT: REJECT")) else {}
+            if line.startswith("VERDICT: ACCEPT"):
+                markup = {"green": True, "bold": True}
+            terminalreporter.write_line(line, **markup)
+        report = settings_of(self.config).report
+        if report:
+            terminalreporter.write_line(f"verdict written to {report}")

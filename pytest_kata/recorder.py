@@ -1,0 +1,156 @@
+"""Per-test check records: id, suite, severity, title, evidence, and the status the verdict sees.
+
+A test becomes a verdict check by its ``kata_check`` marker, by living under the suites directory, or by
+using the ``kata_result`` fixture. Rule-driven tests hand their outcome to :meth:`CheckRecorder.conclude`,
+which turns ``fail``/``error``/``notapplicable``/``waived`` into the matching pytest outcome while keeping
+the exact status for the verdict.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+
+from pytest_kata.resources import suites_dir
+from pytest_kata.verdict import Result
+
+RESULT_KEY = pytest.StashKey["CheckRecorder"]()
+ALLURE_SEVERITY = {"critical": "blocker", "high": "critical", "medium": "normal", "low": "minor", "info": "trivial"}
+
+
+def _suite_of(item: pytest.Item) -> str | None:
+    path = Path(str(item.path)).resolve()
+    try:
+        rel = path.relative_to(suites_dir().resolve())
+    except ValueError:
+        parts = path.parts
+        if "suites" in parts and parts.index("suites") + 1 < len(parts) - 1:
+            return parts[parts.index("suites") + 1]
+        return None
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+@dataclass
+class CheckRecorder:
+    id: str
+    suite: str
+    severity: str = "medium"
+    title: str = ""
+    evidence: dict[str, Any] = field(default_factory=dict)
+    status: str | None = None  # set when the test concluded with an explicit status
+    attachments: list[tuple[str, str, str]] = field(default_factory=list)  # (name, body, mime)
+
+    @classmethod
+    def from_markers(cls, item: pytest.Item) -> CheckRecorder | None:
+        mark = item.get_closest_marker("kata_check")
+        suite = _suite_of(item)
+        if mark is None and suite is None:
+            return None
+        rec = cls(id=item.name, suite=suite or item.module.__name__.rsplit(".", 1)[-1] if hasattr(item, "module")
+                  else "tests", title=(item.obj.__doc__ or "").strip().splitlines()[0]
+                  if getattr(item, "obj", None) is not None and item.obj.__doc__ else item.name)
+        if mark is not None:
+            rec.id = str(mark.args[0])
+            rec.severity = mark.kwargs.get("severity", "medium")
+            rec.title = mark.kwargs.get("title") or rec.title
+        advisory = item.get_closest_marker("kata_advisory")
+        if advisory is not None:
+            rec.evidence.setdefault("advisory", advisory.args[0])
+        return rec
+
+    @classmethod
+    def for_item(cls, item: pytest.Item) -> CheckRecorder:
+        return cls.from_markers(item) or cls(id=item.name, suite="tests", title=item.name)
+
+    def record(self, *, id: str | None = None, severity: str | None = None, title: str | None = None,
+               suite: str | None = None, **evidence: Any) -> None:
+        """Set identity fields and add evidence (actual/expected values, paths, command output)."""
+        if id:
+            self.id = id
+        if severity:
+            self.severity = severity
+        if title:
+            self.title = title
+        if suite:
+            self.suite = suite
+        self.evidence.update(evidence)
+        self._allure_identity()
+
+    def attach(self, name: str, body: str, mime: str = "text/plain") -> None:
+        """Evidence too long for JSON: attached to allure and kept as a report section."""
+        self.attachments.append((name, body, mime))
+        try:
+            import allure
+
+            kind = {"application/json": allure.attachment_type.JSON, "text/x-diff": allure.attachment_type.TEXT}
+            allure.attach(body, name=name, attachment_type=kind.get(mime, allure.attachment_type.TEXT))
+        except Exception:  # allure not active or not installed: the report section still has it
+            pass
+
+    def conclude(self, status: str, message: str) -> None:
+        """End the test with a verdict status: pass returns, the others raise the pytest outcome."""
+        self.status = status
+        if status == "pass":
+            return
+        if status in ("notapplicable", "waived", "skipped"):
+            pytest.skip(f"{status}: {message}")
+        if status == "error":
+            self._error(message)
+        pytest.fail(message, pytrace=False)
+
+    def _error(self, message: str) -> NoReturn:
+        pytest.fail(f"ERROR: {message}", pytrace=False)
+
+    def _allure_identity(self) -> None:
+        try:
+            import allure
+
+            allure.dynamic.label("suite", self.suite)
+            allure.dynamic.tag(self.id)
+            allure.dynamic.label("rule_id", self.id)
+            allure.dynamic.severity(getattr(allure.severity_level, ALLURE_SEVERITY.get(self.severity, "normal")
+                                            .upper()))
+            if self.title:
+                allure.dynamic.title(f"{self.id}: {self.title}")
+            advisory = self.evidence.get("advisory")
+            if advisory:
+                allure.dynamic.link(f"https://github.com/advisories/{advisory}" if advisory.startswith("GHSA")
+                                    else f"https://nvd.nist.gov/vuln/detail/{advisory}", name=advisory)
+        except Exception:
+            pass
+
+    def attach_to_allure(self, payload: dict[str, Any]) -> None:
+        self._allure_identity()
+
+    def payload(self, status: str) -> dict[str, Any]:
+        return {"id": self.id, "suite": self.suite, "status": status, "severity": self.severity,
+                "title": self.title, "evidence": self.evidence}
+
+
+def status_for_report(report: pytest.TestReport, recorder: CheckRecorder) -> str:
+    if report.when in ("setup", "teardown") and report.failed:
+        return "error"
+    if report.passed:
+        return "pass"
+    if report.skipped:
+        if recorder.status in ("notapplicable", "waived"):
+            return recorder.status
+        text = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        for status in ("notapplicable", "waived"):
+            if f"Skipped: {status}:" in text or text.startswith(f"{status}:"):
+                return status
+        return "skipped"
+    return "error" if recorder.status == "error" else "fail"
+
+
+def result_from_report(report: pytest.TestReport) -> Result | None:
+    for key, value in report.user_properties:
+        if key == "kata_result":
+            data = json.loads(value) if isinstance(value, str) else value
+            return Result(id=data["id"], suite=data["suite"], status=data["status"], severity=data["severity"],
+                          title=data["title"], evidence=data.get("evidence", {}), nodeid=report.nodeid)
+    return None

@@ -1,0 +1,108 @@
+"""The verdict: every check's result, the totals, and accept/reject by the ``fail_on`` severity.
+
+Statuses: ``pass``, ``fail``, ``error``, ``notapplicable``, ``waived``, ``skipped``. A candidate is rejected
+when any ``fail`` or ``error`` is at or above ``fail_on``, or when no check ran at all (an empty run proves
+nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_kata.options import SEVERITIES, severity_rank
+
+STATUSES = ("pass", "fail", "error", "notapplicable", "waived", "skipped")
+BLOCKING = ("fail", "error")
+
+
+@dataclass
+class Result:
+    id: str
+    suite: str
+    status: str
+    severity: str
+    title: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    nodeid: str = ""
+
+    def blocks(self, fail_on: str) -> bool:
+        return self.status in BLOCKING and severity_rank(self.severity) >= severity_rank(fail_on)
+
+
+@dataclass
+class Verdict:
+    candidate: dict[str, Any]
+    results: list[Result]
+    fail_on: str = "high"
+
+    @property
+    def totals(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        for r in self.results:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        return counts
+
+    @property
+    def blocking(self) -> list[Result]:
+        return [r for r in self.results if r.blocks(self.fail_on)]
+
+    @property
+    def verdict(self) -> str:
+        ran = [r for r in self.results if r.status in ("pass", "fail", "error", "waived")]
+        return "reject" if self.blocking or not ran else "accept"
+
+    @property
+    def reasons(self) -> list[str]:
+        if not [r for r in self.results if r.status in ("pass", "fail", "error", "waived")]:
+            return ["no check ran: an empty run proves nothing"]
+        return [f"{r.id} [{r.severity}] {r.status}: {r.title}" for r in self.blocking]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "candidate": self.candidate,
+            "results": [
+                {k: v for k, v in asdict(r).items() if k != "nodeid"} | {"nodeid": r.nodeid} for r in self.results
+            ],
+            "totals": self.totals,
+            "fail_on": self.fail_on,
+            "verdict": self.verdict,
+            "reasons": self.reasons,
+        }
+
+    def write(self, path: str | Path) -> None:
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+        tmp.replace(out)
+
+    def table(self, width: int = 100) -> str:
+        """The human verdict table printed at the end of a run."""
+        rows = sorted(self.results, key=lambda r: (r.status not in BLOCKING, -severity_rank(r.severity), r.id))
+        lines = [f"{'status':<13} {'severity':<9} {'id':<28} title", "-" * min(width, 100)]
+        for r in rows:
+            lines.append(f"{r.status:<13} {r.severity:<9} {r.id[:28]:<28} {r.title}"[:width])
+        t = self.totals
+        lines.append("-" * min(width, 100))
+        lines.append("totals: " + ", ".join(f"{k} {v}" for k, v in t.items() if v))
+        version = self.candidate.get("version") or "unknown version"
+        lines.append(f"VERDICT: {self.verdict.upper()}  candidate {self.candidate.get('path')} ({version}), "
+                     f"fail-on {self.fail_on}")
+        for reason in self.reasons[:20]:
+            lines.append(f"  - {reason}")
+        return "\n".join(lines)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+__all__ = ["BLOCKING", "SEVERITIES", "STATUSES", "Result", "Verdict", "sha256_file"]
