@@ -25,6 +25,13 @@ def state_dir() -> Path:
     return path
 
 
+def run_dir(run_id: str) -> Path:
+    """The run's own state directory (its daemons' pid files, its link-name map); the sweep removes it."""
+    path = state_dir() / run_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def new_run_id() -> str:
     return PREFIX + secrets.token_hex(4)
 
