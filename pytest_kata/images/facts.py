@@ -1,0 +1,330 @@
+"""Hardening facts of a guest image, as a flat dotted-key mapping the rules engine checks (``image.toml``).
+
+Facts describe what the guest will *do*, not just which files exist: sysctl files count only when something
+in the guest applies them (systemd-sysctl under systemd, or an init script that runs ``sysctl``; the Kata
+agent as init applies none), enabled units count only under systemd, and the root filesystem is read-only
+when the kernel mounts it so (``ro``, the kernel's default) and nothing remounts it read-write.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import shlex
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pytest_kata.images.read import Entry, RootView, parse_os_release
+
+BIN_DIRS = ("/bin", "/sbin", "/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin")
+SHELLS = ("sh", "bash", "dash", "ash", "zsh", "ksh", "ksh93", "mksh", "csh", "tcsh", "fish", "busybox")
+PACKAGE_MANAGERS = ("apt", "apt-get", "aptitude", "dpkg", "rpm", "dnf", "yum", "microdnf", "zypper", "apk",
+                    "pip", "pip3", "snap", "flatpak")
+NETWORK_DAEMONS = ("sshd", "dropbear", "telnetd", "in.telnetd", "inetd", "xinetd", "rpcbind", "avahi-daemon",
+                   "nginx", "apache2", "httpd", "lighttpd", "smbd", "nmbd", "vsftpd", "proftpd", "named",
+                   "dnsmasq", "snmpd", "cupsd", "exim4", "sendmail", "master", "rsyncd", "ntpd", "nfsd",
+                   "rpc.mountd", "mosquitto", "redis-server", "mysqld", "postgres", "getty", "agetty")
+DEBUG_TOOLS = ("gdb", "strace", "ltrace", "tcpdump", "debugfs", "curl", "wget", "gcc", "cc", "g++", "make",
+               "nc", "ncat", "netcat", "socat", "perf", "bpftrace", "python3", "perl")
+AGENT_PATHS = ("/usr/bin/kata-agent", "/usr/local/bin/kata-agent", "/bin/kata-agent", "/sbin/kata-agent")
+SYSCTL_DIRS = ("/usr/lib/sysctl.d", "/lib/sysctl.d", "/run/sysctl.d", "/etc/sysctl.d")  # lowest precedence first
+CMDLINE_WEAKENERS = ("nokaslr", "nosmep", "nosmap", "nopti", "pti=off", "nospectre_v1", "nospectre_v2",
+                     "spectre_v2=off", "spec_store_bypass_disable=off", "mitigations=off", "no_hash_pointers",
+                     "norandmaps", "kpti=0", "slub_debug=-", "init_on_free=0", "page_poison=0", "lockdown=none",
+                     "module.sig_enforce=0", "selinux=0", "apparmor=0", "iommu=off", "debugfs=on")
+CMDLINE_DEBUG = ("agent.debug_console", "agent.debug_console_vport", "agent.log=debug", "agent.devmode",
+                 "agent.trace", "systemd.log_level=debug", "systemd.debug-shell", "init=/bin/sh",
+                 "init=/bin/bash", "rd.break", "single", "emergency")
+# Units Kata itself needs in a systemd guest (osbuilder: kata-agent.service, kata-containers.target; chrony
+# for time; kata-opa for the agent policy).
+SERVICE_ALLOWLIST = ("kata-agent.service", "kata-containers.target", "chrony.service", "chronyd.service",
+                     "kata-opa.service")
+
+
+@dataclass
+class ImageFacts:
+    """Flat ``{"dotted.key": value}`` with the ``.get(key, default)`` the rules engine reads."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.values
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.values, "notes": list(self.notes)}
+
+
+def image_facts(root: RootView, *, cmdline: str | None = None, verity_params: str | None = None) -> ImageFacts:
+    """Collect the facts of one image. ``cmdline`` is the kernel command line Kata passes (config
+    ``kernel_params`` plus the runtime's defaults) when known; ``verity_params`` Kata's ``kernel_verity_params``."""
+    facts = ImageFacts()
+    v = facts.values
+    entries = root.entries()
+    v["image.kind"] = root.kind
+    v["image.source"] = str(root.source)
+    v["image.file_count"] = sum(1 for e in entries.values() if e.kind == "file")
+    facts.notes.extend(root.fidelity_notes)
+    osr = parse_os_release(root.read_text("/etc/os-release") or root.read_text("/usr/lib/os-release"))
+    v["os.id"], v["os.version_id"] = osr.get("ID", ""), osr.get("VERSION_ID", "")
+
+    _list_fact(v, "image.setuid_files", sorted(e.path for e in entries.values()
+                                               if e.kind == "file" and e.mode & 0o6000))
+    _list_fact(v, "image.file_capabilities", sorted(f"{e.path} ({_caps_text(e.capability)})"
+                                                    for e in entries.values() if e.capability))
+    _list_fact(v, "image.world_writable", sorted(
+        e.path for e in entries.values()
+        if e.kind in ("file", "dir") and e.mode & 0o002 and not (e.kind == "dir" and e.mode & 0o1000)))
+    _accounts(root, v)
+    executables = _executables(root)
+    _list_fact(v, "image.shells", sorted({executables[n] for n in SHELLS if n in executables}))
+    _list_fact(v, "image.package_managers", sorted(executables[n] for n in PACKAGE_MANAGERS if n in executables))
+    _list_fact(v, "image.network_daemons", sorted(executables[n] for n in NETWORK_DAEMONS if n in executables))
+    _list_fact(v, "image.debug_tools", sorted(executables[n] for n in DEBUG_TOOLS if n in executables))
+    _agent(root, v)
+    _init(root, v)
+    _services(root, v)
+    _cmdline(v, cmdline, verity_params)
+    _root_readonly(root, v, cmdline)
+    _sysctls(root, v, cmdline, facts.notes)
+    return facts
+
+
+def _list_fact(v: dict[str, Any], key: str, items: list[str]) -> None:
+    v[key] = items
+    v[f"{key}.count"] = len(items)
+
+
+def _caps_text(raw: bytes | None) -> str:
+    """Permitted capability bits of a VFS_CAP (v2/v3) xattr as names, e.g. ``cap_net_raw``."""
+    if not raw or len(raw) < 12:
+        return "capabilities"
+    names = ["chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
+             "setpcap", "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw",
+             "ipc_lock", "ipc_owner", "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace", "sys_pacct",
+             "sys_admin", "sys_boot", "sys_nice", "sys_resource", "sys_time", "sys_tty_config", "mknod", "lease",
+             "audit_write", "audit_control", "setfcap", "mac_override", "mac_admin", "syslog", "wake_alarm",
+             "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore"]
+    low = int.from_bytes(raw[4:8], "little")
+    high = int.from_bytes(raw[12:16], "little") if len(raw) >= 16 else 0
+    bits = low | (high << 32)
+    got = [f"cap_{n}" for i, n in enumerate(names) if bits >> i & 1]
+    effective = "+ep" if int.from_bytes(raw[0:4], "little") & 1 else "+p"
+    return ",".join(got) + effective if got else "empty"
+
+
+def _executables(root: RootView) -> dict[str, str]:
+    """basename -> the real guest path (symlinks resolved) of the first executable by that name in PATH order."""
+    found: dict[str, str] = {}
+    entries = root.entries()
+    for d in BIN_DIRS:
+        real_dir = root.resolve(d)
+        if real_dir is None:
+            continue
+        for name in root.listdir(d):
+            if name in found:
+                continue
+            real = root.resolve(posixpath.join(real_dir, name))
+            entry = entries.get(real or "")
+            if entry is not None and entry.executable:
+                found[name] = real  # type: ignore[assignment]
+    return found
+
+
+def _accounts(root: RootView, v: dict[str, Any]) -> None:
+    passwd = root.read_text("/etc/passwd") or ""
+    uid0 = []
+    for line in passwd.splitlines():
+        parts = line.split(":")
+        if len(parts) >= 4 and parts[2] == "0" and parts[0] != "root":
+            uid0.append(parts[0])
+    shadow = root.read_text("/etc/shadow") or ""
+    empty = [p[0] for p in (line.split(":") for line in shadow.splitlines()) if len(p) >= 2 and p[1] == ""]
+    v["accounts.present"] = bool(passwd)
+    _list_fact(v, "accounts.uid0_nonroot", uid0)
+    _list_fact(v, "accounts.empty_passwords", empty)
+
+
+def _agent(root: RootView, v: dict[str, Any]) -> None:
+    for path in AGENT_PATHS:
+        real = root.resolve(path)
+        entry = root.entries().get(real or "")
+        if entry is not None and entry.kind == "file":
+            v["agent.present"] = True
+            v["agent.path"] = path
+            v["agent.mode"] = f"{entry.mode:04o}"
+            v["agent.root_owned_not_writable"] = entry.uid == 0 and not entry.mode & 0o022
+            return
+    v["agent.present"] = False
+
+
+def _init(root: RootView, v: dict[str, Any]) -> None:
+    """What runs as PID 1: the Kata agent (osbuilder AGENT_INIT=yes), systemd, or something else."""
+    candidates = ("/init", "/sbin/init") if root.kind == "initrd" else ("/sbin/init", "/init")
+    for path in candidates:
+        real = root.resolve(path)
+        entry = root.entries().get(real or "")
+        if entry is None or entry.kind != "file":
+            continue
+        v["init.path"] = path
+        v["init.target"] = real
+        base = posixpath.basename(real or "")
+        if base == "kata-agent":
+            v["init.kind"] = "kata-agent"
+        elif base == "systemd":
+            v["init.kind"] = "systemd"
+        elif base == "busybox":
+            v["init.kind"] = "busybox"
+        else:
+            head = root.read(path)[:65536].decode("utf-8", "replace")
+            execs = re.findall(r"^\s*exec\s+(?:\S*switch_root\s+\S+\s+)?(\S+)", head, re.M)
+            if head.startswith("#!") and any(posixpath.basename(x) == "kata-agent" for x in execs):
+                v["init.kind"] = "kata-agent"
+                v["init.via_script"] = True
+            elif head.startswith("#!") and any("systemd" in x or x.endswith("/sbin/init") for x in execs):
+                v["init.kind"] = "systemd"
+                v["init.via_script"] = True
+            else:
+                v["init.kind"] = "script" if head.startswith("#!") else "other"
+        v["init.is_agent"] = v["init.kind"] == "kata-agent"
+        return
+    v["init.kind"] = "none"
+    v["init.is_agent"] = False
+
+
+def _services(root: RootView, v: dict[str, Any]) -> None:
+    enabled = sorted({posixpath.basename(p) for p in root.glob("/etc/systemd/system/*.wants/*")
+                      + root.glob("/etc/systemd/system/*.requires/*")})
+    masked = {posixpath.basename(p) for p in root.glob("/etc/systemd/system/*")
+              if (root.entry(p) or Entry(p, "", 0, 0, 0, 0)).target == "/dev/null"}
+    enabled = [u for u in enabled if u not in masked]
+    if v.get("init.kind") != "systemd":
+        v["services.unit_links_ignored"] = enabled  # nothing starts them without systemd
+        enabled = []
+    _list_fact(v, "services.enabled", enabled)
+    _list_fact(v, "services.unexpected", [u for u in enabled if u not in SERVICE_ALLOWLIST])
+
+
+def _cmdline_tokens(cmdline: str | None) -> list[str]:
+    try:
+        return shlex.split(cmdline or "")
+    except ValueError:
+        return (cmdline or "").split()
+
+
+def _cmdline(v: dict[str, Any], cmdline: str | None, verity_params: str | None) -> None:
+    tokens = _cmdline_tokens(cmdline)
+    v["cmdline.known"] = cmdline is not None
+    v["cmdline.text"] = cmdline or ""
+    _list_fact(v, "cmdline.weakeners", [t for t in tokens if t in CMDLINE_WEAKENERS or
+                                        any(t.startswith(w + "=") for w in CMDLINE_WEAKENERS if "=" not in w)])
+    _list_fact(v, "cmdline.debug", [t for t in tokens if t in CMDLINE_DEBUG or
+                                    any(t.startswith(d + "=") for d in CMDLINE_DEBUG if "=" not in d)])
+    verity = bool(verity_params and verity_params.strip()) or any(
+        t.startswith("dm-mod.create=") and "verity" in t for t in tokens) or any(
+        t.startswith(("verity.", "roothash=", "systemd.verity")) for t in tokens)
+    v["root.dm_verity"] = verity
+
+
+def _root_readonly(root: RootView, v: dict[str, Any], cmdline: str | None) -> None:
+    """Kernel mounts root ro unless ``rw`` is given; systemd then applies fstab's options for ``/``."""
+    tokens = _cmdline_tokens(cmdline)
+    kernel_ro = True
+    for t in tokens:  # the last of ro/rw wins, as in the kernel
+        if t in ("ro", "rw"):
+            kernel_ro = t == "ro"
+    reasons = [f"kernel mounts root {'ro' if kernel_ro else 'rw'} "
+               f"({'command line' if any(t in ('ro', 'rw') for t in tokens) else 'kernel default'})"]
+    readonly = kernel_ro
+    if v.get("init.kind") == "systemd":
+        for line in (root.read_text("/etc/fstab") or "").splitlines():
+            fields = line.split()
+            if len(fields) >= 4 and not fields[0].startswith("#") and fields[1] == "/":
+                opts = fields[3].split(",")
+                readonly = "ro" in opts
+                reasons.append(f"systemd-remount-fs applies fstab options {fields[3]!r} for /")
+                break
+    if v.get("init.kind") in ("script", "kata-agent", "busybox") and root.kind != "initrd":
+        for path in ("/sbin/init", "/init"):
+            text = root.read_text(path) or ""
+            if re.search(r"mount\s+.*remount,\s*rw|mount\s+-o\s+rw,remount|remount,rw", text):
+                readonly = False
+                reasons.append(f"{path} remounts / read-write")
+    if root.kind == "initrd":
+        readonly = False
+        reasons = ["an initrd root is a writable tmpfs/ramfs"]
+    v["root.readonly"] = readonly
+    v["root.readonly_reason"] = "; ".join(reasons)
+
+
+def _sysctls(root: RootView, v: dict[str, Any], cmdline: str | None, notes: list[str]) -> None:
+    """Merge sysctl.d in systemd-sysctl order (by file name, later dirs override same names), then
+    ``sysctl.*`` kernel parameters; keep only what something applies at boot."""
+    files: dict[str, str] = {}
+    for d in SYSCTL_DIRS:
+        real = root.resolve(d)
+        if real is None:
+            continue
+        for name in root.listdir(d):
+            if name.endswith(".conf"):
+                files[name] = posixpath.join(d, name)
+    ordered = [files[n] for n in sorted(files)]
+    if root.exists("/etc/sysctl.conf"):
+        ordered.append("/etc/sysctl.conf")
+    contents = root.read_many(ordered)
+    from_files: dict[str, str] = {}
+    for path in ordered:
+        for key, value in _parse_sysctl(contents.get(path, b"").decode("utf-8", "replace")):
+            from_files[key] = value
+    applier = _sysctl_applier(root, v)
+    v["sysctl.applied_by"] = applier or "nothing"
+    values: dict[str, str] = dict(from_files) if applier else {}
+    if from_files and not applier:
+        v["sysctl.unapplied"] = sorted(from_files)
+        notes.append(f"{len(from_files)} sysctl(s) set in sysctl.d but nothing in the guest applies them "
+                     f"(init is {v.get('init.kind')})")
+    for t in _cmdline_tokens(cmdline):
+        if t.startswith("sysctl.") and "=" in t:
+            key, _, value = t[len("sysctl."):].partition("=")
+            values[key.replace("/", ".")] = value
+    for key, value in values.items():
+        v[f"sysctl.{key}"] = _number(value)
+    v["sysctl.files"] = ordered
+
+
+def _parse_sysctl(text: str) -> Iterable[tuple[str, str]]:
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        key, sep, value = line.partition("=")
+        if sep:
+            yield key.strip().lstrip("-").replace("/", "."), value.strip()
+
+
+def _sysctl_applier(root: RootView, v: dict[str, Any]) -> str | None:
+    if v.get("init.kind") == "systemd":
+        for p in ("/usr/lib/systemd/systemd-sysctl", "/lib/systemd/systemd-sysctl"):
+            if root.exists(p) and not (root.entry("/etc/systemd/system/systemd-sysctl.service") or
+                                       Entry("", "", 0, 0, 0, 0)).target == "/dev/null":
+                return "systemd-sysctl"
+        return None
+    for path in ("/init", "/sbin/init", "/etc/init.d/rcS"):
+        text = root.read_text(path) or ""
+        if re.search(r"\bsysctl\s+(-p|--system|-q\s+-p)|>\s*/proc/sys/", text):
+            return f"{path} (runs sysctl)"
+    return None
+
+
+def _number(value: str) -> Any:
+    try:
+        return int(value)
+    except ValueError:
+        return value

@@ -1,0 +1,555 @@
+"""Guest images from the TOML recipes in ``vm-images/guest/``: a raw partitioned ext4 disk and an initrd.
+
+The output mirrors Kata's osbuilder: ``kata-debian-12-<name>.image`` (msdos label, ext4 in partition 1),
+``kata-debian-12-<name>.initrd`` (cpio newc), and ``/var/lib/osbuilder/osbuilder.yaml`` inside the rootfs
+(and beside the outputs) recording what went in. Builds are cached by the content hash of the recipe, the
+guest files, the kernel whose modules are copied in and the *resolved versions* of the packages
+(``apt-cache``), so a new Debian point release or security update rebuilds the image while an unchanged
+input reuses it instantly. Given the same package versions, the output is byte-for-byte the same.
+
+Every image carries ``/usr/bin/kata-agent``, a clearly named placeholder (no Kata agent can be had here),
+and the initrd's ``/init`` doubles as a loader that mounts a guest image read-only (see ``files/init``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import tomli
+import yaml
+
+from pytest_kata import __version__
+from pytest_kata.errors import ConfigError, KataError
+from pytest_kata.images.common import (
+    SOURCE_DATE_EPOCH,
+    HostKernel,
+    cached,
+    content_hash,
+    host_kernel,
+    make_ext4_disk,
+    make_initrd,
+    mmdebstrap,
+    run_tool,
+    tree_manifest,
+)
+from pytest_kata.progress import step, timed
+from pytest_kata.resources import cache_dir, vm_images_dir
+
+AREA = "image"
+CACHE_KIND = "guest"
+# Bump when the builder changes what it writes for the same recipe (part of every cache key).
+BUILDER_VERSION = "1"
+AGENT_PATH = "usr/bin/kata-agent"
+MINBASE_VARIANTS = {"minbase", "essential", "apt", "required", "important", "standard", "buildd",
+                    "debootstrap"}
+_KEYS: dict[str, tuple[type, Any]] = {
+    # key: (type, default; ... = required)
+    "description": (str, ""),
+    "os": (str, "debian"),
+    "os_version": (str, "12"),
+    "suite": (str, "bookworm"),
+    "variant": (str, ...),
+    "packages": (list, ...),
+    "busybox_links": (bool, False),
+    "purge": (list, []),
+    "remove": (list, []),
+    "strip_setuid": (bool, False),
+    "init": (str, "agent"),
+    "formats": (list, ["image", "initrd"]),
+    "initrd_compression": (str, "gzip"),
+    "partition_table": (str, "msdos"),
+    "kernel_modules": (list, []),
+    "read_only_root": (bool, False),
+    "lock_modules": (bool, False),
+    "sysctl": (dict, {}),
+}
+_CHOICES = {
+    "init": {"agent", "systemd"},
+    "initrd_compression": {"gzip", "zstd"},
+    "partition_table": {"msdos", "gpt"},
+    "variant": {"custom", "extract", *MINBASE_VARIANTS},
+}
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+def recipes_dir() -> Path:
+    return vm_images_dir() / "guest"
+
+
+def guest_files_dir() -> Path:
+    return recipes_dir() / "files"
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.toml"))
+
+
+def normalize_name(name: str) -> str:
+    """``guest-minimal`` and ``minimal`` name the same recipe (the CLI uses the prefixed form)."""
+    return name.removeprefix("guest-")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A guest image recipe, validated. ``settings`` holds every key with defaults filled in."""
+
+    name: str
+    path: Path
+    settings: dict[str, Any]
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.settings[key]
+        except KeyError:
+            raise AttributeError(key)
+
+    @property
+    def artifact_stem(self) -> str:
+        return f"kata-{self.settings['os']}-{self.settings['os_version']}-{self.name}"
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Read and validate a recipe by name (``vm-images/guest/<name>.toml``) or path; one-line errors."""
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" and candidate.exists():
+        path = candidate
+    else:
+        path = recipes_dir() / f"{normalize_name(str(name_or_path))}.toml"
+        if not path.exists():
+            known = ", ".join(f"guest-{n}" for n in list_recipes()) or "none"
+            raise KataError(f"no guest image recipe {name_or_path!r}; known: {known}", path=recipes_dir())
+    try:
+        raw = tomli.loads(path.read_text())
+    except tomli.TOMLDecodeError as exc:
+        raise ConfigError(f"malformed TOML: {exc}", path=path)
+    unknown = sorted(set(raw) - set(_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown recipe key(s) {', '.join(unknown)}; known: {', '.join(sorted(_KEYS))}",
+                          path=path)
+    settings: dict[str, Any] = {}
+    for key, (kind, default) in _KEYS.items():
+        if key not in raw:
+            if default is ...:
+                raise ConfigError(f"recipe key {key!r} is required", path=path)
+            settings[key] = default
+            continue
+        value = raw[key]
+        if not isinstance(value, kind):
+            raise ConfigError(f"recipe key {key!r} must be a {kind.__name__}, not {type(value).__name__}",
+                              path=path)
+        if kind is list and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"recipe key {key!r} must be a list of strings", path=path)
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise ConfigError(f"recipe key {key!r} = {value!r}; expected one of {sorted(_CHOICES[key])}",
+                              path=path)
+        settings[key] = value
+    for fmt in settings["formats"]:
+        if fmt not in ("image", "initrd"):
+            raise ConfigError(f"unknown format {fmt!r} (image, initrd)", path=path)
+    for pkg in settings["packages"]:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9+.-]+", pkg):
+            raise ConfigError(f"invalid Debian package name {pkg!r}", path=path)
+    if settings["variant"] == "custom" and "dpkg" not in settings["packages"]:
+        raise ConfigError("variant 'custom' needs 'dpkg' in packages (mmdebstrap installs with it)",
+                          path=path)
+    if settings["init"] == "agent" and not settings["busybox_links"]:
+        raise ConfigError("init = 'agent' runs a shell script: set busybox_links = true", path=path)
+    return Recipe(path.stem, path, settings)
+
+
+# ---------------------------------------------------------------------------------------------- versions
+def resolve_versions(recipe: Recipe) -> dict[str, str]:
+    """Candidate versions (from the host's apt lists) of the recipe's packages and their dependencies.
+
+    Cheap (~1 s): ``apt-cache depends --recurse`` + ``apt-cache policy``. It over-approximates (both sides of
+    an alternative) which is what a cache key wants. An unknown package fails here, before mmdebstrap.
+    """
+    names = set(recipe.packages)
+    policy = _apt_policy(sorted(names))
+    missing = sorted(n for n in names if not policy.get(n))
+    if missing:
+        raise KataError(f"unknown package(s) {', '.join(missing)} (no apt candidate)", path=recipe.path,
+                        hint="check the name, or run apt-get update")
+    if recipe.variant in MINBASE_VARIANTS:
+        names |= _host_required_packages()
+    proc = subprocess.run(["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
+                           "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", *sorted(names)],
+                          capture_output=True, text=True)
+    deps = {ln.strip() for ln in proc.stdout.splitlines() if ln and not ln.startswith((" ", "<"))}
+    policy.update(_apt_policy(sorted(deps - set(policy))))
+    return {name: version for name, version in sorted(policy.items()) if version}
+
+
+def _apt_policy(names: list[str]) -> dict[str, str | None]:
+    if not names:
+        return {}
+    out = run_tool(["apt-cache", "policy", *names], what="apt-cache policy").stdout.decode()
+    result: dict[str, str | None] = {}
+    current = None
+    for line in out.splitlines():
+        m = re.match(r"^(\S+):$", line)
+        if m:
+            current = m.group(1).split(":")[0]
+            result[current] = None
+        elif current and line.strip().startswith("Candidate:"):
+            value = line.split(":", 1)[1].strip()
+            result[current] = None if value == "(none)" else value
+    return result
+
+
+def _host_required_packages() -> set[str]:
+    """Priority: required packages (what minbase adds) as this Debian host knows them."""
+    proc = subprocess.run(["dpkg-query", "-W", "-f", "${Package}\t${Priority}\n"], capture_output=True,
+                          text=True)
+    return {ln.split("\t")[0] for ln in proc.stdout.splitlines() if ln.endswith("\trequired")}
+
+
+def _kernel_identity(kernel: HostKernel) -> dict[str, str]:
+    """What identifies the modules copied in: the release and the installed kernel package's version."""
+    proc = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", f"linux-image-{kernel.release}"],
+                          capture_output=True, text=True)
+    ident = proc.stdout.strip() or content_hash(kernel.vmlinuz)
+    return {"release": kernel.release, "package_version": ident}
+
+
+def guest_key(recipe: Recipe, versions: dict[str, str], kernel: HostKernel) -> str:
+    """The cache key: recipe settings, guest files, builder version, kernel, resolved package versions."""
+    return content_hash(BUILDER_VERSION, recipe.name, recipe.settings, guest_files_dir(), versions,
+                        _kernel_identity(kernel))[:20]
+
+
+# ---------------------------------------------------------------------------------------------- results
+@dataclass
+class GuestImage:
+    """A built guest image: paths of the outputs and the record of what went in."""
+
+    name: str
+    key: str
+    dir: Path
+    image: Path | None
+    initrd: Path | None
+    recipe: Recipe
+    rootfs_manifest: Path  # JSON list: path, type, mode, uid, gid, size, sha256 / target
+    osbuilder: Path  # the osbuilder.yaml-like record beside the outputs
+    partition_offset: int = 0
+    packages: dict[str, str] = field(default_factory=dict)  # installed: name -> version (dpkg status)
+    built: bool = False  # True when this call built it, False on a cache hit
+
+    @classmethod
+    def from_dir(cls, recipe: Recipe, directory: Path, *, built: bool = False) -> GuestImage:
+        info = json.loads((directory / "guest.json").read_text())
+        return cls(name=recipe.name, key=info["key"], dir=directory,
+                   image=directory / info["image"] if info.get("image") else None,
+                   initrd=directory / info["initrd"] if info.get("initrd") else None,
+                   recipe=recipe, rootfs_manifest=directory / "rootfs-manifest.json",
+                   osbuilder=directory / "osbuilder.yaml", partition_offset=info.get("partition_offset", 0),
+                   packages=info.get("packages", {}), built=built)
+
+
+def build_guest(recipe_name: str | Path, *, force: bool = False) -> GuestImage:
+    """Build (or reuse from the cache) the guest image of a recipe."""
+    recipe = load_recipe(recipe_name)
+    kernel = host_kernel()
+    with timed(AREA, f"guest-{recipe.name}: resolving package versions"):
+        versions = resolve_versions(recipe)
+    key = guest_key(recipe, versions, kernel)
+    entry = f"{recipe.name}-{key}"
+    final = cache_dir() / CACHE_KIND / entry
+    if final.is_dir() and not force:
+        step(AREA, f"guest-{recipe.name}: cached ({final})")
+        return GuestImage.from_dir(recipe, final)
+    built = False
+
+    def build(out: Path) -> None:
+        nonlocal built
+        with timed(AREA, f"guest-{recipe.name}: building {len(versions)} resolved packages into {entry}"):
+            _build_into(recipe, key, versions, kernel, out)
+        built = True
+
+    directory = cached(CACHE_KIND, entry, build, force=force)
+    return GuestImage.from_dir(recipe, directory, built=built)
+
+
+def find_cached(recipe_name: str) -> list[Path]:
+    """Cache entries of a recipe, newest first (no build, no apt query)."""
+    name = normalize_name(recipe_name)
+    base = cache_dir() / CACHE_KIND
+    entries = [p for p in base.glob(f"{name}-*") if (p / "guest.json").exists()] if base.exists() else []
+    return sorted(entries, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+# ---------------------------------------------------------------------------------------------- the build
+def _build_into(recipe: Recipe, key: str, versions: dict[str, str], kernel: HostKernel, out: Path) -> None:
+    rootfs = out / "rootfs"
+    total = 7
+    n = iter(range(1, total + 1))
+    say = lambda msg: step(AREA, f"guest-{recipe.name} [{next(n)}/{total}] {msg}")  # noqa: E731
+    try:
+        say(f"mmdebstrap --variant={recipe.variant} ({len(recipe.packages)} packages)")
+        hooks = ["--extract-hook=chroot \"$1\" /bin/busybox --install -s"] if recipe.busybox_links else []
+        mmdebstrap(rootfs, suite=recipe.suite, variant=recipe.variant, include=recipe.packages,
+                   extra_args=hooks, label=f"guest-{recipe.name}")
+        say(f"purging {len(recipe.purge)} packages, adding {len(recipe.kernel_modules)} kernel modules")
+        _purge(rootfs, recipe)
+        modules = _install_modules(rootfs, kernel, recipe.kernel_modules)
+        say(f"installing init={recipe.init}, agent placeholder, loader, sysctl and hardening")
+        _install_guest_files(rootfs, recipe, modules)
+        _apply_removals(rootfs, recipe)
+        _make_deterministic(rootfs)
+        installed = _installed_packages(rootfs)
+        record = _osbuilder_record(recipe, key, installed, kernel, modules)
+        record["pytest-kata"]["rootfs-hash"] = content_hash(rootfs)
+        (rootfs / "var/lib/osbuilder").mkdir(parents=True, exist_ok=True)
+        (rootfs / "var/lib/osbuilder/osbuilder.yaml").write_text(_yaml(record))
+        say("writing rootfs manifest")
+        manifest = tree_manifest(rootfs)
+        (out / "rootfs-manifest.json").write_text(json.dumps(manifest, indent=0, sort_keys=True) + "\n")
+        info: dict[str, Any] = {"name": recipe.name, "key": key, "packages": installed,
+                                "recipe": recipe.settings, "files": len(manifest)}
+        say("raw disk image (ext4 in partition 1)" if "image" in recipe.formats else "no disk image")
+        if "image" in recipe.formats:
+            image = out / f"{recipe.artifact_stem}.image"
+            disk = make_ext4_disk(rootfs, image, table=recipe.partition_table, label="rootfs")
+            info.update(image=image.name, partition_offset=disk.partition_offset,
+                        partition_table=disk.table)
+            record["pytest-kata"]["image"] = {"file": image.name, "sha256": _sha256(image),
+                                              "partition-offset": disk.partition_offset}
+        say(f"initrd ({recipe.initrd_compression})" if "initrd" in recipe.formats else "no initrd (formats)")
+        if "initrd" in recipe.formats:
+            initrd = out / f"{recipe.artifact_stem}.initrd"
+            make_initrd(rootfs, initrd, compress=recipe.initrd_compression)
+            info["initrd"] = initrd.name
+            record["pytest-kata"]["initrd"] = {"file": initrd.name, "sha256": _sha256(initrd)}
+        (out / "osbuilder.yaml").write_text(_yaml(record))
+        (out / "recipe.toml").write_bytes(recipe.path.read_bytes())
+        (out / "guest.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _purge(rootfs: Path, recipe: Recipe) -> None:
+    """Remove packages with dpkg itself, so the status file stays the truth about what is installed."""
+    if not recipe.purge:
+        return
+    present = set(_installed_packages(rootfs))
+    for package in (p for p in recipe.purge if p in present):  # in recipe order: maintainer scripts care
+        run_tool(["dpkg", f"--root={rootfs}", "--purge", "--force-remove-essential", "--force-depends",
+                  "--force-remove-protected", package], what=f"dpkg --purge {package} in guest-{recipe.name}",
+                 path=recipe.path, env={"DEBIAN_FRONTEND": "noninteractive"})
+
+
+def module_load_order(kernel: HostKernel, names: list[str]) -> list[str]:
+    """Module paths (relative to /lib/modules/<release>) in load order, dependencies first (modules.dep)."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    dep_file = kernel.modules_dir / "modules.dep"
+    if not dep_file.exists():
+        raise KataError("no modules.dep for the host kernel", path=dep_file, hint="reinstall the kernel")
+    for line in dep_file.read_text().splitlines():
+        mod, _, rest = line.partition(":")
+        deps[mod] = rest.split()
+        by_name[Path(mod).name.split(".ko")[0].replace("-", "_")] = mod
+    order: list[str] = []
+
+    def visit(mod: str) -> None:
+        if mod in order:
+            return
+        for dep in reversed(deps.get(mod, [])):  # modules.dep lists the deepest dependency last
+            visit(dep)
+        order.append(mod)
+
+    builtin = _builtin_modules(kernel)
+    for name in names:
+        key = name.replace("-", "_")
+        if key in builtin:
+            continue
+        if key not in by_name:
+            raise KataError(f"kernel module {name!r} is neither a module nor built in for {kernel.release}",
+                            path=dep_file)
+        visit(by_name[key])
+    return order
+
+
+def _builtin_modules(kernel: HostKernel) -> set[str]:
+    path = kernel.modules_dir / "modules.builtin"
+    if not path.exists():
+        return set()
+    return {Path(line).name.split(".ko")[0].replace("-", "_") for line in path.read_text().split()}
+
+
+def _install_modules(rootfs: Path, kernel: HostKernel, names: list[str]) -> list[str]:
+    if not names:
+        return []
+    order = module_load_order(kernel, names)
+    dest = rootfs / "lib/modules" / kernel.release
+    for rel in order:
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(kernel.modules_dir / rel, target)
+    for meta in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        if (kernel.modules_dir / meta).exists():
+            shutil.copy2(kernel.modules_dir / meta, dest / meta)
+    run_tool(["depmod", "-b", rootfs, kernel.release], what="depmod", path=dest)
+    (rootfs / "etc/kata-guest").mkdir(parents=True, exist_ok=True)
+    (rootfs / "etc/kata-guest/modules").write_text("".join(f"{rel}\n" for rel in order))
+    return order
+
+
+def _install_guest_files(rootfs: Path, recipe: Recipe, modules: list[str]) -> None:
+    files = guest_files_dir()
+    agent = rootfs / AGENT_PATH
+    agent.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(files / "kata-agent", agent)
+    agent.chmod(0o755)
+    conf = rootfs / "etc/kata-guest"
+    conf.mkdir(parents=True, exist_ok=True)
+    for d in ("proc", "sys", "dev", "run", "tmp", "root", "var/lib/osbuilder"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    (rootfs / "tmp").chmod(0o1777)
+    (rootfs / "etc/hostname").write_text(f"kata-guest-{recipe.name}\n")
+    root_opts = "ro" if recipe.read_only_root else "rw,errors=remount-ro"
+    fsck_pass = 0 if recipe.read_only_root else 1
+    (rootfs / "etc/fstab").write_text(f"# <fs> <mount point> <type> <options> <dump> <pass>\n"
+                                      f"LABEL=rootfs / ext4 {root_opts} 0 {fsck_pass}\n")
+    if recipe.read_only_root:
+        (conf / "read-only-root").write_text("the agent remounts / read-only at boot\n")
+    if recipe.lock_modules:
+        (conf / "lock-modules").write_text("the agent sets kernel.modules_disabled=1 after loading modules\n")
+    if recipe.sysctl:
+        sysctl_dir = rootfs / "etc/sysctl.d"
+        sysctl_dir.mkdir(parents=True, exist_ok=True)
+        lines = ["# Hardening sysctls of the pytest-kata guest image (KSPP/CIS), applied at boot.",
+                 *(f"{k} = {v}" for k, v in sorted(recipe.sysctl.items()))]
+        (sysctl_dir / "90-kata-hardening.conf").write_text("\n".join(lines) + "\n")
+    if recipe.init == "agent":
+        init_link = rootfs / "sbin/init"
+        if init_link.is_symlink() or init_link.exists():
+            init_link.unlink()
+        init_link.parent.mkdir(parents=True, exist_ok=True)
+        init_link.symlink_to("/usr/bin/kata-agent")
+        loader = rootfs / "init"
+        shutil.copyfile(files / "init", loader)
+        loader.chmod(0o755)
+    else:
+        _install_systemd_units(rootfs)
+
+
+def _install_systemd_units(rootfs: Path) -> None:
+    """osbuilder AGENT_INIT=no: systemd starts the agent; a serial autologin gives the harness its shell."""
+    unit_dir = rootfs / "etc/systemd/system"
+    (unit_dir / "multi-user.target.wants").mkdir(parents=True, exist_ok=True)
+    (unit_dir / "kata-agent.service").write_text(
+        "[Unit]\nDescription=Kata agent (pytest-kata placeholder, not a real agent)\n\n"
+        "[Service]\nExecStart=/usr/bin/kata-agent --service\nStandardOutput=journal+console\n\n"
+        "[Install]\nWantedBy=multi-user.target\n")
+    wants = unit_dir / "multi-user.target.wants/kata-agent.service"
+    if not wants.is_symlink():
+        wants.symlink_to("/etc/systemd/system/kata-agent.service")
+    dropin = unit_dir / "serial-getty@ttyS0.service.d"
+    dropin.mkdir(parents=True, exist_ok=True)
+    (dropin / "autologin.conf").write_text(
+        "[Service]\nExecStart=\nExecStart=-/sbin/agetty --autologin root --noclear --keep-baud "
+        "115200,57600,38400,9600 %I $TERM\n")
+    bashrc = rootfs / "root/.bashrc"
+    bashrc.parent.mkdir(parents=True, exist_ok=True)
+    with open(bashrc, "a") as f:
+        f.write("PS1='kata-guest# '\n")
+
+
+def _apply_removals(rootfs: Path, recipe: Recipe) -> None:
+    for pattern in recipe.remove:
+        if pattern.startswith("/") or ".." in Path(pattern).parts:
+            raise ConfigError(f"remove pattern {pattern!r} must be relative and stay inside the rootfs",
+                              path=recipe.path)
+        for hit in sorted(rootfs.glob(pattern), reverse=True):
+            if hit.is_dir() and not hit.is_symlink():
+                shutil.rmtree(hit)
+            else:
+                hit.unlink()
+    if recipe.strip_setuid:
+        for dirpath, _dirs, files in os.walk(rootfs):
+            for name in files:
+                p = Path(dirpath, name)
+                st = p.lstat()
+                if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+                    p.chmod(stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+
+
+_VOLATILE = ["var/log/dpkg.log", "var/log/alternatives.log", "var/log/apt/*", "var/cache/ldconfig/aux-cache",
+             "var/lib/dpkg/*-old", "var/cache/debconf/*-old", "var/lib/apt/lists/*", "var/cache/apt/*.bin",
+             "var/log/bootstrap.log"]
+
+
+def _make_deterministic(rootfs: Path) -> None:
+    """Drop files whose content is a timestamp or a cache of one (logs, -old backups, apt binary caches)."""
+    for pattern in _VOLATILE:
+        for hit in rootfs.glob(pattern):
+            if hit.is_file() or hit.is_symlink():
+                hit.unlink()
+
+
+def _installed_packages(rootfs: Path) -> dict[str, str]:
+    """name -> version of the packages dpkg says are installed in the rootfs."""
+    from debian import deb822
+
+    status = rootfs / "var/lib/dpkg/status"
+    if not status.exists():
+        return {}
+    result = {}
+    with open(status) as f:
+        for para in deb822.Deb822.iter_paragraphs(f):
+            if "installed" in para.get("Status", "").split():
+                result[para["Package"]] = para.get("Version", "")
+    return dict(sorted(result.items()))
+
+
+def _osbuilder_record(recipe: Recipe, key: str, installed: dict[str, str], kernel: HostKernel,
+                      modules: list[str]) -> dict[str, Any]:
+    """The fields of osbuilder's ``create_summary_file`` (format 0.0.2) plus what pytest-kata needs."""
+    created = datetime.fromtimestamp(SOURCE_DATE_EPOCH, UTC).strftime("%Y-%m-%dT%H:%M:%S.000000000+0000")
+    return {
+        "osbuilder": {"url": "https://github.com/kata-containers/kata-containers/tools/osbuilder",
+                      "version": f"pytest-kata-{__version__}"},
+        "rootfs-creation-time": created,
+        "description": f"osbuilder rootfs ({recipe.settings['description']})",
+        "file-format-version": "0.0.2",
+        "architecture": "x86_64",
+        "base-distro": {"name": recipe.settings["os"].capitalize(), "version": recipe.settings["os_version"],
+                        "packages": {"default": sorted(recipe.packages), "extra": []}},
+        "agent": {"url": "https://github.com/kata-containers/kata-containers", "name": "kata-agent",
+                  "version": "placeholder (pytest-kata reference candidate, no real agent)",
+                  "agent-is-init-daemon": "yes" if recipe.init == "agent" else "no"},
+        "pytest-kata": {
+            "recipe": recipe.name, "key": key, "builder-version": BUILDER_VERSION,
+            "recipe-hash": content_hash(recipe.path.read_bytes()),
+            "suite": recipe.suite, "variant": recipe.variant,
+            "kernel": {"release": kernel.release, "modules": modules},
+            "hardening": {"read-only-root": recipe.read_only_root, "lock-modules": recipe.lock_modules,
+                          "strip-setuid": recipe.strip_setuid, "purged": sorted(recipe.purge),
+                          "sysctl": dict(sorted(recipe.sysctl.items()))},
+            "packages": installed,
+        },
+    }
+
+
+def _yaml(record: dict[str, Any]) -> str:
+    return "---\n" + yaml.safe_dump(record, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,179 @@
+"""Attack surface of a guest image in numbers, and the comparison users choose a minimal image by.
+
+Static measures only (read from the image, nothing booted): packages, installed size, executables, setuid
+files, enabled services, network daemons that would listen, shells, package managers. Listening sockets
+measured at boot need the direct boot driver (sandbox issue); boot time comes from a caller that booted it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_kata.errors import KataError
+
+# metric name -> (label, unit); the order is the table's
+METRICS: dict[str, tuple[str, str]] = {
+    "packages": ("packages", ""),
+    "installed_kib": ("installed size", "KiB"),
+    "files": ("regular files", ""),
+    "executables": ("executables", ""),
+    "setuid": ("setuid/setgid files", ""),
+    "file_capabilities": ("files with capabilities", ""),
+    "services": ("enabled services", ""),
+    "listeners": ("network daemons (static)", ""),
+    "shells": ("shells", ""),
+    "package_managers": ("package managers", ""),
+}
+BUDGET_METRICS = ("packages", "installed_kib", "executables", "setuid", "file_capabilities", "services",
+                  "listeners", "shells", "package_managers")
+
+
+@dataclass
+class Surface:
+    """Measured surface of one image (``details`` keeps the lists behind the counts)."""
+
+    name: str
+    metrics: dict[str, int]
+    details: dict[str, list[str]] = field(default_factory=dict)
+    boot_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure(path: str | Path, name: str | None = None, *, boot_seconds: float | None = None) -> Surface:
+    """Open an image (or rootfs directory) and measure it."""
+    from pytest_kata.images.read import open_image
+
+    with open_image(path) as root:
+        return measure_root(root, name or Path(path).name, boot_seconds=boot_seconds)
+
+
+def measure_root(root: Any, name: str, *, boot_seconds: float | None = None) -> Surface:
+    from pytest_kata.images.facts import image_facts
+    from pytest_kata.images.read import ImageError, read_packages
+
+    facts = image_facts(root)
+    entries = root.entries()
+    notes = list(facts.notes)
+    try:
+        db = read_packages(root, with_files=False)
+        packages = [f"{p.name} {p.version}" for p in db.packages]
+        installed_kib = sum(p.installed_size_kib for p in db.packages)
+        if db.kind == "none":
+            notes.append("no package database: packages counted as 0, installed size from file sizes")
+    except ImageError as exc:
+        packages, installed_kib = [], 0
+        notes.append(str(exc))
+    file_bytes = sum(e.size for e in entries.values() if e.kind == "file")
+    if not installed_kib:
+        installed_kib = file_bytes // 1024
+    executables = sorted(e.path for e in entries.values() if e.executable)
+    metrics = {
+        "packages": len(packages),
+        "installed_kib": installed_kib,
+        "files": sum(1 for e in entries.values() if e.kind == "file"),
+        "executables": len(executables),
+        "setuid": facts["image.setuid_files.count"],
+        "file_capabilities": facts["image.file_capabilities.count"],
+        "services": facts["services.enabled.count"],
+        "listeners": facts["image.network_daemons.count"],
+        "shells": facts["image.shells.count"],
+        "package_managers": facts["image.package_managers.count"],
+    }
+    details = {"packages": packages, "setuid": facts["image.setuid_files"],
+               "services": facts["services.enabled"], "listeners": facts["image.network_daemons"],
+               "shells": facts["image.shells"], "package_managers": facts["image.package_managers"]}
+    notes.append("listening sockets are static (daemon binaries present); a booted measurement needs the "
+                 "direct sandbox driver")
+    return Surface(name, metrics, details, boot_seconds, notes)
+
+
+def growth(base: int, new: int) -> float | None:
+    """Percent growth; None means 'from nothing to something' (infinite)."""
+    if base == 0:
+        return 0.0 if new == 0 else None
+    return (new - base) * 100.0 / base
+
+
+def over_budget(baseline: Surface, candidate: Surface, budget_percent: float) -> list[str]:
+    """The metrics that grew by more than the budget, each explained."""
+    out = []
+    for key in BUDGET_METRICS:
+        b, c = baseline.metrics.get(key, 0), candidate.metrics.get(key, 0)
+        g = growth(b, c)
+        if g is None or g > budget_percent:
+            shown = "from 0" if g is None else f"+{g:.1f}%"
+            out.append(f"{METRICS[key][0]}: {b} -> {c} ({shown}, budget {budget_percent:g}%)")
+    return out
+
+
+def table(a: Surface, b: Surface) -> str:
+    """A side-by-side table, B relative to A."""
+    rows = [("metric", a.name, b.name, "change")]
+    for key, (label, unit) in METRICS.items():
+        va, vb = a.metrics.get(key, 0), b.metrics.get(key, 0)
+        g = growth(va, vb)
+        change = "=" if va == vb else ("new" if g is None else f"{vb - va:+d} ({g:+.1f}%)")
+        rows.append((label + (f" ({unit})" if unit else ""), str(va), str(vb), change))
+    if a.boot_seconds is not None or b.boot_seconds is not None:
+        rows.append(("boot time (s)", _num(a.boot_seconds), _num(b.boot_seconds), ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(r))
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.1f}"
+
+
+def _resolve_image(spec: str) -> tuple[Path, str]:
+    """An image file / rootfs directory, or a guest recipe name built (cached) by helper D's builder."""
+    p = Path(spec)
+    if p.exists():
+        return p, p.name
+    try:
+        from pytest_kata.images import guest  # type: ignore[attr-defined]
+    except ImportError:
+        raise KataError(f"{spec}: no such image file, and guest recipes are not available in this build") from None
+    built = guest.build_guest(spec)
+    return Path(built.image), spec
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("a", metavar="A", help="baseline: image file, initrd, rootfs directory or guest recipe name")
+    parser.add_argument("b", metavar="B", help="candidate: same forms as A")
+    parser.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    parser.add_argument("--budget", type=float, default=None, metavar="PERCENT",
+                        help="exit 1 when B grows any surface metric beyond A by more than PERCENT")
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    """``pytest-kata images compare A B``: measure both, print the table; with --budget, gate on growth."""
+    from pytest_kata.progress import timed
+
+    surfaces = []
+    for spec in (args.a, args.b):
+        path, name = _resolve_image(spec)
+        with timed("surface", f"measuring {name}"):
+            surfaces.append(measure(path, name))
+    a, b = surfaces
+    if getattr(args, "json", False):
+        print(json.dumps({"a": a.to_json(), "b": b.to_json()}, indent=2))
+    else:
+        print(table(a, b))
+        for note in sorted(set(a.notes + b.notes)):
+            print(f"note: {note}")
+    if getattr(args, "budget", None) is not None:
+        over = over_budget(a, b, args.budget)
+        for line in over:
+            print(f"over budget: {line}")
+        return 1 if over else 0
+    return 0

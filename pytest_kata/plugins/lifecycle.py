@@ -1,0 +1,166 @@
+"""The run's life: a fresh run id, a sweep of dead runs at the start, and this run's clean-up at the end.
+
+Only the controller (not an xdist worker) does this. It sets ``PYTEST_KATA_RUN_ID`` in ``os.environ`` in
+``pytest_configure``, before xdist spawns its workers (in ``pytest_sessionstart``), so that every worker
+inherits the id and labels its hosts, networks and daemons with it; the controller's end-of-run clean-up
+then also covers a worker that crashed. The end runs in ``pytest_unconfigure``, which pytest also reaches on
+Ctrl-C; SIGTERM is turned into the same path, and ``atexit`` is the last resort. A SIGKILL leaves the run's
+pid file pointing at a dead process: the next run's sweep removes its leftovers.
+
+``PYTEST_KATA_NO_SWEEP=1`` skips the start-of-run sweep (the end-of-run clean-up always happens).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import threading
+from typing import Any
+
+import pytest
+
+from pytest_kata import runid
+from pytest_kata.sweep import SweepReport, sweep
+
+RUN = pytest.StashKey["RunLifecycle"]()
+
+
+class RunLifecycle:
+    """The controller's hold on the run: its id, what the start sweep removed, and the end clean-up."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.pid = os.getpid()  # a forked child (pyroute2 forks to create netns) must never clean the run
+        self.previous_env = os.environ.get(runid.ENV)
+        self.run_id = runid.new_run_id()  # a nested pytest (pytester) must never share its parent's run
+        os.environ[runid.ENV] = self.run_id
+        runid.register(self.run_id)
+        self.start_report: SweepReport | None = None
+        self.end_report: SweepReport | None = None
+        self.finished = False
+        self.failed = False
+        self._old_sigterm: Any = None
+        atexit.register(self.finish)
+        if threading.current_thread() is threading.main_thread():
+            self._old_sigterm = signal.getsignal(signal.SIGTERM)
+            if self._old_sigterm in (signal.SIG_DFL, None):
+                signal.signal(signal.SIGTERM, self._sigterm_as_interrupt)
+
+    def _sigterm_as_interrupt(self, signum: int, frame: Any) -> None:
+        """SIGTERM (CI timeouts, ``kill``) takes the Ctrl-C path, so that pytest_unconfigure cleans up.
+
+        A forked child inherits the handler: there SIGTERM keeps its default meaning.
+        """
+        if os.getpid() != self.pid:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def start(self) -> None:
+        if os.environ.get("PYTEST_KATA_NO_SWEEP"):
+            return
+        self.start_report = sweep(dead_only=True)
+
+    def finish(self) -> None:
+        """Remove everything carrying this run's id, unless ``--kata-keep-on-failure`` keeps a failed run."""
+        if self.finished or os.getpid() != self.pid:
+            return
+        self.finished = True
+        atexit.unregister(self.finish)
+        try:
+            if self.failed and _keep_on_failure(self.config):
+                from pytest_kata.progress import step
+
+                step("lifecycle", f"--kata-keep-on-failure: leaving {self.run_id}'s hosts and networks in place; "
+                     "`pytest-kata sweep` (or the next run) removes them")
+            else:
+                self.end_report = sweep(dead_only=False, run_id=self.run_id)
+        finally:
+            runid.unregister(self.run_id)
+            if self.previous_env is None:
+                os.environ.pop(runid.ENV, None)
+            else:
+                os.environ[runid.ENV] = self.previous_env
+            if self._old_sigterm in (signal.SIG_DFL, None) and \
+                    threading.current_thread() is threading.main_thread() and \
+                    signal.getsignal(signal.SIGTERM) == self._sigterm_as_interrupt:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _keep_on_failure(config: pytest.Config) -> bool:
+    try:
+        from pytest_kata.plugin import settings_of
+
+        return bool(settings_of(config).keep_on_failure)
+    except Exception:
+        return False
+
+
+def _is_controller(config: pytest.Config) -> bool:
+    return not hasattr(config, "workerinput")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    if not _is_controller(config):
+        return  # workers inherit PYTEST_KATA_RUN_ID from the controller's environment
+    lifecycle = RunLifecycle(config)
+    config.stash[RUN] = lifecycle
+    lifecycle.start()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lifecycle = config.stash.get(RUN, None)
+    if lifecycle is None:
+        return []
+    line = f"kata run: {lifecycle.run_id}"
+    if lifecycle.start_report is not None and (lifecycle.start_report.removed or lifecycle.start_report.errors):
+        line += f" (start sweep: {lifecycle.start_report.summary()})"
+    return [line]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    lifecycle = session.config.stash.get(RUN, None)
+    if lifecycle is not None:
+        lifecycle.failed = exitstatus not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED)
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    lifecycle = config.stash.get(RUN, None)
+    if lifecycle is None or lifecycle.start_report is None:
+        return
+    report = lifecycle.start_report
+    if report.removed or report.errors:
+        terminalreporter.write_sep("-", f"kata sweep at start: {report.summary()}")
+        for line in report.removed + [f"ERROR {e}" for e in report.errors]:
+            terminalreporter.write_line(line)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    lifecycle = config.stash.get(RUN, None)
+    if lifecycle is not None:
+        lifecycle.finish()
+
+
+@pytest.fixture(scope="session")
+def kata_run_id() -> str:
+    """This run's id (``kt-<8hex>``): put it in the name of anything the test creates on the machine."""
+    return runid.current_run_id()
+
+
+@pytest.fixture(scope="session")
+def kata_libvirtd(kata_run_id: str, kata_settings: Any) -> Any:
+    """A libvirtd answering on ``--kata-libvirt-uri``: the running one, or one the run starts (stopped by pid
+    at the end of the run, by the controller, so that xdist workers can share it)."""
+    from pytest_kata.errors import KataError
+    from pytest_kata.services import ensure_libvirtd
+
+    if os.geteuid() != 0:
+        pytest.skip("starting or reaching the system libvirtd needs root")
+    try:
+        return ensure_libvirtd(kata_run_id, uri=kata_settings.libvirt_uri or "qemu:///system")
+    except KataError as exc:
+        pytest.fail(str(exc), pytrace=False)

@@ -1,0 +1,337 @@
+"""Rule-driven suites: one pytest item per (rule, subject), from the candidate bundle, profile and waivers.
+
+A suite test asks for ``kata_config_case`` (runtime configuration rules) or ``kata_kernel_case`` (guest
+kernel rules); :func:`pytest_generate_tests` expands it into one item per rule and configuration file /
+kernel config, with ids like ``KATA-CFG-005[configuration-qemu.toml]``. Each case records its evidence in
+``kata_result`` and concludes with the rule's status, so the verdict sees pass/fail/error/notapplicable/
+waived with actual and expected values.
+
+The profile and the waivers file are read at start-up: a malformed one stops the run with one line.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_kata.errors import KataError
+from pytest_kata.kataconfig import KataConfig, dumps, load_config
+from pytest_kata.options import KataSettings
+from pytest_kata.recorder import CheckRecorder
+from pytest_kata.rules import (
+    Facts,
+    FactSource,
+    Profile,
+    Rule,
+    Waivers,
+    judge,
+    load_all_rules,
+    load_profile,
+    load_rules,
+    load_waivers,
+)
+
+RULES_STATE = pytest.StashKey["RulesState"]()
+DRIFT_KEY = "kata.drift"
+
+
+@dataclass
+class RulesState:
+    """What every rule-driven item shares: loaded once per process (controller and each xdist worker)."""
+
+    profile: Profile
+    waivers: Waivers
+    bundle: Any = None
+    bundle_error: str | None = None
+    opened: bool = False
+    usage_error: str | None = None  # a bad --kata-candidate/--kata-shim found while collecting
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    from pytest_kata.plugin import settings_of
+
+    settings = settings_of(config)
+    try:
+        profile = load_profile(settings.profile)
+        waivers = load_waivers(settings.waivers)
+        known = {r.id for r in load_all_rules()}
+        profile.validate(known)
+        waivers.validate(known)
+        if settings.installed_config:
+            load_config(settings.installed_config)  # malformed: one line now, not 50 errors later
+    except KataError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[RULES_STATE] = RulesState(profile, waivers)
+
+
+# ------------------------------------------------------------------------------------------------ subjects
+
+
+@dataclass
+class ConfigSubject:
+    """One runtime configuration of the candidate, as the rules see it."""
+
+    name: str  # file name, the item id suffix: configuration-qemu.toml
+    rel: str  # path inside the bundle
+    shim: str
+    config: KataConfig
+    installed: KataConfig | None = None
+
+    @property
+    def context(self) -> dict[str, Any]:
+        return {
+            "runtime": "runtime-rs" if self.config.runtime_rs else "go",
+            "hypervisor": self.config.hypervisor,
+            "confidential": self.config.confidential,
+            "shim": self.shim,
+            "config": self.name,
+        }
+
+    @property
+    def scopes(self) -> list[str]:
+        return [self.name, self.rel, self.shim]
+
+    def facts(self) -> FactSource:
+        overlay = {DRIFT_KEY: drift(self.config, self.installed)} if self.installed is not None else {}
+        return Facts({}, overlay=overlay, base=self.config)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def drift(shipped: KataConfig, installed: KataConfig) -> list[str]:
+    """Every effective value that differs, as ``key: shipped -> installed`` lines."""
+    a, b = flatten(shipped.data), flatten(installed.data)
+    missing = "<not set>"
+    return [
+        f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, missing) != b.get(k, missing)
+    ]
+
+
+def config_subjects(bundle: Any, shim: str | None, installed_path: str | None) -> list[ConfigSubject]:
+    """The configurations to check: the chosen shim's (default: the bundle's default), or all with ``all``."""
+    shims = list(bundle.shims.values()) if shim == "all" else [bundle.shim(shim)]
+    installed = load_config(installed_path) if installed_path else None
+    if installed is not None:
+        target = _installed_target(bundle, installed)
+        if target is not None and all(s.config_path != target.config_path for s in shims):
+            shims.append(target)  # the drift check must see the configuration the node uses
+    subjects: list[ConfigSubject] = []
+    seen: set[Path] = set()
+    for info in shims:
+        if info.config_path in seen:
+            continue
+        seen.add(info.config_path)
+        try:
+            rel = info.config_path.relative_to(bundle.root).as_posix()
+        except ValueError:
+            rel = info.config_path.name
+        match = installed is not None and _installed_target(bundle, installed) is info
+        subjects.append(
+            ConfigSubject(info.config_path.name, rel, info.name, info.config, installed if match else None)
+        )
+    return subjects
+
+
+def _installed_target(bundle: Any, installed: KataConfig) -> Any:
+    """The shipped configuration an installed file corresponds to: same file name, else the default shim's."""
+    for info in bundle.shims.values():
+        if info.config_path.name == installed.path.name:
+            return info
+    if installed.path.name == "configuration.toml" and bundle.default_shim:
+        return bundle.shim(None)
+    return None
+
+
+def _state(config: pytest.Config) -> RulesState:
+    return config.stash[RULES_STATE]
+
+
+def _open_candidate(config: pytest.Config) -> tuple[Any, str | None]:
+    state = _state(config)
+    if not state.opened:
+        from pytest_kata.bundle import open_bundle
+        from pytest_kata.plugin import settings_of
+
+        state.opened = True
+        settings = settings_of(config)
+        if not settings.candidate:
+            state.bundle_error = (
+                "no candidate given: pass --kata-candidate PATH (a kata-static tarball or an /opt/kata tree)"
+            )
+        else:
+            try:
+                state.bundle = open_bundle(settings.candidate)
+            except KataError as exc:
+                state.usage_error = state.bundle_error = str(exc)
+    return state.bundle, state.bundle_error
+
+
+# ------------------------------------------------------------------------------------------------ cases
+
+
+@dataclass
+class RuleCase:
+    """One (rule, subject) pair: evaluated and recorded when the item runs."""
+
+    rule: Rule
+    subject: Any
+    id: str
+    facts: Callable[[], FactSource]
+    context: dict[str, Any]
+    scopes: list[str]
+    evidence: dict[str, Any] = field(default_factory=dict)
+    attachments: Callable[[str], list[tuple[str, str, str]]] | None = None
+
+    def run(self, recorder: CheckRecorder, profile: Profile, waivers: Waivers) -> None:
+        judgement = judge(
+            self.rule, self.facts(), self.context, profile=profile, waivers=waivers, scopes=self.scopes
+        )
+        recorder.record(
+            id=self.id,
+            severity=judgement.severity,
+            title=self.rule.title,
+            rule=self.rule.id,
+            profile=profile.name,
+            **self.evidence,
+            **judgement.evidence(),
+        )
+        if self.attachments is not None:
+            for name, body, mime in self.attachments(judgement.status):
+                recorder.attach(name, body, mime)
+        recorder.conclude(judgement.status, f"{self.id}: {judgement.outcome.message}")
+
+
+@dataclass
+class SkipCase:
+    """Stands in when there is nothing to check (no candidate): the item skips and says why."""
+
+    id: str
+    reason: str
+
+    def run(self, recorder: CheckRecorder, profile: Profile, waivers: Waivers) -> None:
+        pytest.skip(self.reason)
+
+
+def _config_attachments(subject: ConfigSubject) -> Callable[[str], list[tuple[str, str, str]]]:
+    def make(status: str) -> list[tuple[str, str, str]]:
+        out: list[tuple[str, str, str]] = []
+        if subject.installed is not None:
+            shipped = subject.config.path.read_text(encoding="utf-8", errors="replace").splitlines(True)
+            node = subject.installed.path.read_text(encoding="utf-8", errors="replace").splitlines(True)
+            diff = "".join(
+                difflib.unified_diff(shipped, node, f"shipped/{subject.rel}", str(subject.installed.path))
+            )
+            out.append((f"diff shipped vs installed {subject.name}", diff or "(identical)\n", "text/x-diff"))
+        if status == "pass" or status == "notapplicable":
+            return out  # the full file only where a reviewer needs it
+        if subject.config.dropins:
+            base = dumps(subject.config.base_data).splitlines(True)
+            merged = dumps(subject.config.data).splitlines(True)
+            out.append(
+                (
+                    f"diff {subject.name} vs effective (config.d drop-ins)",
+                    "".join(difflib.unified_diff(base, merged, subject.rel, "effective")),
+                    "text/x-diff",
+                )
+            )
+        out.append(
+            (subject.rel, subject.config.path.read_text(encoding="utf-8", errors="replace"), "text/plain")
+        )
+        return out
+
+    return make
+
+
+def runtime_config_cases(config: pytest.Config) -> list[Any]:
+    from pytest_kata.plugin import settings_of
+
+    settings: KataSettings = settings_of(config)
+    bundle, why = _open_candidate(config)
+    if bundle is None:
+        return [SkipCase("no-candidate", why or "no candidate")]
+    try:
+        subjects = config_subjects(bundle, settings.shim, settings.installed_config)
+    except KataError as exc:
+        _state(config).usage_error = str(exc)
+        return [SkipCase("bad-option", str(exc))]
+    if not subjects:
+        return [SkipCase("no-configuration", f"{bundle.label}: the bundle ships no runtime configuration")]
+    cases: list[Any] = []
+    for rule in load_rules("runtime-config"):
+        for subject in subjects:
+            cases.append(
+                RuleCase(
+                    rule,
+                    subject,
+                    f"{rule.id}[{subject.name}]",
+                    subject.facts,
+                    subject.context,
+                    subject.scopes,
+                    evidence={"config": subject.rel, "shim": subject.shim},
+                    attachments=_config_attachments(subject),
+                )
+            )
+    return cases
+
+
+CASE_FACTORIES: dict[str, Callable[[pytest.Config], list[Any]]] = {"kata_config_case": runtime_config_cases}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    for fixture_name, factory in CASE_FACTORIES.items():
+        if fixture_name in metafunc.fixturenames:
+            cases = factory(metafunc.config)
+            metafunc.parametrize(fixture_name, cases, ids=[c.id for c in cases])
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config) -> None:
+    """Raise input errors found while generating items here, where pytest prints them as one line (inside a
+    collector they would become a collection error with a traceback)."""
+    error = config.stash[RULES_STATE].usage_error if RULES_STATE in config.stash else None
+    if error:
+        raise pytest.UsageError(error)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="session")
+def kata_profile(pytestconfig: pytest.Config) -> Profile:
+    """The rule profile chosen with ``--kata-profile`` (its ``extends`` chain merged)."""
+    return _state(pytestconfig).profile
+
+
+@pytest.fixture(scope="session")
+def kata_waivers(pytestconfig: pytest.Config) -> Waivers:
+    """The user's waivers (``--kata-waivers``), validated against the known rule ids."""
+    return _state(pytestconfig).waivers
+
+
+@pytest.fixture
+def kata_rule_check(
+    kata_result: CheckRecorder, kata_profile: Profile, kata_waivers: Waivers
+) -> Callable[[Any], None]:
+    """Run one generated rule case: evaluate, record evidence and attachments, conclude with its status."""
+
+    def run(case: Any) -> None:
+        case.run(kata_result, kata_profile, kata_waivers)
+
+    return run

@@ -1,0 +1,251 @@
+"""Sandbox fixtures: one sandbox per session (boot once, probe many times) and the host's view around it.
+
+- ``kata_sandbox`` (session): the driver chosen by ``--kata-driver``/``--kata-runtime``, started once; skips
+  with the driver's reason when it cannot run here (e.g. a kata handler on a bundle without a shim).
+- ``kata_probe(privileged=..., writes=...)`` (session): probe results, cached per workload, so the isolation
+  suite's dozen checks cost one or two probe runs.
+- ``kata_host_baseline`` (session): host invariants captured *before* the sandbox started (candidate image,
+  kernel and hypervisor hashes; mount table; core_pattern/uevent_helper), compared by the suites after
+  hostile workloads.
+- ``kata_host_facts`` (session): the host's identity (kernel, boot id, hostname, processes, devices,
+  addresses) that the workload must not see.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_kata import runid
+from pytest_kata.errors import KataError
+from pytest_kata.sandbox import (
+    HostInvariants,
+    ProbeFacts,
+    SandboxDriver,
+    SandboxError,
+    SandboxUnavailable,
+    Workload,
+    candidate_config,
+    candidate_version,
+    choose_driver,
+)
+
+COMMON_COMMS = {"sh", "bash", "ash", "dash", "busybox", "init", "sleep", "cat", "awk", "sed", "ls", "dd", "wc",
+                "tr", "head", "tail", "grep", "sort", "timeout", "su", "setpriv", "env", "ps", "systemd", "agetty",
+                "kata-agent", "login", "getty", "udevd", "systemd-udevd", "systemd-journal", "dbus-daemon", "nc",
+                "socat", "mount", "readlink", "id", "uname", "dmesg", "sync", "xargs", "find", "chmod", "mkdir"}
+
+
+def sandbox_dirs() -> list[str]:
+    """Where sandboxes put their files and mounts: excluded from the host mount-table comparison."""
+    from pytest_kata.resources import cache_dir
+
+    return [os.environ.get("PYTEST_KATA_SANDBOX_DIR", "/var/tmp/pytest-kata"), str(cache_dir()), "/run/netns",
+            "/run/containerd", "/run/pytest-kata"]
+
+
+@pytest.fixture(scope="session")
+def kata_sandbox_candidate(request: pytest.FixtureRequest, kata_settings: Any) -> Any:
+    """The candidate for the sandbox drivers: helper A's Bundle, or the unpacked tree when no bundle module."""
+    if not kata_settings.candidate:
+        return None
+    try:
+        return request.getfixturevalue("kata_candidate")
+    except NotImplementedError:
+        path = Path(kata_settings.candidate[0])
+        if path.is_dir():
+            return path
+        raise pytest.UsageError(f"{path}: cannot open this candidate without the bundle module; "
+                                "give an unpacked /opt/kata tree") from None
+
+
+@pytest.fixture(scope="session")
+def kata_sandbox_config(kata_sandbox_candidate: Any, kata_settings: Any) -> Any:
+    """The candidate's effective runtime configuration (None without a candidate: static checks skip)."""
+    try:
+        return candidate_config(kata_sandbox_candidate, kata_settings.shim)
+    except KataError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+@pytest.fixture(scope="session")
+def kata_sandbox_version(kata_sandbox_candidate: Any) -> str | None:
+    return candidate_version(kata_sandbox_candidate)
+
+
+@pytest.fixture(scope="session")
+def kata_host_marker() -> Iterator[str]:
+    """A file that exists only on the host: its visibility from inside is an isolation failure."""
+    base = Path(os.environ.get("PYTEST_KATA_SANDBOX_DIR", "/var/tmp/pytest-kata"))
+    base.mkdir(parents=True, exist_ok=True)
+    marker = base / f"{runid.current_run_id()}-host-marker-{os.getpid()}"
+    marker.write_text("host only\n")
+    yield str(marker)
+    marker.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def kata_host_facts() -> dict[str, Any]:
+    """The host's own identity, devices and addresses (what no workload may see)."""
+    from pytest_kata.sandbox.base import host_facts
+
+    facts = dict(host_facts())
+    comms = set()
+    for pid in Path("/proc").iterdir():
+        if not pid.name.isdigit():
+            continue
+        try:
+            if not (pid / "cmdline").read_bytes():
+                continue  # kernel thread: the guest has the same names
+            comms.add((pid / "comm").read_text().strip())
+        except OSError:
+            continue
+    facts["process_comms"] = sorted(comms - COMMON_COMMS)
+    blocks = []
+    for dev in Path("/sys/class/block").iterdir():
+        try:
+            blocks.append({"name": dev.name, "dev": (dev / "dev").read_text().strip(),
+                           "size": int((dev / "size").read_text().strip() or 0)})
+        except OSError:
+            continue
+    facts["block_devices"] = blocks
+    facts["dev_nodes"] = sorted(os.listdir("/dev"))
+    proc = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, timeout=30)
+    facts["addresses"] = sorted({line.split()[3].split("/")[0] for line in proc.stdout.splitlines()
+                                 if len(line.split()) > 3})
+    meminfo = Path("/proc/meminfo").read_text().split()
+    facts["mem_total_kb"] = int(meminfo[meminfo.index("MemTotal:") + 1])
+    return facts
+
+
+@pytest.fixture(scope="session")
+def kata_host_baseline(kata_sandbox_candidate: Any, kata_sandbox_config: Any) -> HostInvariants:
+    """Host invariants before any sandbox starts: the candidate's image/kernel/hypervisor hashes, mounts, knobs."""
+    files: list[Path] = []
+    if kata_sandbox_config is not None:
+        from pytest_kata.sandbox.direct import map_path, tree_root
+
+        root = Path(kata_sandbox_candidate.root) if hasattr(kata_sandbox_candidate, "root") else \
+            tree_root(Path(kata_sandbox_candidate))
+        for key in ("image", "initrd", "kernel", "path"):
+            value = kata_sandbox_config.get(f"hypervisor.*.{key}", "")
+            if value:
+                files.append(map_path(root, str(value)).resolve())
+    for tool in ("runc", "containerd-shim-runc-v2", "/usr/bin/qemu-system-x86_64"):
+        path = tool if tool.startswith("/") else subprocess.run(["sh", "-c", f"command -v {tool}"],
+                                                                capture_output=True, text=True).stdout.strip()
+        if path and Path(path).is_file():
+            files.append(Path(path).resolve())
+    return HostInvariants.capture(files, exclude=sandbox_dirs())
+
+
+@pytest.fixture(scope="session")
+def kata_sandbox(kata_settings: Any, kata_sandbox_candidate: Any, kata_host_baseline: HostInvariants
+                 ) -> Iterator[SandboxDriver]:
+    """The session's sandbox (started once; stopped at the end of the session, or kept with
+    ``--kata-keep-on-failure`` when something failed)."""
+    try:
+        driver = choose_driver(kata_settings.driver or "auto", kata_settings.runtime, kata_sandbox_candidate,
+                               shim=kata_settings.shim, accel=kata_settings.accel or "auto",
+                               boot_timeout=float(kata_settings.boot_timeout or 240))
+    except SandboxUnavailable as exc:
+        pytest.skip(f"sandbox unavailable: {exc}")
+    except KataError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    try:
+        driver.start()
+    except SandboxUnavailable as exc:
+        driver.stop()
+        pytest.skip(f"sandbox unavailable: {exc}")
+    except SandboxError as exc:
+        pytest.fail(f"sandbox did not start: {exc}", pytrace=False)
+    try:
+        yield driver
+    finally:
+        driver.stop()
+
+
+@pytest.fixture(scope="session")
+def kata_probe(kata_sandbox: SandboxDriver, kata_host_marker: str) -> Callable[..., ProbeFacts]:
+    """``kata_probe(privileged=False, writes=False, targets=(), mounts=(), annotations=None)`` → facts (cached)."""
+    cache: dict[tuple[Any, ...], ProbeFacts | SandboxError] = {}
+    mark = runid.current_run_id()
+
+    def probe(privileged: bool = False, writes: bool = False, targets: tuple[str, ...] = (),
+              mounts: tuple[Any, ...] = (), annotations: dict[str, str] | None = None,
+              host_paths: tuple[str, ...] = ()) -> ProbeFacts:
+        key = (privileged, writes, tuple(targets), tuple(mounts), tuple(sorted((annotations or {}).items())),
+               tuple(host_paths))
+        if key not in cache:
+            workload = Workload(privileged=privileged, writes=writes, targets=list(targets), mounts=list(mounts),
+                                annotations=dict(annotations or {}),
+                                host_paths=[kata_host_marker, *host_paths], mark=mark)
+            try:
+                cache[key] = kata_sandbox.probe(workload)
+            except SandboxError as exc:
+                cache[key] = exc
+        result = cache[key]
+        if isinstance(result, SandboxError):
+            pytest.fail(f"probe failed: {result}", pytrace=False)
+        return result
+
+    return probe
+
+
+@pytest.fixture(scope="session")
+def kata_probe_targets(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """Addresses on the run's own test network (a peer with a TCP listener) that the workload must not reach.
+
+    The listener is proven reachable from a second peer first, so "unreachable from the workload" means
+    something. Without test networks (not root), only an address-free list is returned.
+    """
+    try:
+        make = request.getfixturevalue("make_kata_network")
+        net = make("iso")
+    except pytest.skip.Exception as exc:
+        yield {"targets": [], "note": f"no test network: {exc}"}
+        return
+    except pytest.FixtureLookupError:
+        yield {"targets": [], "note": "no test network module"}
+        return
+    target = net.add_peer("target")
+    witness = net.add_peer("witness")
+    listener = target.popen(["socat", "TCP-LISTEN:8080,fork,reuseaddr", "SYSTEM:echo kata-iso"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        reachable = False
+        for _ in range(30):
+            proc = witness.run(["socat", "-T2", "-", f"TCP:{target.ip}:8080,connect-timeout=2"], timeout=10)
+            if "kata-iso" in proc.stdout:
+                reachable = True
+                break
+            import time
+
+            time.sleep(0.1)
+        yield {"targets": [target.ip, f"{target.ip}:8080"], "witness_reached": reachable,
+               "network": str(net.subnet), "note": ""}
+    finally:
+        listener.kill()
+        listener.wait()
+        net.remove_peer(witness)
+        net.remove_peer(target)
+
+
+@pytest.fixture(scope="session")
+def kata_candidate_image(kata_sandbox_candidate: Any, kata_sandbox_config: Any) -> Path | None:
+    """The guest image file the candidate's configuration names (None: initrd-only or no candidate)."""
+    if kata_sandbox_config is None:
+        return None
+    from pytest_kata.sandbox.direct import map_path, tree_root
+
+    value = kata_sandbox_config.get("hypervisor.*.image", "")
+    if not value:
+        return None
+    root = Path(kata_sandbox_candidate.root) if hasattr(kata_sandbox_candidate, "root") else \
+        tree_root(Path(kata_sandbox_candidate))
+    return map_path(root, str(value))

@@ -1,0 +1,73 @@
+"""Sandboxes: start one from the candidate (or a control runtime), probe it, read the host side, stop.
+
+:func:`choose_driver` turns the ``--kata-driver``/``--kata-runtime`` options into a driver; the suites only
+see the :class:`~pytest_kata.sandbox.base.SandboxDriver` interface.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pytest_kata.errors import KataError
+from pytest_kata.sandbox.base import (
+    HostInvariants,
+    HostView,
+    Mount,
+    ProbeFacts,
+    SandboxDriver,
+    SandboxError,
+    SandboxUnavailable,
+    Workload,
+)
+
+__all__ = ["HostInvariants", "HostView", "Mount", "ProbeFacts", "SandboxDriver", "SandboxError",
+           "SandboxUnavailable", "Workload", "candidate_config", "candidate_version", "choose_driver"]
+
+
+def _has_shim(candidate: Any, shim: str | None) -> bool:
+    try:
+        return bool(candidate.shim(shim).binary)
+    except Exception:
+        return False
+
+
+def choose_driver(driver: str = "auto", runtime: str | None = None, candidate: Any = None, *,
+                  shim: str | None = None, accel: str = "auto", boot_timeout: float = 240.0) -> SandboxDriver:
+    """The driver the options ask for; :class:`SandboxUnavailable` (a skip) when it cannot run here."""
+    from pytest_kata.sandbox.containerd import ContainerdDriver
+    from pytest_kata.sandbox.direct import DirectDriver, GuestSpec
+
+    if runtime and driver == "direct":
+        raise KataError("--kata-runtime selects a containerd runtime handler; drop it or use --kata-driver "
+                        "containerd", path="--kata-driver direct")
+    if runtime or driver == "containerd" or (driver == "auto" and candidate is not None
+                                             and _has_shim(candidate, shim) and Path("/dev/vhost-vsock").exists()):
+        handler = runtime or f"kata-{shim or getattr(candidate, 'default_shim', None) or 'qemu'}"
+        return ContainerdDriver(handler, bundle=candidate if handler.startswith("kata") else None, shim=shim)
+    if candidate is None:
+        raise SandboxUnavailable("no candidate given: pass --kata-candidate PATH (or --kata-runtime runc for the "
+                                 "negative control)", path="--kata-candidate")
+    return DirectDriver(GuestSpec.from_bundle(candidate, shim, accel=accel), boot_timeout=boot_timeout)
+
+
+def candidate_config(candidate: Any, shim: str | None = None) -> Any:
+    """The candidate's effective configuration (helper A's Bundle, or an /opt/kata tree path)."""
+    if candidate is None:
+        return None
+    if isinstance(candidate, str | Path):
+        from pytest_kata.sandbox.direct import tree_config, tree_root
+
+        return tree_config(tree_root(Path(candidate)), shim)
+    return candidate.shim(shim).config
+
+
+def candidate_version(candidate: Any) -> str | None:
+    if candidate is None:
+        return None
+    if isinstance(candidate, str | Path):
+        from pytest_kata.sandbox.direct import tree_root
+
+        version = tree_root(Path(candidate)) / "VERSION"
+        return version.read_text().strip() if version.is_file() else None
+    return getattr(candidate, "version", None)

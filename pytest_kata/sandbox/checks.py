@@ -1,0 +1,241 @@
+"""Isolation and escape checks as pure functions: probe facts + host facts (+ configuration) → an outcome.
+
+Kept free of pytest so that the suites stay one-liners per check and the logic is unit-tested with plain
+dicts. Every outcome carries the evidence it was decided on; a message says *why* in the user's words
+(e.g. "runc is no VM: the workload runs on the host kernel").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+STANDARD_MOUNTS = {"/", "/proc", "/sys", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/run", "/tmp",
+                   "/sys/fs/cgroup", "/proc/sys", "/sys/kernel/security", "/sys/kernel/debug", "/dev/hugepages",
+                   "/sys/fs/bpf", "/sys/kernel/tracing", "/sys/fs/pstore", "/sys/firmware", "/etc/hosts",
+                   "/etc/hostname", "/etc/resolv.conf", "/run/lock", "/sys/fs/fuse/connections",
+                   "/proc/sys/fs/binfmt_misc", "/sys/kernel/config"}
+HOST_DEVICE_NODES = ("kvm", "vhost-vsock", "vhost-net", "net", "loop-control", "fuse", "btrfs-control",
+                     "mapper", "nvme0", "sda", "vda", "xvda")
+AGENT_PORT, DEBUG_CONSOLE_PORT = 1024, 1026
+
+
+@dataclass
+class Outcome:
+    status: str  # pass | fail | notapplicable
+    message: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def apply(self, recorder: Any) -> None:
+        """Record the evidence on a ``kata_result`` recorder and end the test with this status."""
+        recorder.record(**self.evidence)
+        recorder.conclude(self.status, self.message)
+
+
+def no_vm(handler: str, facts: Mapping[str, Any], host: Mapping[str, Any]) -> str:
+    return f"{handler} is no VM: the workload runs on the host kernel ({host.get('kernel_release')})"
+
+
+# ---- isolation (dynamic: facts from inside vs the host) ------------------------------------------------
+
+
+def kernel_identity(facts: Mapping[str, Any], host: Mapping[str, Any], *, expected: str | None, is_vm: bool,
+                    handler: str) -> Outcome:
+    """The workload's kernel must be the candidate's guest kernel and a different boot than the host."""
+    seen = facts.get("kernel_release")
+    ev = {"workload_kernel": seen, "host_kernel": host.get("kernel_release"), "candidate_kernel": expected,
+          "workload_boot_id": facts.get("boot_id"), "host_boot_id": host.get("boot_id"), "is_vm": is_vm}
+    same_boot = bool(facts.get("boot_id")) and facts.get("boot_id") == host.get("boot_id")
+    if same_boot or not is_vm:
+        why = no_vm(handler, facts, host) if not is_vm else "the workload shares the host's boot"
+        return Outcome("fail", f"{why}; workload boot id {'equals' if same_boot else 'differs from'} the host's", ev)
+    if expected and seen != expected:
+        return Outcome("fail", f"the workload runs kernel {seen}, not the candidate's guest kernel {expected}", ev)
+    if not expected:
+        return Outcome("pass", f"own boot ({seen}); the candidate's kernel release is unknown, boot id checked", ev)
+    return Outcome("pass", f"the workload runs the candidate's guest kernel {seen} in its own boot", ev)
+
+
+def host_processes(facts: Mapping[str, Any], host_comms: Iterable[str]) -> Outcome:
+    """No host process (by name) is visible in the workload's /proc."""
+    seen = {p.split(" ", 1)[1] for p in facts.get("processes", []) if " " in p}
+    leaked = sorted(set(host_comms) & seen)
+    ev = {"host_processes_visible": leaked, "workload_process_count": len(facts.get("processes", []))}
+    if leaked:
+        return Outcome("fail", f"host processes visible from the workload: {', '.join(leaked[:8])}", ev)
+    return Outcome("pass", f"none of {len(set(host_comms))} host process names visible", ev)
+
+
+def host_mounts(facts: Mapping[str, Any], host_mountpoints: Iterable[str], host_paths: Iterable[str] = ()
+                ) -> Outcome:
+    """No host-specific mount point, or host path in a mount source/option, shows up inside."""
+    distinctive = {m for m in host_mountpoints if m not in STANDARD_MOUNTS and len(m) > 4}
+    needles = sorted(distinctive | {p for p in host_paths if p})
+    leaked = sorted({line for line in facts.get("mounts", []) for n in needles if n in line})
+    ev = {"leaked_mount_lines": leaked[:20], "host_needles": len(needles)}
+    if leaked:
+        return Outcome("fail", f"{len(leaked)} mount line(s) inside name host paths, e.g. {leaked[0][:160]}", ev)
+    return Outcome("pass", f"no host mount point or host path among {len(facts.get('mounts', []))} mounts", ev)
+
+
+def hostname(facts: Mapping[str, Any], host: Mapping[str, Any], *, is_vm: bool, handler: str) -> Outcome:
+    seen, real = facts.get("hostname"), host.get("hostname")
+    ev = {"workload_hostname": seen, "host_hostname": real}
+    if seen == real:
+        return Outcome("fail", f"the workload sees the host's hostname {real!r}"
+                       + ("" if is_vm else f" ({handler} is no VM)"), ev)
+    return Outcome("pass", f"hostname {seen!r} differs from the host's", ev)
+
+
+def host_markers(facts: Mapping[str, Any]) -> Outcome:
+    visible = sorted(p for p, seen in facts.get("host_paths", {}).items() if seen)
+    ev = {"host_markers": facts.get("host_paths", {})}
+    if not facts.get("host_paths"):
+        return Outcome("notapplicable", "no host marker was given to the probe", ev)
+    if visible:
+        return Outcome("fail", f"host marker file(s) visible inside: {', '.join(visible)}", ev)
+    return Outcome("pass", "host marker files are invisible inside", ev)
+
+
+def host_devices(facts: Mapping[str, Any], host_blocks: Sequence[Mapping[str, Any]], host_dev: Iterable[str]
+                 ) -> Outcome:
+    """No host block device (same name, numbers and size) and no host-only device node inside."""
+    key = lambda b: (b.get("name"), b.get("dev"), b.get("size"))  # noqa: E731
+    host_keys = {key(b) for b in host_blocks if b.get("size")}
+    leaked_blocks = sorted(str(b.get("name")) for b in facts.get("block_devices", []) if key(b) in host_keys)
+    nodes = set(facts.get("devices", []))
+    leaked_nodes = sorted(n for n in HOST_DEVICE_NODES if n in nodes and n in set(host_dev))
+    ev = {"leaked_block_devices": leaked_blocks, "leaked_device_nodes": leaked_nodes,
+          "workload_block_devices": [b.get("name") for b in facts.get("block_devices", [])]}
+    if leaked_blocks or leaked_nodes:
+        return Outcome("fail", f"host devices visible inside: {', '.join(leaked_blocks + leaked_nodes)}", ev)
+    return Outcome("pass", "no host block device or host-only device node is visible", ev)
+
+
+def network(facts: Mapping[str, Any], targets: Sequence[str], host_addresses: Iterable[str]) -> Outcome:
+    """The run's test networks are unreachable and no host address is configured inside."""
+    reach = facts.get("reach", {})
+    reachable = sorted(t for t in targets if reach.get(t) == "reachable")
+    untestable = sorted(t for t in targets if str(reach.get(t, "")).startswith("untestable"))
+    inside = {a.split()[1].split("/")[0] for a in facts.get("addresses", []) if len(a.split()) > 1}
+    shared = sorted(inside & {a for a in host_addresses if not a.startswith(("127.", "::1"))})
+    ev = {"reach": reach, "workload_addresses": facts.get("addresses", []), "host_addresses_inside": shared}
+    if reachable or shared:
+        return Outcome("fail", f"reachable from the workload: {', '.join(reachable) or '-'}; host addresses "
+                       f"inside: {', '.join(shared) or '-'}", ev)
+    if untestable and len(untestable) == len(targets):
+        return Outcome("notapplicable", f"reachability untestable in this workload: {reach.get(untestable[0])}", ev)
+    return Outcome("pass", f"{len(targets)} run-owned target(s) unreachable; no host address inside", ev)
+
+
+def vsock_ports(facts: Mapping[str, Any]) -> Outcome:
+    """Neither the agent (1024) nor the debug console (1026) answers the workload over vsock."""
+    vsock = facts.get("vsock", {})
+    ev = {"vsock": vsock, "vsock_device": facts.get("vsock_device")}
+    open_ports = sorted(k for k, v in vsock.items() if v == "reachable" and k.endswith((":1024", ":1026")))
+    if open_ports:
+        return Outcome("fail", f"agent/debug-console vsock ports reachable from the workload: {', '.join(open_ports)}",
+                       ev)
+    untestable = [v for v in vsock.values() if str(v).startswith("untestable")]
+    if vsock and len(untestable) == len(vsock):
+        return Outcome("notapplicable", f"vsock untestable: {untestable[0].removeprefix('untestable: ')}", ev)
+    return Outcome("pass", "agent (1024) and debug console (1026) vsock ports are not reachable", ev)
+
+
+def memory_bounded(facts: Mapping[str, Any], host: Mapping[str, Any], *, limit_mb: int | None, is_vm: bool,
+                   handler: str) -> Outcome:
+    """The memory the workload sees is the sandbox's, not the host's."""
+    seen = facts.get("mem_total_kb") or 0
+    host_kb = host.get("mem_total_kb") or 0
+    ev = {"workload_mem_total_kb": seen, "host_mem_total_kb": host_kb, "configured_mb": limit_mb,
+          "cgroup_memory_limit": facts.get("memory_limit")}
+    if not is_vm or (host_kb and seen >= host_kb):
+        return Outcome("fail", (no_vm(handler, facts, host) + ": " if not is_vm else "")
+                       + f"the workload sees the host's memory ({seen} kB)", ev)
+    if limit_mb and seen > (limit_mb + 64) * 1024:
+        return Outcome("fail", f"the workload sees {seen // 1024} MiB, more than the configured {limit_mb} MiB", ev)
+    return Outcome("pass", f"the workload sees {seen // 1024} MiB (configured {limit_mb} MiB, host {host_kb // 1024} "
+                   "MiB)", ev)
+
+
+def container_boundary(facts: Mapping[str, Any], *, has_container: bool) -> Outcome:
+    """Unprivileged workload: capabilities dropped, kernel knobs read-only, OCI masked paths masked."""
+    ev = {"status": facts.get("status"), "masked": facts.get("masked"), "writable": facts.get("writable_paths"),
+          "uid": facts.get("uid")}
+    capeff = int(str(facts.get("status", {}).get("CapEff") or "0"), 16)
+    problems = []
+    if capeff & (1 << 21):
+        problems.append("CAP_SYS_ADMIN in the effective set")
+    writable = facts.get("writable_paths", {})
+    for knob in ("/proc/sys/kernel/core_pattern", "/proc/sysrq-trigger", "/sys/kernel/uevent_helper"):
+        if writable.get(knob):
+            problems.append(f"{knob} writable")
+    if has_container:
+        for path in ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"):
+            if facts.get("masked", {}).get(path) == "visible":
+                problems.append(f"{path} not masked")
+    if problems:
+        return Outcome("fail", "unprivileged workload boundary: " + "; ".join(problems), ev)
+    scope = "" if has_container else " (uid 65534 in the guest: the direct driver has no container layer)"
+    return Outcome("pass", f"no CAP_SYS_ADMIN, kernel knobs read-only{scope}", ev)
+
+
+def host_unchanged(diff: Mapping[str, Any], *, what: str) -> Outcome:
+    if diff:
+        return Outcome("fail", f"host state changed after {what}: {', '.join(sorted(diff))}", {"host_diff": diff})
+    return Outcome("pass", f"host image hashes, mount table and kernel knobs unchanged after {what}",
+                   {"host_diff": {}})
+
+
+# ---- static checks (configuration / version) ------------------------------------------------------------
+
+
+def annotation_enabled(config: Any, name: str) -> list[str]:
+    """The ``enable_annotations`` entries (regexes, as Kata matches them) that let ``name`` through."""
+    patterns = config.get("hypervisor.*.enable_annotations", []) or []
+    hits = []
+    for pattern in patterns:
+        try:
+            if re.search(str(pattern), name):
+                hits.append(str(pattern))
+        except re.error:
+            if str(pattern) in name:
+                hits.append(str(pattern))
+    return hits
+
+
+def version_tuple(version: str | None) -> tuple[int, ...] | None:
+    m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", version or "")
+    return tuple(int(x) for x in m.groups()) if m else None
+
+
+def version_before(version: str | None, fixed: str) -> bool | None:
+    """Whether ``version`` is older than ``fixed`` (None when the version is unknown)."""
+    have, want = version_tuple(version), version_tuple(fixed)
+    if have is None or want is None:
+        return None
+    return have < want
+
+
+def static_version(version: str | None, fixed: str, advisory: str, *, component: str = "Kata") -> Outcome:
+    before = version_before(version, fixed)
+    ev = {"mode": "static", "version": version, "fixed_in": fixed}
+    if before is None:
+        return Outcome("notapplicable", f"mode: static: candidate version unknown; {advisory} is fixed in {fixed}", ev)
+    if before:
+        return Outcome("fail", f"mode: static: {component} {version} is affected by {advisory} (fixed in {fixed})", ev)
+    return Outcome("pass", f"mode: static: {component} {version} includes the {advisory} fix ({fixed})", ev)
+
+
+def combine(*outcomes: Outcome) -> Outcome:
+    """The worst of several outcomes (fail > pass > notapplicable), with all evidence kept."""
+    order = {"fail": 0, "pass": 1, "notapplicable": 2}
+    worst = sorted(outcomes, key=lambda o: order.get(o.status, 0))[0]
+    evidence: dict[str, Any] = {}
+    for o in outcomes:
+        evidence.update(o.evidence)
+    evidence["checks"] = [f"{o.status}: {o.message}" for o in outcomes]
+    relevant = [o.message for o in outcomes if o.status == worst.status]
+    return Outcome(worst.status, "; ".join(relevant), evidence)

@@ -1,0 +1,90 @@
+"""Candidate variants for negative controls: the same bundle with one flaw, or a minimal stand-in tree.
+
+A control is only convincing when the flawed candidate differs from the good one by exactly the flaw, so a
+variant is a copy of a bundle tree (hard links for the big files, never written through) whose effective
+configuration gets a few dotted-key changes (``{"hypervisor.qemu.kernel_params": "... rw"}``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pytest_kata.sandbox.base import SandboxError
+
+CONFIG_DIR = Path("share/defaults/kata-containers")
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        if part == "*":
+            part = next(iter(node))
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def write_config(path: Path, source: Path, changes: dict[str, Any]) -> None:
+    """``source`` TOML with ``changes`` applied, written to ``path`` (a fresh file: never through a hard link)."""
+    import tomli_w
+
+    data = tomllib.loads(source.read_text(encoding="utf-8"))
+    for key, value in changes.items():
+        _set(data, key, value)
+    path.unlink(missing_ok=True)
+    path.write_text(tomli_w.dumps(data), encoding="utf-8")
+
+
+def variant_tree(root: Path, out: Path, changes: dict[str, Any], *, config: str = "configuration.toml") -> Path:
+    """Copy the /opt/kata tree ``root`` to ``out/opt/kata`` (hard links where possible) and change its config."""
+    root = Path(root)
+    dest = Path(out) / "opt" / "kata"
+    if dest.exists():
+        raise SandboxError("variant destination exists", path=dest)
+    for src_dir, dirs, files in os.walk(root):
+        rel = Path(src_dir).relative_to(root)
+        (dest / rel).mkdir(parents=True, exist_ok=True)
+        for name in files + [d for d in dirs if (Path(src_dir) / d).is_symlink()]:
+            src, dst = Path(src_dir) / name, dest / rel / name
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dst)
+                continue
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+    target = (root / CONFIG_DIR / config).resolve()
+    rel_target = target.relative_to(root.resolve())
+    write_config(dest / rel_target, target, changes)
+    return dest
+
+
+def stand_in_tree(out: Path, config_source: Path, changes: dict[str, Any] | None = None, *,
+                  version: str = "3.31.0") -> Path:
+    """A minimal /opt/kata tree: the host's Debian kernel, a busybox initramfs, one qemu configuration.
+
+    No image, shim or agent; the hypervisor binary is absent, so the direct driver says it uses the host's.
+    Enough for the direct driver's own tests when the reference candidate is not built.
+    """
+    from pytest_kata.sandbox.direct import busybox_initramfs, host_kernel
+
+    root = Path(out) / "opt" / "kata"
+    share = root / "share" / "kata-containers"
+    share.mkdir(parents=True)
+    shutil.copyfile(host_kernel(), share / "vmlinuz-stand-in")
+    os.symlink("vmlinuz-stand-in", share / "vmlinuz.container")
+    shutil.copyfile(busybox_initramfs(), share / "kata-busybox.initrd")
+    os.symlink("kata-busybox.initrd", share / "kata-containers-initrd.img")
+    (root / "VERSION").write_text(version + "\n")
+    confdir = root / CONFIG_DIR
+    confdir.mkdir(parents=True)
+    settings = {"hypervisor.qemu.kernel": "/opt/kata/share/kata-containers/vmlinuz.container",
+                "hypervisor.qemu.initrd": "/opt/kata/share/kata-containers/kata-containers-initrd.img",
+                "hypervisor.qemu.image": "", "hypervisor.qemu.default_memory": 512, **(changes or {})}
+    write_config(confdir / "configuration-qemu.toml", config_source, settings)
+    os.symlink("configuration-qemu.toml", confdir / "configuration.toml")
+    return root

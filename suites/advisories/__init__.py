@@ -1,0 +1,1 @@
+"""Advisory gate: one check per known Kata advisory; a release listed as affected is rejected."""

@@ -1,0 +1,173 @@
+"""Guest image hardening: one item per rule of ``image.toml`` (KATA-IMG-xxx), judged on the guest image(s) the
+candidate's configuration boots, plus the attack-surface budget against the baseline release.
+
+Run: ``pytest suites/hardening -k image --kata-candidate BUNDLE [--kata-baseline OLD] [--kata-shim qemu]``.
+The image is read without root (debugfs / cpio); the kernel command line the facts see is the one Kata
+would pass: the runtime's root parameters, ``kernel_params`` and the agent debug switches of the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_kata.errors import KataError
+from pytest_kata.images.facts import ImageFacts, image_facts
+from pytest_kata.images.read import open_image
+from pytest_kata.plugin import settings_of
+from pytest_kata.recorder import CheckRecorder
+from pytest_kata.rules import load_profile, load_rules, load_waivers
+from pytest_kata.rules import judge as judge_rule
+
+STATUS_ORDER = ("notapplicable", "waived", "pass", "fail", "error")  # worst last
+# What the Go runtime puts in front of kernel_params for an image rootfs (virtio-blk / nvdimm), see
+# src/runtime/virtcontainers/hypervisor.go (kernelRootParams): the root is mounted read-only.
+IMAGE_ROOT_PARAMS = "rootflags=data=ordered,errors=remount-ro ro rootfstype=ext4"
+
+
+@dataclass
+class GuestImage:
+    """One guest image or initrd of the candidate, with its facts and rule context."""
+
+    rel: str
+    kind: str
+    facts: ImageFacts
+    context: dict[str, Any]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "image_rule" in metafunc.fixturenames:
+        try:
+            rules = load_rules("image")
+        except KataError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        metafunc.parametrize("image_rule", [pytest.param(r, id=r.id) for r in rules])
+
+
+def _host_path(bundle: Any, configured: str | None) -> str | None:
+    """A config path like /opt/kata/share/kata-containers/kata-containers.img -> the bundle's relative path."""
+    if not configured:
+        return None
+    text = str(configured)
+    for prefix in ("/opt/kata/",):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return None
+
+
+def kata_cmdline(config: Any, is_image: bool) -> str:
+    """The guest kernel command line Kata builds from this configuration (best static estimate)."""
+    parts = [IMAGE_ROOT_PARAMS] if is_image else []
+    params = config.get("hypervisor.*.kernel_params", "") if config is not None else ""
+    if params:
+        parts.append(str(params))
+    if config is not None and config.get("agent.kata.debug_console_enabled", False):
+        parts.append("agent.debug_console agent.debug_console_vport=1026")
+    if config is not None and config.get("agent.kata.enable_debug", False):
+        parts.append("agent.log=debug")
+    return " ".join(parts)
+
+
+def candidate_images(bundle: Any, settings: Any) -> list[GuestImage]:
+    """The images the selected shim's configuration boots (all shipped images if it names none we have)."""
+    try:
+        shim = bundle.shim(settings.shim if settings.shim not in (None, "all") else None)
+        config = shim.config
+    except (KataError, AttributeError):
+        config = None
+    chosen: list[tuple[str, str]] = []
+    if config is not None:
+        for key, kind in (("image", "image"), ("initrd", "initrd")):
+            rel = _host_path(bundle, config.get(f"hypervisor.*.{key}", None))
+            if rel and bundle.path(rel).exists():
+                chosen.append((rel, kind))
+    if not chosen:
+        chosen = [(r, "image") for r in getattr(bundle, "images", [])] + \
+                 [(r, "initrd") for r in getattr(bundle, "initrds", [])]
+    out = []
+    seen: set[Path] = set()
+    for rel, kind in chosen:
+        path = Path(bundle.path(rel)).resolve()
+        if path in seen:
+            continue
+        seen.add(path)
+        with open_image(path) as root:
+            verity = config.get("hypervisor.*.kernel_verity_params", "") if config is not None else ""
+            facts = image_facts(root, cmdline=kata_cmdline(config, kind == "image"), verity_params=verity)
+            context = {"image_kind": root.kind, "init": facts.get("init.kind"),
+                       "confidential": bool(config.confidential) if config is not None else None}
+        out.append(GuestImage(rel, root.kind, facts, context))
+    return out
+
+
+@pytest.fixture(scope="session")
+def kata_guest_images(kata_candidate: Any, kata_settings: Any) -> list[GuestImage]:
+    """Facts of the candidate's guest image(s), read once per session."""
+    try:
+        images = candidate_images(kata_candidate, kata_settings)
+    except KataError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if not images:
+        pytest.skip("the candidate ships no guest image or initrd")
+    return images
+
+
+def test_image_rule(image_rule: Any, kata_guest_images: list[GuestImage], kata_result: CheckRecorder,
+                    pytestconfig: pytest.Config) -> None:
+    """The candidate's guest image(s) satisfy this image hardening rule."""
+    settings = settings_of(pytestconfig)
+    profile = load_profile(settings.profile or "default")
+    waivers = load_waivers(settings.waivers) if settings.waivers else None
+    per_image = {}
+    worst = None
+    for img in kata_guest_images:
+        judged = judge_rule(image_rule, img.facts, img.context, profile=profile, waivers=waivers,
+                            scopes=[img.rel, Path(img.rel).name])
+        per_image[img.rel] = {**judged.evidence(), "status": judged.status}
+        if worst is None or STATUS_ORDER.index(judged.status) > STATUS_ORDER.index(worst.status):
+            worst = judged
+    assert worst is not None
+    kata_result.record(id=image_rule.id, severity=worst.severity, title=image_rule.title, suite="hardening",
+                       images=per_image, rationale=image_rule.rationale, remediation=image_rule.remediation,
+                       references=list(image_rule.references))
+    notes = sorted({n for img in kata_guest_images for n in img.facts.notes})
+    if notes:
+        kata_result.record(notes=notes)
+    failing = [f"{rel}: {ev['message']}" for rel, ev in per_image.items() if ev["status"] == worst.status]
+    kata_result.conclude(worst.status, f"{image_rule.id} {worst.status}: " + "; ".join(failing))
+
+
+@pytest.mark.kata_check("KATA-IMG-100", severity="medium",
+                        title="Guest image attack surface within budget of the baseline release")
+def test_surface_budget(kata_candidate: Any, kata_baseline: Any, kata_settings: Any,
+                        kata_result: CheckRecorder) -> None:
+    """The candidate's guest image does not grow its attack surface beyond --kata-surface-budget percent."""
+    from pytest_kata.images.surface import measure, over_budget, table
+
+    budget = float(kata_settings.surface_budget)
+    cand = candidate_images(kata_candidate, kata_settings)
+    base = candidate_images(kata_baseline, kata_settings)
+    if not cand or not base:
+        kata_result.conclude("notapplicable", "candidate or baseline ships no guest image")
+    problems: list[str] = []
+    tables = []
+    for c_img in cand:
+        b_img = next((b for b in base if b.kind == c_img.kind), None)
+        if b_img is None:
+            continue
+        b_surface = measure(kata_baseline.path(b_img.rel), f"baseline:{Path(b_img.rel).name}")
+        c_surface = measure(kata_candidate.path(c_img.rel), f"candidate:{Path(c_img.rel).name}")
+        tables.append(table(b_surface, c_surface))
+        problems += [f"{c_img.rel}: {p}" for p in over_budget(b_surface, c_surface, budget)]
+        kata_result.record(**{f"surface:{c_img.rel}": {"baseline": b_surface.metrics,
+                                                        "candidate": c_surface.metrics}})
+    kata_result.record(budget_percent=budget)
+    if tables:
+        kata_result.attach("attack-surface.txt", "\n\n".join(tables))
+    if problems:
+        kata_result.conclude("fail", "guest image surface grew beyond the budget: " + "; ".join(problems))
+    kata_result.conclude("pass", f"no surface metric grew by more than {budget:g}%")
+

@@ -1,0 +1,452 @@
+"""The advisory gate: OSV loading, release decisions (and the Go pseudo-version trap), the CLI, Atom
+monitoring, feed refresh, and the ``suites/advisories`` suite run with pytester on a real /opt/kata tree."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_kata.advisories import (
+    DEFAULT_FEED,
+    ReleaseVersion,
+    check_version,
+    decide,
+    load_feed,
+    parse_releases_atom,
+    watch_releases,
+)
+from pytest_kata.cli import main
+from pytest_kata.errors import FeedError
+
+REPO = Path(__file__).resolve().parents[1]
+ADVISORIES_2026 = {"GHSA-wwj6-vghv-5p64", "GHSA-q49m-57vm-c8cc", "GHSA-rr59-xxvx-96qr", "GHSA-2gv2-cffp-j227",
+                   "GHSA-fmg6-v47x-52wr"}
+PSEUDO = "0.0.0-20260219090056-6a672503973b"
+
+
+def affected_ids(version: str, feed: Any = None) -> set[str]:
+    return {d.advisory.id for d in check_version(feed or load_feed(), version) if d.affected}
+
+
+def record(**changes: Any) -> dict[str, Any]:
+    """A small OSV record about Kata (a template for the trap and range tests)."""
+    base: dict[str, Any] = {
+        "schema_version": "1.7.5", "id": "GHSA-2345-6789-cfgh", "modified": "2026-01-01T00:00:00Z",
+        "summary": "test advisory", "database_specific": {"severity": "HIGH"},
+        "affected": [{"package": {"ecosystem": "Go", "name": "github.com/kata-containers/kata-containers"},
+                      "ranges": [{"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": PSEUDO}]}]}],
+    }
+    base.update(changes)
+    return base
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# decisions on the shipped feed (the must-shows)
+
+
+def test_3_2_0_is_affected_by_every_2026_advisory_with_the_enumeration_as_evidence() -> None:
+    decisions = {d.advisory.id: d for d in check_version(load_feed(), "3.2.0")}
+    assert {i for i, d in decisions.items() if d.affected} == ADVISORIES_2026
+    assert decisions["GHSA-wwj6-vghv-5p64"].evidence == "3.2.0 listed in affected[1].versions (GIT entry)"
+    assert {i: decisions[i].fixed for i in ADVISORIES_2026} == {
+        "GHSA-wwj6-vghv-5p64": "3.27.0", "GHSA-q49m-57vm-c8cc": "3.29.0", "GHSA-rr59-xxvx-96qr": "3.31.0",
+        "GHSA-2gv2-cffp-j227": "3.31.0", "GHSA-fmg6-v47x-52wr": "4.1.0"}
+    # the 1.x records are decided by their release-number ranges, not by accident
+    assert "outside ECOSYSTEM range" in decisions["CVE-2020-2024"].evidence
+    assert not any(d.undecided for d in decisions.values())
+
+
+def test_4_1_0_is_affected_by_none() -> None:
+    decisions = check_version(load_feed(), "4.1.0")
+    assert not [d for d in decisions if d.affected or d.undecided]
+    fmg6 = next(d for d in decisions if d.advisory.id == "GHSA-fmg6-v47x-52wr")
+    assert fmg6.evidence.startswith("4.1.0 not in affected[0].versions")
+
+
+@pytest.mark.parametrize(("version", "expected"), [
+    ("3.27.0", ADVISORIES_2026 - {"GHSA-wwj6-vghv-5p64"}),
+    ("3.31.0", {"GHSA-fmg6-v47x-52wr"}),
+    ("v4.0.0", {"GHSA-fmg6-v47x-52wr"}),
+    ("1.11.0", ADVISORIES_2026 | {"CVE-2020-2023", "CVE-2020-2026", "CVE-2020-27151", "CVE-2020-28914"}),
+    ("1.11.1", ADVISORIES_2026 | {"CVE-2020-27151", "CVE-2020-28914"}),
+])
+def test_reference_table_of_affected_releases(version: str, expected: set[str]) -> None:
+    assert affected_ids(version) == expected
+
+
+def test_shipped_feed_is_the_reference_data(shared_dir: Path) -> None:
+    shared = json.loads((shared_dir / "data/advisories/kata-osv.json").read_text())
+    assert json.loads(DEFAULT_FEED.read_text()) == shared
+    assert (DEFAULT_FEED.parent / "README.md").read_text().count("advisories refresh") >= 1
+
+
+def test_severities_are_normalised_from_the_record() -> None:
+    by_id = {a.id: a for a in load_feed()}
+    assert by_id["GHSA-wwj6-vghv-5p64"].severity == "medium"
+    assert by_id["GHSA-2gv2-cffp-j227"].severity == "high"
+    assert by_id["GHSA-wwj6-vghv-5p64"].cvss_score == 5.2  # computed from the CVSS v4 vector
+    assert by_id["GHSA-fmg6-v47x-52wr"].severity == "high"  # Kata release notes label
+    vector_only = load_feed_from([record(database_specific={}, severity=[
+        {"type": "CVSS_V4", "score": "CVSS:4.0/AV:N/AC:L/AT:N/PR:N/UI:N/VC:H/VI:H/VA:H/SC:H/SI:H/SA:H"}])])
+    assert vector_only[0].severity == "critical" and "base score" in vector_only[0].severity_source
+    silent = load_feed_from([record(database_specific={})])
+    assert silent[0].severity == "high" and "not stated" in silent[0].severity_source
+
+
+def load_feed_from(records: list[dict[str, Any]]) -> list[Any]:
+    """Load records through a real feed file (the same path users take)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "feed.json"
+        path.write_text(json.dumps(records))
+        return load_feed([path])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Go pseudo-version trap and OSV range semantics
+
+
+def test_pseudo_version_trap_is_real_and_avoided() -> None:
+    # the trap: semver puts every release after the pseudo-version, so a naive range check says "not affected"
+    assert ReleaseVersion.parse("3.2.0") > ReleaseVersion.parse(PSEUDO)  # type: ignore[operator]
+    only_pseudo = load_feed_from([record()])[0]
+    decision = decide(only_pseudo, "3.2.0")
+    assert decision.undecided and not decision.affected, "a pseudo-version range must never clear a release"
+    assert "pseudo-version" in decision.evidence and "cannot decide" in decision.evidence
+    # with the enumeration next to it, the enumeration decides and the pseudo range is only a note
+    enumerated = copy.deepcopy(record())
+    enumerated["affected"].append({"ranges": [{"type": "GIT", "repo": "https://github.com/kata-containers/x",
+                                               "events": [{"introduced": "0"}, {"fixed": "a" * 40}]}],
+                                   "versions": ["3.1.0", "3.2.0"]})
+    advisory = load_feed_from([enumerated])[0]
+    hit = decide(advisory, "3.2.0")
+    assert hit.affected and hit.evidence == "3.2.0 listed in affected[1].versions (GIT entry)"
+    assert any("pseudo-version" in n for n in hit.notes)
+    assert not decide(advisory, "3.3.0").affected
+
+
+def test_undecidable_record_makes_the_cli_gate_fail(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    feed = tmp_path / "pseudo.json"
+    feed.write_text(json.dumps(record()))
+    rc, out, _ = run_cli(capsys, "advisories", "--version", "3.2.0", "--feed", str(feed))
+    assert rc == 1 and "cannot decide" in out and "GHSA-2345-6789-cfgh" in out
+
+
+def test_semver_ranges_with_fixed_last_affected_and_reintroduction() -> None:
+    adv = load_feed_from([record(affected=[{"package": {"ecosystem": "Go", "name": "kata"}, "ranges": [
+        {"type": "SEMVER", "events": [{"introduced": "3.0.0"}, {"fixed": "3.5.0"}, {"introduced": "3.8.0"},
+                                      {"last_affected": "3.9.1"}]}]}])])[0]
+    states = {v: decide(adv, v) for v in ("2.9.9", "3.0.0", "3.4.9", "3.5.0", "3.8.0", "3.9.1", "3.9.2")}
+    assert {v for v, d in states.items() if d.affected} == {"3.0.0", "3.4.9", "3.8.0", "3.9.1"}
+    assert states["3.4.9"].fixed == "3.5.0" and "inside SEMVER range" in states["3.4.9"].evidence
+    assert "outside SEMVER range" in states["3.5.0"].evidence
+
+
+def test_unlisted_release_below_the_first_fix_is_affected() -> None:
+    # 3.26.1 is no tag in the enumeration, but a rolling release below 3.27.0 cannot carry the fix
+    d = decide(next(a for a in load_feed() if a.id == "GHSA-wwj6-vghv-5p64"), "3.26.1")
+    assert d.affected and "below first_release_with_fix 3.27.0" in d.evidence
+
+
+def test_bad_release_number_is_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(FeedError):
+        decide(load_feed()[0], "latest")
+    rc, _, err = run_cli(capsys, "advisories", "--version", "latest")
+    assert rc == 2 and err.count("\n") == 1 and "not a Kata release number" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# feeds: forms and errors
+
+
+def test_directory_and_github_advisory_database_layout(tmp_path: Path) -> None:
+    shipped = json.loads(DEFAULT_FEED.read_text())
+    tree = tmp_path / "advisory-database" / "advisories" / "github-reviewed"
+    for rec in shipped:
+        if rec["id"].startswith("GHSA-"):
+            month = (rec.get("published") or "2026-08-01")[:7].replace("-", "/")
+            d = tree / month / rec["id"]
+            d.mkdir(parents=True)
+            (d / f"{rec['id']}.json").write_text(json.dumps(rec))
+    other = tree / "2026/03/GHSA-3333-4444-5555"  # an advisory about another project: ignored
+    other.mkdir(parents=True)
+    (other / "GHSA-3333-4444-5555.json").write_text(json.dumps(
+        {"id": "GHSA-3333-4444-5555", "modified": "2026-03-01T00:00:00Z",
+         "affected": [{"package": {"ecosystem": "npm", "name": "left-pad"}, "versions": ["3.2.0"]}]}))
+    feed = load_feed([tmp_path / "advisory-database"])
+    assert {a.id for a in feed} == ADVISORIES_2026
+    assert affected_ids("3.2.0", feed) == ADVISORIES_2026 and affected_ids("4.1.0", feed) == set()
+    # one object per file, an array, and a plain directory of files load the same records
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for rec in shipped:
+        (flat / f"{rec['id']}.json").write_text(json.dumps(rec))
+    assert {a.id for a in load_feed([flat])} == {a.id for a in load_feed()}
+
+
+def test_withdrawn_records_are_dropped_and_duplicates_kept_once(tmp_path: Path) -> None:
+    old, new = record(), record(modified="2026-06-01T00:00:00Z", summary="newer text")
+    gone = record(id="GHSA-cccc-cccc-cccc", withdrawn="2026-02-01T00:00:00Z")
+    (tmp_path / "a.json").write_text(json.dumps([old, gone]))
+    (tmp_path / "b.json").write_text(json.dumps(new))
+    feed = load_feed([tmp_path / "a.json", tmp_path / "b.json"])
+    assert [(a.id, a.summary) for a in feed] == [("GHSA-2345-6789-cfgh", "newer text")]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ('[{"id": "GHSA-x", "modified": ', "malformed JSON"),
+    ('{"vulnerabilities": []}', "without a string 'id'"),
+    ('[{"id": "GHSA-x", "affected": [{"ranges": [{"type": "SEMVER", "events": "0"}]}]}]', "events must be"),
+    ('[{"id": "GHSA-x", "affected": [{"versions": [3, 2]}]}]', "versions must be a list of strings"),
+    ('"just a string"', "expected an OSV record"),
+])
+def test_malformed_feed_is_one_line_error_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          content: str, message: str) -> None:
+    feed = tmp_path / "feed.json"
+    feed.write_text(content)
+    rc, out, err = run_cli(capsys, "advisories", "--version", "3.2.0", "--feed", str(feed))
+    assert rc == 2 and out == ""
+    assert err.startswith(f"pytest-kata: error: {feed}") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_feed_and_empty_directory_are_one_line_errors(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = run_cli(capsys, "advisories", "--version", "3.2.0", "--feed", str(tmp_path / "nope.json"))
+    missing = tmp_path / "nope.json"
+    assert rc == 2 and err == f"pytest-kata: error: {missing}: no such advisory feed file or directory\n"
+    rc, _, err = run_cli(capsys, "advisories", "--version", "3.2.0", "--feed", str(tmp_path))
+    assert rc == 2 and "no .json advisory files" in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the CLI
+
+
+def test_cli_version_gate(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run_cli(capsys, "advisories", "--version", "3.2.0")
+    assert rc == 1 and "AFFECTED by 5 of 11" in out
+    for advisory in ADVISORIES_2026:
+        assert advisory in out
+    assert "upgrade to 4.1.0 or later" in out and "decided by: 3.2.0 listed in affected[1].versions" in out
+    rc, out, _ = run_cli(capsys, "advisories", "--version", "4.1.0")
+    assert rc == 0 and "not affected by any of 11" in out and "GHSA-" not in out
+    rc, out, _ = run_cli(capsys, "advisories", "--version", "3.31.0", "--json")
+    data = json.loads(out)
+    assert rc == 1 and [d["id"] for d in data["decisions"]] == ["GHSA-fmg6-v47x-52wr"]
+    assert data["decisions"][0]["fixed"] == "4.1.0" and data["decisions"][0]["severity"] == "high"
+
+
+def test_cli_bundle_gate_reads_the_bundle_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tree = make_kata_tree(tmp_path / "b", "3.30.0")
+    rc, out, err = run_cli(capsys, "advisories", "--bundle", str(tree))
+    assert rc == 1, err
+    assert "release 3.30.0" in out and "GHSA-2gv2-cffp-j227" in out and "GHSA-wwj6-vghv-5p64" not in out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# announcement monitoring (GitHub releases Atom feed)
+
+RELEASES_ATOM = """<?xml version="1.0" encoding="UTF-8"?>
+<feed xmlns="http://www.w3.org/2005/Atom" xmlns:media="http://search.yahoo.com/mrss/" xml:lang="en-US">
+  <id>tag:github.com,2008:https://github.com/kata-containers/kata-containers/releases</id>
+  <link type="text/html" rel="alternate" href="https://github.com/kata-containers/kata-containers/releases"/>
+  <link type="application/atom+xml" rel="self"
+        href="https://github.com/kata-containers/kata-containers/releases.atom"/>
+  <title>Release notes from kata-containers</title>
+  <updated>2026-08-22T10:12:40Z</updated>
+  <entry>
+    <id>tag:github.com,2008:Repository/105055381/4.1.0</id>
+    <updated>2026-08-22T10:12:40Z</updated>
+    <link rel="alternate" type="text/html" href="https://github.com/kata-containers/kata-containers/releases/tag/4.1.0"/>
+    <title>Kata Containers 4.1.0</title>
+    <content type="html">&lt;h2&gt;Security&lt;/h2&gt;
+&lt;p&gt;This release fixes &lt;a
+href="https://github.com/kata-containers/kata-containers/security/advisories/GHSA-fmg6-v47x-52wr"&gt;GHSA-fmg6-v47x-52wr&lt;/a&gt;
+and GHSA-9q9q-9q9q-9q9q.&lt;/p&gt;
+&lt;h2&gt;What's Changed&lt;/h2&gt;&lt;ul&gt;&lt;li&gt;genpolicy: don't match image pull storages to mounts
+by @kata-bot&lt;/li&gt;&lt;/ul&gt;</content>
+    <author><name>katabuilder</name></author>
+    <media:thumbnail height="30" width="30" url="https://avatars.githubusercontent.com/u/1?s=60&amp;v=4"/>
+  </entry>
+  <entry>
+    <id>tag:github.com,2008:Repository/105055381/4.1.0-rc0</id>
+    <updated>2026-08-15T09:00:00Z</updated>
+    <link rel="alternate" type="text/html"
+          href="https://github.com/kata-containers/kata-containers/releases/tag/4.1.0-rc0"/>
+    <title>Kata Containers 4.1.0-rc0</title>
+    <content type="html">&lt;p&gt;Release candidate.&lt;/p&gt;</content>
+    <author><name>katabuilder</name></author>
+  </entry>
+  <entry>
+    <id>tag:github.com,2008:Repository/105055381/4.0.0</id>
+    <updated>2026-07-20T10:00:00Z</updated>
+    <link rel="alternate" type="text/html" href="https://github.com/kata-containers/kata-containers/releases/tag/4.0.0"/>
+    <title>Kata Containers 4.0.0</title>
+    <content type="html">&lt;h2&gt;What's Changed&lt;/h2&gt;&lt;ul&gt;&lt;li&gt;runtime-rs: default hypervisor
+by @dev&lt;/li&gt;&lt;/ul&gt;</content>
+    <author><name>katabuilder</name></author>
+  </entry>
+  <entry>
+    <id>tag:github.com,2008:Repository/105055381/3.31.0</id>
+    <updated>2026-06-10T10:00:00Z</updated>
+    <link rel="alternate" type="text/html" href="https://github.com/kata-containers/kata-containers/releases/tag/3.31.0"/>
+    <title>Kata Containers 3.31.0</title>
+    <content type="html">&lt;ul&gt;&lt;li&gt;runtime: validate virtio_fs_extra_args annotations
+(CVE-2026-44210) by @dev&lt;/li&gt;&lt;/ul&gt;</content>
+    <author><name>katabuilder</name></author>
+  </entry>
+  <entry>
+    <id>tag:github.com,2008:Repository/105055381/3.30.0</id>
+    <updated>2026-05-12T10:00:00Z</updated>
+    <link rel="alternate" type="text/html" href="https://github.com/kata-containers/kata-containers/releases/tag/3.30.0"/>
+    <title>Kata Containers 3.30.0</title>
+    <content type="html">&lt;ul&gt;&lt;li&gt;docs: fix typo by @dev&lt;/li&gt;&lt;/ul&gt;</content>
+    <author><name>katabuilder</name></author>
+  </entry>
+</feed>
+"""
+
+
+def test_atom_feed_is_parsed_with_tags_and_security_sections() -> None:
+    releases = parse_releases_atom(RELEASES_ATOM.encode())
+    assert [r.tag for r in releases] == ["4.1.0", "4.1.0-rc0", "4.0.0", "3.31.0", "3.30.0"]
+    by_tag = {r.tag: r for r in releases}
+    assert by_tag["4.1.0"].security_heading and by_tag["4.1.0"].security_ids == [
+        "GHSA-9q9q-9q9q-9q9q", "GHSA-fmg6-v47x-52wr"]
+    assert by_tag["3.31.0"].security_ids == ["CVE-2026-44210"] and not by_tag["3.31.0"].security_heading
+    assert not by_tag["4.0.0"].has_security_section and not by_tag["3.30.0"].has_security_section
+    assert by_tag["4.1.0"].url.endswith("/releases/tag/4.1.0")
+    assert by_tag["4.1.0"].updated.startswith("2026-08")
+
+
+def test_release_watch_newer_security_and_unknown_ids() -> None:
+    releases = parse_releases_atom(RELEASES_ATOM.encode())
+    known = [i for a in load_feed() for i in (a.id, *a.aliases)]
+    watch = watch_releases(releases, "3.30.0", known_ids=known)
+    assert [r.tag for r in watch.newer] == ["4.1.0", "4.0.0", "3.31.0"]  # rc ignored by default
+    assert [r.tag for r in watch.security] == ["4.1.0", "3.31.0"] and watch.exit_status == 1
+    assert watch.unknown_ids == ["GHSA-9q9q-9q9q-9q9q"]  # named in 4.1.0's notes, not in the feed
+    assert watch_releases(releases, "4.1.0").exit_status == 0
+    no_security = [r for r in releases if r.tag != "4.1.0"]
+    plain = watch_releases(no_security, "3.31.0")
+    assert [r.tag for r in plain.newer] == ["4.0.0"] and plain.exit_status == 3
+    assert [r.tag for r in watch_releases(releases, "4.0.0", include_prereleases=True).newer] == [
+        "4.1.0", "4.1.0-rc0"]
+
+
+def test_cli_atom_monitor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    atom = tmp_path / "releases.atom"
+    atom.write_text(RELEASES_ATOM)
+    rc, out, _ = run_cli(capsys, "advisories", "--atom", str(atom), "--current", "3.30.0")
+    assert rc == 1 and "NEWER RELEASES than 3.30.0: 4.1.0, 4.0.0, 3.31.0" in out
+    assert "SECURITY 4.1.0" in out and "not in the advisory feed (refresh it): GHSA-9q9q-9q9q-9q9q" in out
+    rc, out, _ = run_cli(capsys, "advisories", "--atom", str(atom), "--current", "4.1.0", "--json")
+    assert rc == 0 and json.loads(out)["newer"] == []
+    atom.write_text(RELEASES_ATOM[:300])
+    rc, _, err = run_cli(capsys, "advisories", "--atom", str(atom), "--current", "3.30.0")
+    assert rc == 2 and "malformed Atom XML" in err and err.count("\n") == 1
+    atom.write_text("<rss><channel/></rss>")
+    rc, _, err = run_cli(capsys, "advisories", "--atom", str(atom))
+    assert rc == 2 and "not an Atom feed" in err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# refresh
+
+
+def test_refresh_validates_then_writes_atomically(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "feed.json"
+    rc, out, _ = run_cli(capsys, "advisories", "refresh", "--from", str(DEFAULT_FEED), "--to", str(target))
+    assert rc == 0 and "wrote 11 advisories" in out and "11 added" in out
+    assert {a.id for a in load_feed([target])} == {a.id for a in load_feed()}
+    before = target.read_bytes()
+    changed = json.loads(DEFAULT_FEED.read_text())[:3]
+    changed[0]["modified"] = "2027-01-01T00:00:00Z"
+    source = tmp_path / "new.json"
+    source.write_text(json.dumps(changed))
+    rc, out, _ = run_cli(capsys, "advisories", "refresh", "--from", str(source), "--to", str(target),
+                         "--dry-run")
+    assert rc == 0 and "would write 3" in out and "8 removed" in out and "1 changed" in out
+    assert target.read_bytes() == before
+    source.write_text("[{broken")
+    rc, _, err = run_cli(capsys, "advisories", "refresh", "--from", str(source), "--to", str(target))
+    assert rc == 2 and "malformed JSON" in err and target.read_bytes() == before
+    source.write_text("[]")
+    rc, _, err = run_cli(capsys, "advisories", "refresh", "--from", str(source), "--to", str(target))
+    assert rc == 2 and "refusing" in err and target.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the suite, run with pytester on a real /opt/kata tree
+
+
+def make_kata_tree(root: Path, version: str | None) -> Path:
+    """A tiny /opt/kata tree: enough for the bundle inventory to find the release number."""
+    kata = root / "opt" / "kata"
+    (kata / "bin").mkdir(parents=True)
+    (kata / "bin" / "kata-runtime").write_text("#!/bin/sh\necho placeholder\n")
+    if version:
+        (kata / "VERSION").write_text(version + "\n")
+    return kata
+
+
+def run_suite(pytester: pytest.Pytester, tree: Path, *extra: str) -> tuple[Any, dict[str, Any]]:
+    result = pytester.runpytest_subprocess(str(REPO / "suites" / "advisories"), "--kata-candidate", str(tree),
+                                           "--kata-report", str(pytester.path / "verdict.json"), "-q", *extra)
+    report = pytester.path / "verdict.json"
+    return result, json.loads(report.read_text()) if report.exists() else {}
+
+
+def test_suite_rejects_3_30_0_and_accepts_4_1_0(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    result, verdict = run_suite(pytester, make_kata_tree(tmp_path / "old", "3.30.0"))
+    assert result.ret == 1, result.stdout.str()
+    by_id = {r["id"]: r for r in verdict["results"]}
+    assert set(by_id) == {a.id for a in load_feed()}, "one item per advisory, named by its id"
+    assert {i for i, r in by_id.items() if r["status"] == "fail"} == {
+        "GHSA-rr59-xxvx-96qr", "GHSA-2gv2-cffp-j227", "GHSA-fmg6-v47x-52wr"}
+    escape = by_id["GHSA-2gv2-cffp-j227"]
+    assert escape["severity"] == "high" and escape["suite"] == "advisories"
+    assert escape["evidence"]["decided_by"] == "3.30.0 listed in affected[1].versions (GIT entry)"
+    assert escape["evidence"]["fixed"] == "3.31.0" and escape["evidence"]["version"] == "3.30.0"
+    assert by_id["GHSA-wwj6-vghv-5p64"]["status"] == "pass" and verdict["verdict"] == "reject"
+    assert verdict["candidate"]["version"] == "3.30.0"
+
+    result, verdict = run_suite(pytester, make_kata_tree(tmp_path / "new", "4.1.0"))
+    assert result.ret == 0, result.stdout.str()
+    assert verdict["verdict"] == "accept" and verdict["totals"]["pass"] == len(load_feed())
+
+
+def test_suite_unknown_version_is_an_error_saying_how_to_fix(pytester: pytest.Pytester,
+                                                             tmp_path: Path) -> None:
+    result, verdict = run_suite(pytester, make_kata_tree(tmp_path / "nover", None))
+    assert result.ret == 1 and verdict["verdict"] == "reject"
+    assert {r["status"] for r in verdict["results"]} == {"error"}
+    result.stdout.fnmatch_lines(["*Kata release of * is unknown; put the release number (X.Y.Z) in "
+                                 "opt/kata/VERSION*"])
+
+
+def test_suite_uses_kata_advisories_feed(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    feed = tmp_path / "mine.json"
+    feed.write_text(json.dumps([record(id="GHSA-2222-3333-4444", affected=[{"versions": ["4.1.0"]}])]))
+    tree = make_kata_tree(tmp_path / "t", "4.1.0")
+    result, verdict = run_suite(pytester, tree, "--kata-advisories", str(feed))
+    assert result.ret == 1
+    assert [(r["id"], r["status"]) for r in verdict["results"]] == [("GHSA-2222-3333-4444", "fail")]
+    feed.write_text("{oops")
+    result, _ = run_suite(pytester, tree, "--kata-advisories", str(feed))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"ERROR: --kata-advisories: {feed}: malformed JSON*"])
+    assert "Traceback" not in result.stderr.str()

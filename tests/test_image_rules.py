@@ -1,0 +1,243 @@
+"""Image facts and the KATA-IMG rules: a baseline-like guest (systemd, bash, apt, sshd, setuid, writable root)
+fails for concrete reasons, a minimal hardened one passes; every rule's own bad/good data is caught/accepted.
+The trees are real files in real ext4 images read back with debugfs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from pytest_kata.images.common import make_ext4_disk, make_initrd
+from pytest_kata.images.facts import image_facts
+from pytest_kata.images.read import open_image
+from pytest_kata.images.surface import measure, over_budget, table
+from pytest_kata.rules import Facts, evaluate, load_rules
+
+CAP_NET_RAW_EP = bytes.fromhex("0100000200200000000000000000000000000000")
+HARDENING_SYSCTLS = """kernel.kptr_restrict = 2
+kernel.dmesg_restrict = 1
+kernel.unprivileged_bpf_disabled = 1
+net.core.bpf_jit_harden = 2
+kernel.yama.ptrace_scope = 2
+kernel.kexec_load_disabled = 1
+fs.protected_symlinks = 1
+fs.protected_hardlinks = 1
+fs.protected_fifos = 2
+fs.protected_regular = 2
+fs.suid_dumpable = 0
+kernel.randomize_va_space = 2
+"""
+
+
+def _exe(root: Path, rel: str, src: str = "/bin/true", mode: int = 0o755) -> None:
+    dst = root / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst)
+    os.chmod(dst, mode)
+
+
+def _base_layout(root: Path) -> None:
+    for d in ("usr/bin", "usr/sbin", "usr/lib", "etc/systemd/system", "var/lib/dpkg", "tmp"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    os.chmod(root / "tmp", 0o1777)
+    for link, target in (("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib")):
+        os.symlink(target, root / link)
+    (root / "etc/os-release").write_text('ID=debian\nVERSION_ID="12"\nVERSION_CODENAME=bookworm\n')
+    (root / "var/lib/dpkg/status").write_text("")
+
+
+def baseline_tree(root: Path) -> Path:
+    """What many users run: a Debian guest with systemd, bash, apt, sshd, setuid tools, getty."""
+    _base_layout(root)
+    _exe(root, "usr/lib/systemd/systemd")
+    _exe(root, "usr/lib/systemd/systemd-sysctl")
+    os.symlink("/lib/systemd/systemd", root / "usr/sbin/init")
+    for tool in ("bash", "dash", "apt", "dpkg", "gdb", "curl"):
+        _exe(root, f"usr/bin/{tool}", f"/bin/{tool}" if tool in ("bash", "dash") else "/bin/true")
+    _exe(root, "usr/bin/busybox", "/bin/busybox")  # Debian guests often carry it too (initramfs-tools)
+    os.symlink("dash", root / "usr/bin/sh")
+    _exe(root, "usr/sbin/sshd")
+    _exe(root, "usr/bin/su", mode=0o4755)
+    _exe(root, "usr/bin/ping")
+    os.setxattr(root / "usr/bin/ping", "security.capability", CAP_NET_RAW_EP)
+    _exe(root, "usr/bin/kata-agent")
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True)
+    for unit in ("kata-agent.service", "ssh.service", "cron.service"):
+        os.symlink(f"/lib/systemd/system/{unit}", wants / unit)
+    (root / "etc/systemd/system/getty.target.wants").mkdir()
+    os.symlink("/lib/systemd/system/getty@.service", root / "etc/systemd/system/getty.target.wants/getty@tty1.service")
+    (root / "etc/fstab").write_text("UUID=abc / ext4 defaults,errors=remount-ro 0 1\n")
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\ntoor:x:0:0::/root:/bin/sh\n")
+    (root / "etc/shadow").write_text("root::19000:0:99999:7:::\ntoor:*:19000:0:99999:7:::\n")
+    (root / "etc/kata-hooks").mkdir()
+    os.chmod(root / "etc/kata-hooks", 0o777)
+    return root
+
+
+def minimal_tree(root: Path) -> Path:
+    """The hardened shape: agent as init (it applies the sysctls), busybox sh only, nothing else."""
+    _base_layout(root)
+    _exe(root, "usr/bin/busybox", "/bin/busybox")
+    os.symlink("busybox", root / "usr/bin/sh")
+    agent = root / "usr/bin/kata-agent"
+    agent.write_text("#!/bin/sh\n# placeholder agent\nsysctl -q -p /etc/sysctl.d/90-kata-hardening.conf\n"
+                     "exec /bin/sh\n")
+    os.chmod(agent, 0o755)
+    os.symlink("/usr/bin/kata-agent", root / "usr/sbin/init")
+    (root / "etc/sysctl.d").mkdir()
+    (root / "etc/sysctl.d/90-kata-hardening.conf").write_text(HARDENING_SYSCTLS)
+    (root / "etc/passwd").write_text("root:x:0:0:root:/root:/sbin/nologin\n")
+    (root / "etc/shadow").write_text("root:!:19000:0:99999:7:::\n")
+    return root
+
+
+CMDLINE = "rootflags=data=ordered,errors=remount-ro ro rootfstype=ext4 console=hvc0"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("img")
+    out = {}
+    for name, build in (("baseline", baseline_tree), ("minimal", minimal_tree)):
+        tree = build(base / name)
+        make_ext4_disk(tree, base / f"{name}.img")
+        out[name] = base / f"{name}.img"
+    return out
+
+
+def judge_all(path: Path, cmdline: str | None = CMDLINE, context: dict[str, Any] | None = None) -> dict[str, Any]:
+    with open_image(path) as root:
+        facts = image_facts(root, cmdline=cmdline)
+        ctx = {"image_kind": root.kind, "confidential": False, **(context or {})}
+    return {rule.id: evaluate(rule, facts, ctx) for rule in load_rules("image")}
+
+
+def test_baseline_fails_for_concrete_reasons(images: dict[str, Path]) -> None:
+    outcomes = judge_all(images["baseline"])
+    failed = {rid for rid, o in outcomes.items() if o.status == "fail"}
+    expected_failures = {
+        "KATA-IMG-001": "/usr/bin/su", "KATA-IMG-002": "cap_net_raw", "KATA-IMG-003": "/etc/kata-hooks",
+        "KATA-IMG-004": "toor", "KATA-IMG-005": "root", "KATA-IMG-006": "3", "KATA-IMG-007": "/usr/bin/apt",
+        "KATA-IMG-008": "/usr/sbin/sshd", "KATA-IMG-009": "/usr/bin/gdb", "KATA-IMG-010": "ssh.service",
+        "KATA-IMG-011": "systemd", "KATA-IMG-012": "False", "KATA-IMG-016": "not set",
+    }
+    for rid, evidence in expected_failures.items():
+        assert rid in failed, f"{rid} should fail on the baseline: {outcomes[rid]}"
+        assert evidence in str(outcomes[rid].actual) + outcomes[rid].message, (rid, outcomes[rid])
+    assert outcomes["KATA-IMG-013"].status == "notapplicable"  # not confidential
+    assert outcomes["KATA-IMG-026"].status == "pass"
+
+
+def test_minimal_passes_every_rule(images: dict[str, Path]) -> None:
+    outcomes = judge_all(images["minimal"])
+    bad = {rid: o.message for rid, o in outcomes.items() if o.status not in ("pass", "notapplicable")}
+    assert not bad
+    assert outcomes["KATA-IMG-013"].status == "notapplicable"
+
+
+def test_facts_tell_what_runs(images: dict[str, Path]) -> None:
+    with open_image(images["baseline"]) as root:
+        f = image_facts(root, cmdline=CMDLINE)
+    assert f["init.kind"] == "systemd"
+    assert f["sysctl.applied_by"] == "systemd-sysctl"
+    assert "systemd-remount-fs" in f["root.readonly_reason"]
+    assert set(f["services.enabled"]) == {"kata-agent.service", "ssh.service", "cron.service", "getty@tty1.service"}
+    with open_image(images["minimal"]) as root:
+        f = image_facts(root, cmdline=CMDLINE + " agent.debug_console mitigations=off")
+    assert f["init.kind"] == "kata-agent" and f["sysctl.kernel.kptr_restrict"] == 2
+    assert f["cmdline.debug"] == ["agent.debug_console"] and f["cmdline.weakeners"] == ["mitigations=off"]
+    assert f["root.readonly"] is True and "command line" in f["root.readonly_reason"]
+
+
+def test_sysctl_files_nobody_applies_do_not_count(tmp_path: Path) -> None:
+    """Agent-as-init guests apply no sysctl.d: a file there alone must not pass the sysctl rules."""
+    tree = minimal_tree(tmp_path / "t")
+    (tree / "usr/bin/kata-agent").write_text("#!/bin/sh\nexec /bin/sh\n")
+    with open_image(tree) as root:
+        f = image_facts(root)
+    assert "sysctl.kernel.kptr_restrict" not in f and f["sysctl.unapplied"]
+    assert any("nothing in the guest applies" in n for n in f.notes)
+    rule = next(r for r in load_rules("image") if r.id == "KATA-IMG-016")
+    assert evaluate(rule, f, {}).status == "fail"
+    with open_image(tree) as root:  # the kernel applies sysctl.* parameters itself
+        f = image_facts(root, cmdline="ro sysctl.kernel.kptr_restrict=2")
+    assert evaluate(rule, f, {}).status == "pass"
+
+
+def test_cmdline_rw_and_debug_console(images: dict[str, Path]) -> None:
+    outcomes = judge_all(images["minimal"], cmdline="rw agent.debug_console")
+    assert outcomes["KATA-IMG-012"].status == "fail"
+    assert outcomes["KATA-IMG-015"].status == "fail"
+    assert judge_all(images["minimal"], cmdline=None)["KATA-IMG-015"].status == "notapplicable"
+
+
+def test_dm_verity_rule_applies_to_confidential(images: dict[str, Path]) -> None:
+    assert judge_all(images["minimal"], context={"confidential": True})["KATA-IMG-013"].status == "fail"
+    with open_image(images["minimal"]) as root:
+        f = image_facts(root, cmdline=CMDLINE, verity_params="root_hash=ab,salt=cd")
+    rule = next(r for r in load_rules("image") if r.id == "KATA-IMG-013")
+    assert evaluate(rule, f, {"confidential": True, "image_kind": "ext4"}).status == "pass"
+
+
+def test_initrd_root_rule_not_applicable(tmp_path: Path) -> None:
+    tree = minimal_tree(tmp_path / "t")
+    os.symlink("/usr/bin/kata-agent", tree / "init")
+    make_initrd(tree, tmp_path / "i.gz")
+    outcomes = judge_all(tmp_path / "i.gz", cmdline="")
+    assert outcomes["KATA-IMG-012"].status == "notapplicable"
+    assert outcomes["KATA-IMG-011"].status == "pass"
+
+
+@pytest.mark.parametrize("rule", load_rules("image"), ids=lambda r: r.id)
+def test_rule_mutation_data(rule: Any) -> None:
+    """Each rule carries bad/good fact sets: the bad one must fail, the good one pass (rules can fail)."""
+    assert rule.test.get("bad") and rule.test.get("good"), f"{rule.id} lacks [rule.test] bad/good"
+    ctx = {"image_kind": "ext4", "confidential": True}
+    assert evaluate(rule, Facts(dict(rule.test["bad"])), ctx).status == "fail"
+    assert evaluate(rule, Facts(dict(rule.test["good"])), ctx).status == "pass"
+
+
+def test_surface_table_and_budget(images: dict[str, Path]) -> None:
+    base, mini = measure(images["baseline"], "baseline"), measure(images["minimal"], "minimal")
+    text = table(base, mini)
+    assert "setuid/setgid files" in text and "enabled services" in text
+    assert base.metrics["setuid"] == 1 and mini.metrics["setuid"] == 0
+    assert base.metrics["services"] == 4 and mini.metrics["services"] == 0
+    assert over_budget(base, mini, 10.0) == []  # shrinking is fine
+    grown = over_budget(mini, base, 10.0)  # the other way round: many metrics over budget
+    assert any(line.startswith("setuid/setgid files: 0 -> 1 (from 0") for line in grown)
+    assert any(line.startswith("executables:") for line in grown)
+
+
+def test_suite_picks_configured_image(images: dict[str, Path], tmp_path: Path) -> None:
+    """The suite judges the image the shim's configuration boots, with the cmdline Kata would build."""
+    import importlib.util
+
+    from pytest_kata.resources import suites_dir
+
+    spec = importlib.util.spec_from_file_location("tgi", suites_dir() / "hardening" / "test_guest_image.py")
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules["tgi"] = mod
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    root = tmp_path / "opt-kata"
+    (root / "share/kata-containers").mkdir(parents=True)
+    shutil.copy(images["baseline"], root / "share/kata-containers/kata-baseline.img")
+    shutil.copy(images["minimal"], root / "share/kata-containers/kata-minimal.img")
+    config = SimpleNamespace(confidential=False, get=lambda key, default=None: {
+        "hypervisor.*.image": "/opt/kata/share/kata-containers/kata-minimal.img",
+        "hypervisor.*.kernel_params": "agent.log=debug", "agent.kata.debug_console_enabled": True,
+    }.get(key, default))
+    bundle = SimpleNamespace(path=lambda rel: root / rel, shim=lambda name=None: SimpleNamespace(config=config),
+                             images=["share/kata-containers/kata-baseline.img",
+                                     "share/kata-containers/kata-minimal.img"], initrds=[])
+    chosen = mod.candidate_images(bundle, SimpleNamespace(shim=None))
+    assert [c.rel for c in chosen] == ["share/kata-containers/kata-minimal.img"]
+    assert chosen[0].facts["cmdline.debug"] == ["agent.log=debug", "agent.debug_console",
+                                                "agent.debug_console_vport=1026"]
