@@ -54,7 +54,7 @@ PREFIX = "opt/kata"
 MEMBER_LIMIT = 4 << 30  # the largest real member is a guest image (~300 MiB); 4 GiB leaves room
 TOTAL_LIMIT = 32 << 30
 COUNT_LIMIT = 200_000  # a kata-static release holds a few thousand paths; millions of inodes is an attack
-INVENTORY_FORMAT = 1
+INVENTORY_FORMAT = 2
 CHUNK = 1 << 20
 DEFAULTS_DIR = "share/defaults/kata-containers"
 SHIM_GO = "bin/containerd-shim-kata-v2"
@@ -86,6 +86,8 @@ class FileEntry:
     mode: int  # permission bits as shipped, setuid/setgid/sticky included (the on-disk copy drops them)
     sha256: str | None = None
     target: str | None = None  # symlink target exactly as shipped
+    uid: int = 0  # owner as shipped: `tar -C /` as root keeps it, so a non-root owner can rewrite the file
+    gid: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -273,7 +275,7 @@ class _Store:
 
     def prepare(self) -> None:
         (self.base / "index").mkdir(parents=True, exist_ok=True)
-        self._sweep_tmp()
+        self._sweep()
 
     def entry(self, key: str) -> Path:
         return self.base / key
@@ -317,7 +319,8 @@ class _Store:
                 raise
         return final
 
-    def _sweep_tmp(self) -> None:
+    def _sweep(self) -> None:
+        """Drop what a killed process left half-written, and records of trees and files that are gone."""
         for tmp in self.base.glob(".tmp-*"):
             try:
                 pid = int(tmp.name.split("-")[1])
@@ -325,6 +328,14 @@ class _Store:
                 continue
             if pid != os.getpid() and not Path(f"/proc/{pid}").exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+        for entry in self.base.glob("dir-*"):
+            root = (self.read_inventory(entry.name) or {}).get("root")
+            if not root or not Path(root).is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+        for record in (self.base / "index").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                if not Path(json.loads(record.read_text())["path"]).exists():
+                    record.unlink()
 
     # -- stat index: a file whose (dev, ino, size, mtime, ctime) has not changed has the same sha256;
     # ctime cannot be set from user space, so a rewrite is always noticed.
@@ -669,12 +680,13 @@ class _Unpacker:
         if member.isdir():
             if previous is None:
                 dest.mkdir(mode=0o755)
-            self.files[rel] = FileEntry(rel, "dir", 0, mode)
+            self.files[rel] = FileEntry(rel, "dir", 0, mode, uid=member.uid, gid=member.gid)
         elif member.issym():
             on_disk = self.link_on_disk(rel, member)
             self.second_opinion(member.replace(linkname=on_disk, deep=False))
             os.symlink(on_disk, dest)
-            self.files[rel] = FileEntry(rel, "symlink", 0, mode or 0o777, None, member.linkname)
+            self.files[rel] = FileEntry(rel, "symlink", 0, mode or 0o777, None, member.linkname,
+                                        member.uid, member.gid)
         elif member.islnk():
             self.hardlink(rel, member, dest)
         else:
@@ -710,7 +722,8 @@ class _Unpacker:
                               f"unpacked before it")
         self.second_opinion(member)
         os.link(self.tree / target, dest, follow_symlinks=False)
-        self.files[rel] = FileEntry(rel, "file", source_entry.size, member.mode & 0o7777, source_entry.sha256)
+        self.files[rel] = FileEntry(rel, "file", source_entry.size, member.mode & 0o7777, source_entry.sha256,
+                                    None, member.uid, member.gid)
 
     def second_opinion(self, member: tarfile.TarInfo) -> None:
         try:
@@ -733,7 +746,7 @@ class _Unpacker:
             os.fchmod(out.fileno(), 0o755 if mode & 0o111 else 0o644)
         if written != member.size:
             raise tarfile.ReadError("unexpected end of data")
-        self.files[rel] = FileEntry(rel, "file", written, mode, digest.hexdigest())
+        self.files[rel] = FileEntry(rel, "file", written, mode, digest.hexdigest(), None, member.uid, member.gid)
 
 
 def _link_destination(link_rel: str, target: str) -> str | None:
@@ -864,15 +877,17 @@ def _open_directory(source: Path, store: _Store, run_binaries: bool) -> _Part:
             mode = stat.S_IMODE(st.st_mode)
             full = root / rel
             if stat.S_ISDIR(st.st_mode):
-                files[rel] = FileEntry(rel, "dir", 0, mode)
+                files[rel] = FileEntry(rel, "dir", 0, mode, uid=st.st_uid, gid=st.st_gid)
             elif stat.S_ISLNK(st.st_mode):
-                files[rel] = FileEntry(rel, "symlink", 0, mode, None, os.readlink(full))
+                files[rel] = FileEntry(rel, "symlink", 0, mode, None, os.readlink(full), st.st_uid, st.st_gid)
             else:
-                files[rel] = FileEntry(rel, "file", st.st_size, mode, _sha256_file(full))
+                files[rel] = FileEntry(rel, "file", st.st_size, mode, _sha256_file(full), None, st.st_uid,
+                                       st.st_gid)
     manifest = hashlib.sha256()
     for rel in sorted(files):
         e = files[rel]
-        manifest.update(f"{rel}\0{e.kind}\0{e.mode:o}\0{e.sha256 or ''}\0{e.target or ''}\n".encode())
+        manifest.update(f"{rel}\0{e.kind}\0{e.mode:o}\0{e.uid}:{e.gid}\0{e.sha256 or ''}\0{e.target or ''}\n"
+                        .encode())
     part = _Part(str(source), root, files, manifest.hexdigest(), {}, {}, [], {})
     _check_links(part)
     _collect_evidence(part, run_binaries)
@@ -1205,9 +1220,23 @@ def _layouts(files: dict[str, FileEntry]) -> set[str]:
     return layouts
 
 
+def _permission_notes(files: dict[str, FileEntry]) -> list[str]:
+    """What an installer running as root would carry over and a reviewer should see at once."""
+    notes = []
+    checks = (("not owned by root:root", lambda e: e.uid != 0 or e.gid != 0),
+              ("setuid/setgid", lambda e: e.kind == "file" and e.mode & 0o6000),
+              ("group/world-writable", lambda e: e.kind != "symlink" and e.mode & 0o022))
+    for what, test in checks:
+        hits = sorted(rel for rel, e in files.items() if test(e))
+        if hits:
+            more = f" and {len(hits) - 3} more" if len(hits) > 3 else ""
+            notes.append(f"{len(hits)} path(s) {what}: {', '.join(hits[:3])}{more}")
+    return notes
+
+
 def _build_bundle(sources: list[Path], part: _Part) -> Bundle:
     files = part.files
-    notes = list(part.notes)
+    notes = list(part.notes) + _permission_notes(files)
     evidence = dict(part.evidence)
     evidence.update(_filename_evidence(sources))
     layouts = _layouts(files)

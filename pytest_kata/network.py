@@ -39,12 +39,13 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pytest_kata import runid
 from pytest_kata.errors import KataError
 from pytest_kata.progress import step
 
-SUBNET_POOL = ipaddress.ip_network("10.213.0.0/16")
+SUBNET_POOL = ipaddress.IPv4Network("10.213.0.0/16")
 PREFIXLEN = 24
 LINK_RE = re.compile(r"^k([0-9a-f]{8})(\d{1,6})$")
 NETNS_DIR = Path("/run/netns")
@@ -103,10 +104,10 @@ def registry(run_id: str) -> dict:
 
 def _registered_subnets() -> set[ipaddress.IPv4Network]:
     """Subnets recorded by any run whose state still exists (dead runs' ones stay taken until swept)."""
-    taken = set()
+    taken: set[ipaddress.IPv4Network] = set()
     for path in runid.state_dir().glob("kt-*/network.json"):
         with contextlib.suppress(OSError, ValueError):
-            taken |= {ipaddress.ip_network(cidr) for cidr in json.loads(path.read_text()).get("subnets", {})}
+            taken |= {ipaddress.IPv4Network(cidr) for cidr in json.loads(path.read_text()).get("subnets", {})}
     return taken
 
 
@@ -114,16 +115,16 @@ def _machine_networks() -> list[ipaddress.IPv4Network]:
     """Every IPv4 address and route of the root netns, except default routes: ranges we must not shadow."""
     from pyroute2 import IPRoute
 
-    nets = []
+    nets: list[ipaddress.IPv4Network] = []
     with IPRoute() as ipr:
         for addr in ipr.get_addr(family=2):
             with contextlib.suppress(ValueError, TypeError):
-                nets.append(ipaddress.ip_interface(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}").network)
+                nets.append(ipaddress.IPv4Interface(f"{addr.get_attr('IFA_ADDRESS')}/{addr['prefixlen']}").network)
         for route in ipr.get_routes(family=2, table=0):
             dst, length = route.get_attr("RTA_DST"), route["dst_len"]
             if dst and length:
                 with contextlib.suppress(ValueError):
-                    nets.append(ipaddress.ip_network(f"{dst}/{length}", strict=False))
+                    nets.append(ipaddress.IPv4Network(f"{dst}/{length}", strict=False))
     return nets
 
 
@@ -147,7 +148,7 @@ def choose_subnet(seed: str, *, taken: set[ipaddress.IPv4Network] | None = None,
 # Low-level helpers (pyroute2)
 
 
-def _ipr():  # type: ignore[no-untyped-def]  # pyroute2 types are dynamic
+def _ipr() -> Any:  # pyroute2's IPRoute (its types are dynamic)
     from pyroute2 import IPRoute
 
     return IPRoute()
@@ -233,7 +234,8 @@ class Peer:
     def ping(self, ip: str, *, count: int = 1, timeout: float = 2.0) -> bool:
         """Whether ``ip`` answers ICMP echo from this peer."""
         wait = str(max(1, round(timeout)))
-        return self.run(["ping", "-n", "-q", "-c", str(count), "-W", wait, ip], timeout=timeout * count + 10).returncode == 0
+        proc = self.run(["ping", "-n", "-q", "-c", str(count), "-W", wait, ip], timeout=timeout * count + 10)
+        return proc.returncode == 0
 
 
 @dataclass
@@ -321,8 +323,8 @@ class TestNetwork:
             inside.link("set", index=inside.link_lookup(ifname="lo")[0], state="up")
         return peer
 
-    def remove_peer(self, peer: Peer | str) -> None:
-        peer = self.peers.pop(peer if isinstance(peer, str) else peer.name, None)  # type: ignore[assignment]
+    def remove_peer(self, which: Peer | str) -> None:
+        peer = self.peers.pop(which if isinstance(which, str) else which.name, None)
         if peer is None:
             return
         delete_netns(peer.netns)  # takes both veth ends with it

@@ -7,17 +7,16 @@ resolved values from :class:`KataSettings`; it never sees pytest.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pytest_kata.errors import ConfigError
 
-if sys.version_info >= (3, 11):
+try:
     import tomllib as _toml
-else:  # pragma: no cover
-    import tomli as _toml
+except ModuleNotFoundError:  # pragma: no cover - Python < 3.11 is not supported, tomli is its twin
+    import tomli as _toml  # type: ignore[no-redef]
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 OptType = Literal["path", "paths", "str", "int", "float", "bool", "choice"]
@@ -69,6 +68,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("accel", "choice", "VM acceleration: auto detects whether KVM really works here", "auto",
            choices=("auto", "kvm", "tcg")),
     Option("boot_timeout", "float", "seconds a host may take to reach its prompt", 240.0, metavar="SECONDS"),
+    Option("host_panic", "choice", "what a kernel panic/oops/BUG/call trace in a host's console or journal during a "
+           "test does", "fail", choices=("fail", "warn", "ignore")),
     Option("ssh_hosts", "str", "comma-separated user@host for --kata-host-provider ssh", metavar="LIST"),
     # sandboxes (issue 5)
     Option("runtime", "str", "runtime handler for workload tests: kata-<shim> (candidate), runc or runsc (controls)",
@@ -91,7 +92,7 @@ class KataSettings:
 
     values: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
-    rootdir: Path = Path.cwd()
+    rootdir: Path = field(default_factory=Path.cwd)
 
     def __getattr__(self, name: str) -> Any:
         try:

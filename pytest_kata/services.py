@@ -25,8 +25,8 @@ import hashlib
 import io
 import json
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import tarfile
 import time
@@ -377,6 +377,8 @@ class Containerd:
             self.ctr("tasks", "delete", task, check=False, timeout=30)
         stop_process(self.record, timeout=timeout)
         kill_processes_mentioning(str(self.socket))
+        if runid.run_id_of(self.namespace):
+            kill_cgroup_processes(self.namespace)
         unmount_under(self.workdir)
         remove_cgroups(self.namespace)
         remove_runc_state(self.namespace)
@@ -553,6 +555,47 @@ def process_cmdlines() -> Iterator[tuple[int, list[str]]]:
             yield int(entry.name), raw.rstrip(b"\0").decode(errors="replace").split("\0")
 
 
+def shim_files(pid: int) -> list[Path]:
+    """The socket (``/run/containerd/s/<hash>``) and fifo dirs (``/run/containerd/fifo/<n>``) a containerd
+    shim holds open: a SIGKILLed shim leaves them behind, and their names do not carry the run id."""
+    base = RUNC_STATE_ROOT.parent
+    inodes: set[str] = set()
+    files: set[Path] = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    with contextlib.suppress(OSError):
+        for fd in fd_dir.iterdir():
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+                elif target.startswith(f"{base}/fifo/"):
+                    files.add(Path(target).parent)
+    if inodes:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) >= 8 and fields[6] in inodes and fields[7].startswith(f"{base}/s/"):
+                    files.add(Path(fields[7]))
+    return sorted(files)
+
+
+def kill_with_files(pid: int) -> None:
+    """SIGKILL a process, wait for it, then remove the containerd files it held (see :func:`shim_files`)."""
+    files = shim_files(pid)
+    _signal(pid, signal.SIGKILL)
+    _reap(pid)
+    deadline = time.monotonic() + 5
+    while process_starttime(pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        _reap(pid)
+    for path in files:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def kill_processes_mentioning(text: str, *, programs: Sequence[str] = ("containerd-shim",),
                               dry_run: bool = False) -> list[str]:
     """SIGKILL processes of the given programs whose command line contains ``text`` (e.g. a run's socket)."""
@@ -564,8 +607,7 @@ def kill_processes_mentioning(text: str, *, programs: Sequence[str] = ("containe
         if any(prog.startswith(p) for p in programs) and any(text in arg for arg in argv):
             killed.append(f"process {pid} {prog}")
             if not dry_run:
-                _signal(pid, signal.SIGKILL)
-                _reap(pid)
+                kill_with_files(pid)
     return killed
 
 
@@ -601,14 +643,33 @@ def unmount_under(directory: str | Path, *, dry_run: bool = False) -> list[str]:
     return done
 
 
+def _cgroups_named(name: str) -> list[Path]:
+    root = Path("/sys/fs/cgroup")
+    return [g for g in (root / name, *root.glob(f"*/{name}")) if g.is_dir()]
+
+
+def kill_cgroup_processes(name: str, *, dry_run: bool = False) -> list[str]:
+    """SIGKILL every process in the cgroups ``/sys/fs/cgroup/*/<name>/...``: a container outlives a killed
+    shim, but not its cgroup's clean-up."""
+    pids: set[int] = set()
+    for group in _cgroups_named(name):
+        for procs in group.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError, ValueError):
+                pids |= {int(p) for p in procs.read_text().split()}
+    pids.discard(os.getpid())
+    if not dry_run:
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while any(process_starttime(p) is not None for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return [f"process {pid} (cgroup {name})" for pid in sorted(pids)]
+
+
 def remove_cgroups(name: str, *, dry_run: bool = False) -> list[str]:
     """Remove the (empty) cgroups ``/sys/fs/cgroup/*/<name>`` that containerd made for a run's namespace."""
     removed = []
-    root = Path("/sys/fs/cgroup")
-    candidates = [root / name, *root.glob(f"*/{name}")]
-    for group in candidates:
-        if not group.is_dir():
-            continue
+    for group in _cgroups_named(name):
         for sub in sorted((p for p in group.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
             if not dry_run:
                 with contextlib.suppress(OSError):
@@ -642,8 +703,8 @@ def prune_containerd_run_dirs() -> None:
     They are created whatever the private config says; leaving them would be a trace of the run. A system
     containerd keeps its socket there, so the directory is never empty (nor touched) while one runs.
     """
-    for _pid, argv in process_cmdlines():
-        if argv and os.path.basename(argv[0]).startswith("containerd"):
+    for pid, argv in process_cmdlines():
+        if argv and os.path.basename(argv[0]).startswith("containerd") and process_starttime(pid) is not None:
             return
     for d in (RUNC_STATE_ROOT, RUNC_STATE_ROOT.parent / "s", RUNC_STATE_ROOT.parent / "fifo", RUNC_STATE_ROOT.parent):
         with contextlib.suppress(OSError):

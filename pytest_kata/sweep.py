@@ -14,7 +14,8 @@ What is found, per run id, and how it is removed (in this order):
    libvirtd still used by another live run is handed over to that run instead;
 4. mounts whose mount point carries it (lazy unmount, deepest first);
 5. network namespaces named with it, and root-netns links ``k<8hex><n>`` (see :mod:`pytest_kata.network`);
-6. containerd's cgroups and runc state for a namespace named after it;
+6. containerd's cgroups for a namespace named after it (their processes are killed first: a container
+   outlives a killed shim) and its runc state;
 7. libvirt's per-domain logs ``/var/log/libvirt/qemu/<name>.log`` of the run's domains, the run's scratch
    directory ``cache_dir()/runs/<run-id>/`` (overlays, volumes, containerd roots: every
    run keeps its scratch files there) and its state ``<state>/<run-id>/`` and ``<run-id>.pid``.
@@ -25,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -88,6 +88,19 @@ def sweep(dead_only: bool = True, run_id: str | None = None, *, dry_run: bool = 
             with contextlib.suppress(Exception):
                 conn.close()
     return report
+
+
+def leftovers(run_id: str | None = None, *, dead_only: bool = True) -> list[str]:
+    """What a sweep would remove now (``"<run-id>: <what>"`` lines), removing nothing: the no-leftovers check."""
+    quiet = os.environ.get("PYTEST_KATA_QUIET")
+    os.environ["PYTEST_KATA_QUIET"] = "1"
+    try:
+        return sweep(dead_only=dead_only, run_id=run_id, dry_run=True).removed
+    finally:
+        if quiet is None:
+            os.environ.pop("PYTEST_KATA_QUIET", None)
+        else:
+            os.environ["PYTEST_KATA_QUIET"] = quiet
 
 
 def clean_run(run_id: str, *, dry_run: bool = False) -> SweepReport:
@@ -193,14 +206,13 @@ def _clean_run(rid: str, conn: Any, report: SweepReport) -> None:
         live_libvirt_users = _clean_libvirt(rid, conn, report)
     for pid, argv in _run_processes():
         if rid in _ids_in(" ".join(argv)):
-            what = f"process {pid} {os.path.basename(argv[0])}"
             if not dry:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                with contextlib.suppress(ChildProcessError, OSError):
-                    os.waitpid(pid, os.WNOHANG)
-            report.add(rid, what)
+                services.kill_with_files(pid)
+            report.add(rid, f"process {pid} {os.path.basename(argv[0])}")
     _stop_daemons(rid, report, live_libvirt_users)
+    with contextlib.suppress(Exception):
+        for item in services.kill_cgroup_processes(rid, dry_run=dry):
+            report.add(rid, item)
     for point in sorted({m for m in services.mountpoints() if rid in m and not m.startswith("/run/netns/")},
                         key=len, reverse=True):
         try:

@@ -514,10 +514,10 @@ def test_cli_inspect_prints_the_inventory(tmp_path: Path, cache: Path, configs: 
     tarball = pack(tmp_path / "src", tmp_path / "kata-static-3.3.0-amd64.tar.zst", "zst")
     assert main(["inspect", str(tarball), "--files"]) == 0
     out, err = capsys.readouterr()
-    assert "version       3.2.0" in out and sha(tarball) in out
+    assert "version        3.2.0" in out and sha(tarball) in out
     assert "*qemu-runtime-rs" in out and "configuration-qemu-runtime-rs.toml" in out
     assert f"{KDIR}/vmlinux.container -> vmlinux-6.1.0-202" in out
-    assert "bin/qemu-system-x86_64" in out and "files         " in out
+    assert "bin/qemu-system-x86_64" in out and "files          " in out
     assert "warning: version sources disagree" in err  # VERSION 3.2.0 vs the 3.3.0 file name
     assert main(["inspect", str(tarball), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -583,3 +583,20 @@ def test_plugin_opens_the_candidate_and_the_verdict_identifies_it(pytester: pyte
     result.assert_outcomes(passed=1)
     candidate = json.loads(report.read_text())["candidate"]
     assert candidate == {"path": str(tarball), "version": "3.2.0", "sha256": sha(tarball)}
+
+
+def test_ownership_and_risky_modes_are_inventoried(tmp_path: Path, cache: Path, configs: Path) -> None:
+    """`tar -C /` as root keeps owners and setuid bits: the inventory records and flags them."""
+    suid = info("./opt/kata/bin/helper", mode=0o4755)
+    foreign = info("./opt/kata/bin/kata-ctl", mode=0o755)
+    foreign.uid = foreign.gid = 1000
+    writable = info("./opt/kata/share/open", mode=0o666)
+    b = open_bundle(evil_tar(tmp_path / "k.tar.zst", [(suid, b"x"), (foreign, b"y"), (writable, b"z")]),
+                    cache=cache)
+    assert b.files["bin/helper"].mode == 0o4755 and not (b.root / "bin/helper").stat().st_mode & 0o4000
+    assert (b.files["bin/kata-ctl"].uid, b.files["bin/kata-ctl"].gid) == (1000, 1000)
+    assert "1 path(s) not owned by root:root: bin/kata-ctl" in b.notes
+    assert "1 path(s) setuid/setgid: bin/helper" in b.notes
+    assert "1 path(s) group/world-writable: share/open" in b.notes
+    clean = open_bundle(make_tree(tmp_path / "src", configs), cache=cache)
+    assert not [n for n in clean.notes if "path(s)" in n]

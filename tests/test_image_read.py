@@ -163,7 +163,7 @@ def test_apk_installed() -> None:
 def test_rpm_db_is_reported_unsupported(tmp_path: Path) -> None:
     (tmp_path / "var/lib/rpm").mkdir(parents=True)
     (tmp_path / "var/lib/rpm/rpmdb.sqlite").write_bytes(b"SQLite format 3\x00")
-    with pytest.raises(KataError, match="rpm database .* unsupported") as info:
+    with pytest.raises(KataError, match=r"rpm database .* unsupported") as info:
         read_packages(open_image(tmp_path))
     assert "\n" not in str(info.value)
 
@@ -204,7 +204,7 @@ def test_unknown_and_truncated_inputs(tree: Path, tmp_path: Path) -> None:
     make_initrd(tree, initrd)
     truncated = tmp_path / "truncated.gz"
     truncated.write_bytes(initrd.read_bytes()[:2000])
-    with pytest.raises(ImageError, match="corrupt compressed initrd|truncated"):
+    with pytest.raises(ImageError, match=r"corrupt compressed initrd|truncated"):
         open_image(truncated).entries()
     bad_cpio = tmp_path / "bad.cpio.gz"
     bad_cpio.write_bytes(gzip.compress(b"070701" + b"zz" * 60))
@@ -214,5 +214,5 @@ def test_unknown_and_truncated_inputs(tree: Path, tmp_path: Path) -> None:
     make_ext4_disk(tree, disk)
     cut = tmp_path / "cut.img"
     cut.write_bytes(disk.read_bytes()[:1024 * 1024 + 512])  # partition table intact, filesystem gone
-    with pytest.raises(ImageError, match="none holds ext4|not a readable"):
+    with pytest.raises(ImageError, match=r"none holds ext4|not a readable"):
         open_image(cut).entries()

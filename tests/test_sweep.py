@@ -244,7 +244,7 @@ def test_libvirt_domain_of_a_dead_run_is_destroyed_and_undefined(kata_libvirtd: 
     xml = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>32</memory><vcpu>1</vcpu>
       <os><type arch='x86_64'>hvm</type></os><devices><memballoon model='none'/></devices></domain>"""
     doomed = conn.defineXML(xml.format(name=f"{rid}-h0"))
-    spared = conn.defineXML(xml.format(name=f"{other}-h0"))
+    conn.defineXML(xml.format(name=f"{other}-h0"))
     try:
         doomed.create()
         assert doomed.isActive()

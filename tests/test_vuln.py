@@ -218,17 +218,23 @@ def test_synthetic_alpine_secdb(tmp_path: Path) -> None:
 
 
 def test_synthetic_debsecan_binary_entries(tmp_path: Path) -> None:
+    """Binary (B) entries and the source-first lookup, checked against the real debsecan on the same files:
+    a binary entry is only seen when the source has no entry at all (debsecan's lookup order)."""
     import zlib
 
-    feed = tmp_path / "bookworm"
-    feed.write_bytes(zlib.compress(b"VERSION 1\nCVE-0000-0020,,x\nCVE-0000-0021,,y\n\n"
-                                   b"libfoo1,0,B ?F,1.1-1,\nfoo,1,S ?F,2.0-1,1.5-1+deb12u1\n\nfoo,libfoo1\n"))
-    fs = FeedSet.load([feed])
-    bookworm = Release("debian", "12", "bookworm")
-    found = match_packages([_pkg("libfoo1", "1.0-1", "foo")], fs, bookworm)
-    assert {f.id for f in found} == {"CVE-0000-0020", "CVE-0000-0021"}
-    patched = match_packages([InstalledPackage("libfoo1", "1.1-1", "foo", "1.5-1+deb12u1")], fs, bookworm)
-    assert patched == []  # binary fixed; source in "other versions"
+    feed_dir = tmp_path / "feed"
+    feed_dir.mkdir()
+    (feed_dir / "bookworm").write_bytes(zlib.compress(
+        b"VERSION 1\nCVE-0000-0020,,x\nCVE-0000-0021,,y\nCVE-0000-0022,,z\n\n"
+        b"libfoo1,0,B ?F,1.1-1,\nfoo,1,S ?F,2.0-1,1.5-1+deb12u1\nlibbar1,2,B ?F,1.1-1,\n\nfoo,libfoo1\n"))
+    status = tmp_path / "status"
+    status.write_text("Package: libfoo1\nStatus: install ok installed\nVersion: 1.0-1\nSource: foo\n\n"
+                      "Package: libbar1\nStatus: install ok installed\nVersion: 1.0-1\n\n"
+                      "Package: libbaz1\nStatus: install ok installed\nVersion: 1.0-1\nSource: foo (1.5-1+deb12u1)\n")
+    result = scan(status, [feed_dir / "bookworm"], suite="bookworm")
+    ours = {(f.id, f.package) for f in result.findings}
+    assert ours == {("CVE-0000-0021", "libfoo1"), ("CVE-0000-0022", "libbar1")}
+    assert ours == run_debsecan(status, feed_dir)
 
 
 # -- bad input: one line -------------------------------------------------------------------------------------

@@ -39,17 +39,17 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def render(bundle: Bundle, *, files: bool = False) -> str:
     """The human summary: the facts a reviewer checks first, then (optionally) every file."""
-    lines = [f"bundle        {bundle.label}", f"sha256        {bundle.sha256}",
-             f"root          {bundle.root}"]
+    lines = [f"bundle         {bundle.label}", f"sha256         {bundle.sha256}",
+             f"root           {bundle.root}"]
     evidence = "; ".join(f"{k}: {v}" for k, v in bundle.version_evidence.items()) or "no version evidence"
-    lines.append(f"version       {bundle.version or 'unknown'}  ({evidence})")
+    lines.append(f"version        {bundle.version or 'unknown'}  ({evidence})")
     for conflict in bundle.version_conflicts:
-        lines.append(f"  WARNING     {conflict}")
+        lines.append(f"  WARNING      {conflict}")
     if bundle.component_versions:
         shown = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in list(bundle.component_versions.items())[:12])
-        lines.append(f"components    {shown}")
-    lines.append(f"layouts       {', '.join(sorted(bundle.layouts)) or 'none recognised'}")
-    lines.append(f"shims         {len(bundle.shims)} (default: {bundle.default_shim or 'none'})")
+        lines.append(f"components     {shown}")
+    lines.append(f"layouts        {', '.join(sorted(bundle.layouts)) or 'none recognised'}")
+    lines.append(f"shims          {len(bundle.shims)} (default: {bundle.default_shim or 'none'})")
     for name, shim in bundle.shims.items():
         mark = "*" if name == bundle.default_shim else " "
         config = shim.config_path.relative_to(bundle.root)
@@ -60,21 +60,21 @@ def render(bundle: Bundle, *, files: bool = False) -> str:
     for title, items in (("kernels", bundle.kernels), ("kernel configs", bundle.kernel_configs),
                          ("images", bundle.images), ("initrds", bundle.initrds),
                          ("hypervisors", bundle.hypervisors)):
-        lines.append(f"{title:<13} {_describe(bundle, items) if items else '-'}")
+        lines.append(f"{title:<15}{_describe(bundle, items) if items else '-'}")
     if bundle.missing:
         lines.append("missing")
         lines.extend(f"  {component:<24} {reason}" for component, reason in sorted(bundle.missing.items()))
     for note in bundle.notes:
-        lines.append(f"note          {note}")
+        lines.append(f"note           {note}")
     count = sum(1 for e in bundle.files.values() if e.kind != "dir")
-    lines.append(f"files         {count} ({human_size(bundle.total_size)})")
+    lines.append(f"files          {count} ({human_size(bundle.total_size)})")
     if files:
         for rel in sorted(bundle.files):
             e = bundle.files[rel]
             if e.kind == "dir":
                 continue
             what = f"-> {e.target}" if e.kind == "symlink" else (e.sha256 or "")
-            lines.append(f"  {e.mode:04o} {e.size:>12} {rel}  {what}")
+            lines.append(f"  {e.mode:04o} {e.uid}:{e.gid} {e.size:>12} {rel}  {what}")
     return "\n".join(lines)
 
 
@@ -83,4 +83,4 @@ def _describe(bundle: Bundle, items: list[str]) -> str:
     for rel in items:
         entry = bundle.files[rel]
         out.append(f"{rel} -> {entry.target}" if entry.kind == "symlink" else rel)
-    return "\n              ".join(out)
+    return ("\n" + " " * 15).join(out)

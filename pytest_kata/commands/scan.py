@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "files (Debian tracker JSON, debsecan feed, OSV dir/zip, Alpine secdb, kernel "
                                    "CNA records), and ranks findings by what runs in a Kata guest.")
     p.add_argument("target", metavar="IMAGE_OR_ROOTFS_DIR",
-                   help="ext4 image, partitioned raw disk, erofs image, initrd, rootfs directory, or a dpkg status file")
+                   help="ext4 image, partitioned raw disk, erofs image, initrd, rootfs directory, "
+                        "or a dpkg status file")
     p.add_argument("--feed", action="append", required=True, metavar="FEED", help="feed file or directory (repeat)")
     p.add_argument("--sbom", metavar="FILE", help="write a CycloneDX 1.6 SBOM with the vulnerabilities to FILE")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",

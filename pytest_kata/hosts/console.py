@@ -122,7 +122,7 @@ class Console:
         if stream is not None:
             try:
                 stream.abort()
-            except Exception:  # noqa: BLE001 - the stream may already be dead (domain destroyed/reverted)
+            except Exception:
                 pass
 
     def close(self) -> None:

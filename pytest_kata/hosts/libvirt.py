@@ -235,8 +235,10 @@ class LibvirtHost:
     def _unreachable(self, seconds: float, why: str = "") -> HostError:
         tail = self.console.tail(12) if self.console else ""
         reason = f" ({why})" if why else ""
-        return HostError(f"host {self.name} unreachable after {seconds:.0f} s{reason}, last console lines: "
-                         f"{tail or '(nothing printed)'}", hint=f"full console log: {self.console_log_path}")
+        error = HostError(f"host {self.name} unreachable after {seconds:.0f} s{reason}, last console lines: "
+                          f"{tail or '(nothing printed)'}", hint=f"full console log: {self.console_log_path}")
+        error.console_log_path = self.console_log_path  # type: ignore[attr-defined]  # attached to the test
+        return error
 
     def close(self) -> None:
         """Destroy the domain, its snapshots, overlay and pool (unless kept for inspection). Idempotent."""
@@ -584,7 +586,7 @@ def close_all() -> None:
     for host in hosts:
         try:
             host.close()
-        except Exception:  # noqa: BLE001 - best effort at exit
+        except Exception:
             pass
 
 

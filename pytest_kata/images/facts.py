@@ -85,9 +85,14 @@ def image_facts(root: RootView, *, cmdline: str | None = None, verity_params: st
     _accounts(root, v)
     executables = _executables(root)
     _list_fact(v, "image.shells", sorted({executables[n] for n in SHELLS if n in executables}))
-    _list_fact(v, "image.package_managers", sorted(executables[n] for n in PACKAGE_MANAGERS if n in executables))
-    _list_fact(v, "image.network_daemons", sorted(executables[n] for n in NETWORK_DAEMONS if n in executables))
-    _list_fact(v, "image.debug_tools", sorted(executables[n] for n in DEBUG_TOOLS if n in executables))
+    # busybox applet links (busybox httpd, busybox wget) add nothing busybox itself cannot do: they are
+    # reported apart, and busybox counts once, as a shell
+    applets = {n: p for n, p in executables.items() if posixpath.basename(p) == "busybox" and n != "busybox"}
+    tools = {n: p for n, p in executables.items() if n not in applets}
+    v["image.busybox_applets"] = sorted(n for n in applets if n in PACKAGE_MANAGERS + NETWORK_DAEMONS + DEBUG_TOOLS)
+    _list_fact(v, "image.package_managers", sorted(tools[n] for n in PACKAGE_MANAGERS if n in tools))
+    _list_fact(v, "image.network_daemons", sorted(tools[n] for n in NETWORK_DAEMONS if n in tools))
+    _list_fact(v, "image.debug_tools", sorted(tools[n] for n in DEBUG_TOOLS if n in tools))
     _agent(root, v)
     _init(root, v)
     _services(root, v)
@@ -312,8 +317,8 @@ def _parse_sysctl(text: str) -> Iterable[tuple[str, str]]:
 def _sysctl_applier(root: RootView, v: dict[str, Any]) -> str | None:
     if v.get("init.kind") == "systemd":
         for p in ("/usr/lib/systemd/systemd-sysctl", "/lib/systemd/systemd-sysctl"):
-            if root.exists(p) and not (root.entry("/etc/systemd/system/systemd-sysctl.service") or
-                                       Entry("", "", 0, 0, 0, 0)).target == "/dev/null":
+            masked = root.entry("/etc/systemd/system/systemd-sysctl.service")
+            if root.exists(p) and (masked is None or masked.target != "/dev/null"):
                 return "systemd-sysctl"
         return None
     for path in ("/init", "/sbin/init", "/etc/init.d/rcS"):

@@ -385,7 +385,7 @@ class CpioRoot(RootView):
                 raise ImageError("truncated cpio header", path=self.source)
             magic = buf[pos:pos + 6]
             if magic not in CPIO_MAGICS:
-                if whole and buf[pos:pos + 2] in (GZIP_MAGIC,) or buf[pos:pos + 4] == ZSTD_MAGIC:
+                if (whole and buf[pos:pos + 2] in (GZIP_MAGIC,)) or buf[pos:pos + 4] == ZSTD_MAGIC:
                     inner, _ = _decompress_segment(buf[pos:], self.source)
                     return self._parse_cpio(inner, 0, entries, whole=True)
                 raise ImageError(f"bad cpio magic {magic!r} at byte {pos}", path=self.source,

@@ -362,6 +362,16 @@ class Installer:
     def exists(self, path: str) -> bool:
         return self.host.run(f"test -e {shlex.quote(path)} || test -L {shlex.quote(path)}").ok
 
+    def missing_dirs(self, path: str) -> list[str]:
+        """The directories ``mkdir -p path`` would create, deepest first (journaled, so undo removes them)."""
+        out = self.run(f'p={shlex.quote(path)}; while [ ! -e "$p" ] && [ ! -L "$p" ]; do echo "$p"; '
+                       'p=$(dirname "$p"); done')
+        return [line for line in out.splitlines() if line]
+
+    def remove_dirs(self, dirs: list[str]) -> None:
+        for directory in dirs:  # deepest first; only if empty: never delete what someone else put there
+            self.host.run(f"rmdir {shlex.quote(directory)} 2>/dev/null || true")
+
     def capture(self) -> State:
         return capture_state(self.host, self.sysroot, containerd=self.containerd)
 
@@ -492,20 +502,23 @@ class Installer:
             prefix = self.p(PREFIX)
             existed = self.exists(prefix)
             previous = self._previous_in_place_archive(tx)
+            created = self.missing_dirs(prefix)
             self.journal.write(tx, "install", "unpack", "begin", prefix_existed=existed,
-                               previous_archive=previous)
+                               previous_archive=previous, created_dirs=created)
             self.run(f"mkdir -p {shlex.quote(prefix)} && tar -xf {staged} -C {shlex.quote(prefix)} "
                      "--numeric-owner --no-overwrite-dir")
-            return {"prefix_existed": existed, "previous_archive": previous}
+            return {"prefix_existed": existed, "previous_archive": previous, "created_dirs": created}
         dest = self.p(f"{RELEASES}/{release}")
         partial = f"{dest}.partial-{tx}"
         if self.exists(dest):
             return {"dest": dest, "created": False}
-        self.journal.write(tx, "install", "unpack", "begin", dest=dest, partial=partial, created=True)
+        created = self.missing_dirs(self.p(RELEASES))
+        self.journal.write(tx, "install", "unpack", "begin", dest=dest, partial=partial, created=True,
+                           created_dirs=created)
         self.run(f"mkdir -p {shlex.quote(partial)} && tar -xf {staged} -C {shlex.quote(partial)} "
                  "--numeric-owner"
                  f" && mv -T {shlex.quote(partial)} {shlex.quote(dest)}")
-        return {"dest": dest, "partial": partial, "created": True}
+        return {"dest": dest, "partial": partial, "created": True, "created_dirs": created}
 
     def _previous_in_place_archive(self, tx: str) -> str | None:
         for old in reversed(self.journal.transactions()):
@@ -525,14 +538,17 @@ class Installer:
         if kind == "other":
             raise InstallError(f"{PREFIX} is neither a directory nor a symlink; move it away first",
                                path=self.host.name)
-        self.journal.write(tx, "install", "switch", "begin", previous_kind=kind, previous_target=previous)
+        created = self.missing_dirs(str(Path(prefix).parent))
+        self.journal.write(tx, "install", "switch", "begin", previous_kind=kind, previous_target=previous,
+                           created_dirs=created)
         if kind == "dir":  # a legacy tar -C / install: keep it, as the release we roll back to
             moved_to = self.p(f"{RELEASES}/legacy-{tx}")
             self.journal.write(tx, "install", "switch", "begin", moved_to=moved_to)
             self.run(f"mkdir -p {shlex.quote(self.p(RELEASES))} && mv -T {shlex.quote(prefix)} "
                      f"{shlex.quote(moved_to)}")
         self._atomic_link(target, prefix, tx)
-        return {"previous_kind": kind, "previous_target": previous, "moved_to": moved_to, "target": target}
+        return {"previous_kind": kind, "previous_target": previous, "moved_to": moved_to, "target": target,
+                "created_dirs": created}
 
     def _atomic_link(self, target: str, link: str, tx: str) -> None:
         tmp = f"{link}.new-{tx}"
@@ -608,10 +624,12 @@ class Installer:
         mode = self.containerd_mode(parsed, text)
         specs = self.handler_specs(bundle, shims)
         config_path = self.p(CONTAINERD_CONFIG)
+        created = self.missing_dirs(self.p(DROPIN_DIR) if mode != "whole-file" else self.p(CONTAINERD_DIR))
         record: dict[str, Any] = {"mode": mode, "config": config_path, "handlers": specs,
                                   "config_created": False, "config_backup": None,
-                                  "dropins_written": [], "dropins_removed": []}
-        self.journal.write(tx, "install", "containerd-config", "begin", mode=mode, config=config_path)
+                                  "dropins_written": [], "dropins_removed": [], "created_dirs": created}
+        self.journal.write(tx, "install", "containerd-config", "begin", mode=mode, config=config_path,
+                           created_dirs=created)
         version = int(parsed.get("version", 1) or 1) if parsed else 2
         plugin = CRI_PLUGINS[0] if version >= 3 else (CRI_PLUGINS[1] if version == 2 else CRI_PLUGINS[2])
         if mode == "whole-file":
@@ -768,11 +786,13 @@ class Installer:
                 self.run(f"tar -xf {shlex.quote(previous)} -C {prefix} --numeric-owner --no-overwrite-dir")
             elif not data.get("prefix_existed"):
                 self.run(f"rm -rf {prefix}")
+            self.remove_dirs(data.get("created_dirs", []))
             return
         if data.get("partial"):
             self.run(f"rm -rf {shlex.quote(data['partial'])}")
         if data.get("created") and data.get("dest"):
             self.run(f"rm -rf {shlex.quote(data['dest'])}")
+        self.remove_dirs(data.get("created_dirs", []))
 
     def _undo_switch(self, tx: Transaction, data: dict[str, Any]) -> None:
         prefix = self.p(PREFIX)
@@ -785,7 +805,7 @@ class Installer:
             moved = data.get("moved_to")
             if kind == "dir" and moved and self.exists(moved):
                 self.run(f"mv -T {shlex.quote(moved)} {shlex.quote(prefix)}")
-            self.host.run(f"rmdir {shlex.quote(self.p(RELEASES))} 2>/dev/null || true")
+        self.remove_dirs(data.get("created_dirs", []))
 
     def _undo_containerd_config(self, tx: Transaction, data: dict[str, Any]) -> None:
         for entry in data.get("dropins_removed", []):
@@ -797,14 +817,13 @@ class Installer:
             else:
                 path = shlex.quote(entry["path"])
                 self.host.run(f"rm -f {path} {path}.tmp-pytest-kata")
-        dropin_dir = self.p(DROPIN_DIR)
-        self.host.run(f"rmdir {shlex.quote(dropin_dir)} 2>/dev/null || true")
         config = data.get("config") or self.p(CONTAINERD_CONFIG)
         if data.get("config_backup") and self.exists(data["config_backup"]):
             self.run(f"mv -f {shlex.quote(data['config_backup'])} {shlex.quote(config)}")
         elif data.get("config_created"):
             self.host.run(f"rm -f {shlex.quote(config)}")
         self.host.run(f"rm -f {shlex.quote(config)}.tmp-pytest-kata")
+        self.remove_dirs(data.get("created_dirs", []))
 
     def _undo_containerd_restart(self, tx: Transaction, data: dict[str, Any]) -> None:
         pass  # the rollback restarts containerd once, after the configuration is restored

@@ -143,9 +143,9 @@ def apply_waiver(outcome: Outcome, waiver: Waiver | None, today: dt.date | None 
             outcome,
             status="error",
             message=(
-                f"waiver for {waiver.rule} in {waiver.source} expired on {waiver.expires}: fix the configuration, "
-                f"or "
-                f"renew the waiver with a fresh justification and expiry. Original failure: {outcome.message}"
+                f"waiver for {waiver.rule} in {waiver.source} expired on {waiver.expires}: fix the "
+                f"configuration, or renew the waiver with a fresh justification and expiry. "
+                f"Original failure: {outcome.message}"
             ),
         )
     until = f" until {waiver.expires}" if waiver.expires else ""

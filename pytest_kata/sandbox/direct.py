@@ -275,11 +275,35 @@ STAND_IN_INIT = """#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+if grep -q 'root=/dev/vda1' /proc/cmdline; then
+  for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko; done
+  for i in $(seq 50); do [ -b /dev/vda1 ] && break; sleep 0.1; done
+  mkdir -p /newroot
+  if mount -t ext4 -o ro /dev/vda1 /newroot; then
+    umount /proc /sys; mount --move /dev /newroot/dev
+    exec switch_root /newroot /sbin/init
+  fi
+  echo "KATA-LOADER: cannot mount /dev/vda1"
+fi
 mkdir -p /run /tmp && mount -t tmpfs tmpfs /run
 echo "KATA-GUEST-READY"
 export PS1='kata-guest# '
 exec setsid cttyhack sh
 """
+# what the stand-in image runs after switch_root (read-only root, like a Kata guest image)
+STAND_IN_IMAGE_INIT = """#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mount -t tmpfs tmpfs /run
+echo "KATA-GUEST-READY"
+export PS1='kata-guest# '
+exec setsid cttyhack sh
+"""
+# virtio-blk + ext4 for the Debian kernel, in load order (they are modules there, as in the reference guest)
+LOADER_MODULES = ("drivers/virtio/virtio_ring", "drivers/virtio/virtio", "drivers/virtio/virtio_pci_legacy_dev",
+                  "drivers/virtio/virtio_pci_modern_dev", "drivers/virtio/virtio_pci", "drivers/block/virtio_blk",
+                  "lib/crc16", "fs/mbcache", "fs/jbd2/jbd2", "crypto/crc32c_generic", "fs/ext4/ext4")
 
 
 def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
@@ -312,7 +336,16 @@ def busybox_initramfs() -> Path:
                ("etc/group", 0o100644, b"root:x:0:\nnogroup:x:65534:\n"), ("proc", 0o40755, b""),
                ("root", 0o40700, b""), ("sbin", 0o40755, b""), ("sys", 0o40755, b""), ("tmp", 0o41777, b""),
                ("usr", 0o40755, b""), ("usr/bin", 0o40755, b""), ("usr/sbin", 0o40755, b""),
-               ("init", 0o100755, STAND_IN_INIT.encode())]
+               ("init", 0o100755, STAND_IN_INIT.encode()), ("lib", 0o40755, b""), ("lib/modules", 0o40755, b"")]
+    release = kernel_release_of(host_kernel())
+    moddir = Path(f"/lib/modules/{release}/kernel")
+    names = []
+    for module in LOADER_MODULES:
+        path = moddir / f"{module}.ko"
+        if path.is_file():
+            names.append(Path(module).name)
+            entries.append((f"lib/modules/{Path(module).name}.ko", 0o100644, path.read_bytes()))
+    entries.append(("lib/modules/order", 0o100644, ("\n".join(names) + "\n").encode()))
     raw = _cpio_newc(entries)
     key = hashlib.sha256(raw).hexdigest()[:16]
     out = cache_dir() / "probe" / f"stand-in-initramfs-{key}.cpio.gz"

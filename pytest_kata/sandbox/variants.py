@@ -63,12 +63,51 @@ def variant_tree(root: Path, out: Path, changes: dict[str, Any], *, config: str 
     return dest
 
 
+def stand_in_image(out: Path) -> Path:
+    """A small partitioned ext4 guest image (busybox, ``/sbin/init`` printing KATA-GUEST-READY), cached."""
+    import hashlib
+    import subprocess
+    import tempfile
+
+    from pytest_kata.images.common import make_ext4_disk
+    from pytest_kata.resources import cache_dir
+    from pytest_kata.sandbox.direct import STAND_IN_IMAGE_INIT
+    from pytest_kata.sandbox.probe import BUSYBOX
+
+    key = hashlib.sha256(BUSYBOX.read_bytes() + STAND_IN_IMAGE_INIT.encode()).hexdigest()[:16]
+    cached = cache_dir() / "probe" / f"stand-in-image-{key}.img"
+    if not cached.is_file():
+        applets = subprocess.run([str(BUSYBOX), "--list"], capture_output=True, text=True, check=True).stdout.split()
+        with tempfile.TemporaryDirectory(prefix="kata-stand-in-") as tmp:
+            rootfs = Path(tmp) / "rootfs"
+            for d in ("bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp", "root", "usr/bin", "var"):
+                (rootfs / d).mkdir(parents=True)
+            shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
+            for applet in applets:
+                if applet not in ("busybox", "init"):
+                    os.symlink("busybox", rootfs / "bin" / applet)
+            (rootfs / "sbin" / "init").write_text(STAND_IN_IMAGE_INIT)
+            (rootfs / "sbin" / "init").chmod(0o755)
+            (rootfs / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n"
+                                                   "nobody:x:65534:65534:nobody:/:/bin/sh\n")
+            (rootfs / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            partial = cached.with_name(f".{cached.name}.{os.getpid()}")
+            make_ext4_disk(rootfs, partial, label="kata-stand-in")
+            partial.replace(cached)
+    target = Path(out)
+    shutil.copyfile(cached, target)
+    target.chmod(0o644)
+    return target
+
+
 def stand_in_tree(out: Path, config_source: Path, changes: dict[str, Any] | None = None, *,
-                  version: str = "3.31.0") -> Path:
+                  version: str = "3.31.0", image: bool = False) -> Path:
     """A minimal /opt/kata tree: the host's Debian kernel, a busybox initramfs, one qemu configuration.
 
-    No image, shim or agent; the hypervisor binary is absent, so the direct driver says it uses the host's.
-    Enough for the direct driver's own tests when the reference candidate is not built.
+    With ``image``, a small ext4 guest image too, which the initramfs loads (virtio_blk/ext4 modules) and
+    switches into read-only, as the reference candidate does. No shim or agent; the hypervisor binary is
+    absent, so the direct driver says it uses the host's. For the direct driver's own tests and controls.
     """
     from pytest_kata.sandbox.direct import busybox_initramfs, host_kernel
 
@@ -84,7 +123,12 @@ def stand_in_tree(out: Path, config_source: Path, changes: dict[str, Any] | None
     confdir.mkdir(parents=True)
     settings = {"hypervisor.qemu.kernel": "/opt/kata/share/kata-containers/vmlinuz.container",
                 "hypervisor.qemu.initrd": "/opt/kata/share/kata-containers/kata-containers-initrd.img",
-                "hypervisor.qemu.image": "", "hypervisor.qemu.default_memory": 512, **(changes or {})}
+                "hypervisor.qemu.image": "", "hypervisor.qemu.default_memory": 512}
+    if image:
+        stand_in_image(share / "kata-stand-in.image")
+        os.symlink("kata-stand-in.image", share / "kata-containers.img")
+        settings["hypervisor.qemu.image"] = "/opt/kata/share/kata-containers/kata-containers.img"
+    settings.update(changes or {})
     write_config(confdir / "configuration-qemu.toml", config_source, settings)
     os.symlink("configuration-qemu.toml", confdir / "configuration.toml")
     return root

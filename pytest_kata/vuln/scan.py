@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata.errors import KataError
-from pytest_kata.images.read import InstalledPackage, PackageDB, RootView, open_image, parse_dpkg_status, \
-    read_packages
+from pytest_kata.images.read import InstalledPackage, PackageDB, RootView, open_image, parse_dpkg_status, read_packages
 from pytest_kata.options import SEVERITIES
 from pytest_kata.progress import step
 from pytest_kata.vuln.feeds import FeedSet, Release
@@ -142,8 +141,9 @@ def cyclonedx(result: ScanResult) -> str:
     from packageurl import PackageURL
 
     bom = Bom()
-    bom.metadata.component = root_component = Component(name=Path(result.target).name, type=ComponentType.OPERATING_SYSTEM,
-                                       version=result.release.version_id or None)
+    root_component = Component(name=Path(result.target).name, type=ComponentType.OPERATING_SYSTEM,
+                               version=result.release.version_id or None)
+    bom.metadata.component = root_component
     refs = {}
     distro = f"{result.release.family}-{result.release.version_id}" if result.release.version_id else None
     for pkg in result.packages:
@@ -151,7 +151,8 @@ def cyclonedx(result: ScanResult) -> str:
         if pkg.source != pkg.name:
             qualifiers["upstream"] = f"{pkg.source}@{pkg.source_version}"
         ptype = {"deb": "deb", "apk": "apk", "rpm": "rpm"}[pkg.ecosystem]
-        ns = {"deb": result.release.family or "debian", "apk": "alpine", "rpm": result.release.family}[pkg.ecosystem]
+        ns = {"deb": result.release.family or "debian", "apk": "alpine",
+              "rpm": result.release.family}[pkg.ecosystem]
         purl = PackageURL(type=ptype, namespace=ns, name=pkg.name, version=pkg.version, qualifiers=qualifiers)
         comp = Component(name=pkg.name, version=pkg.version, type=ComponentType.LIBRARY, purl=purl,
                          bom_ref=str(purl))

@@ -19,8 +19,8 @@ from pytest_kata.images.facts import ImageFacts, image_facts
 from pytest_kata.images.read import open_image
 from pytest_kata.plugin import settings_of
 from pytest_kata.recorder import CheckRecorder
-from pytest_kata.rules import load_profile, load_rules, load_waivers
 from pytest_kata.rules import judge as judge_rule
+from pytest_kata.rules import load_profile, load_rules, load_waivers
 
 STATUS_ORDER = ("notapplicable", "waived", "pass", "fail", "error")  # worst last
 # What the Go runtime puts in front of kernel_params for an image rootfs (virtio-blk / nvdimm), see

@@ -136,6 +136,7 @@ if [ "$KATA_PROBE_WRITES" = 1 ]; then
   { echo > /sys/kernel/uevent_helper; } 2>/dev/null
   disk=""
   for s in /sys/class/block/*; do
+    [ -e "$s/dev" ] || continue
     [ -e "$s/partition" ] && continue
     case ${s##*/} in loop*|ram*|zram*|sr*) continue;; esac
     disk=${s##*/}; break

@@ -1,0 +1,113 @@
+"""``pytest-kata install``: install a Kata bundle on a host, atomically and journaled (rolls back on failure).
+
+Exit status: 0 installed; 2 bad input or a failed install (which was rolled back; the message says whether
+the host state is restored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from pytest_kata.errors import KataError
+from pytest_kata.hosts.base import Host, LocalHost
+
+
+def add_host_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="local", metavar="HOST",
+                   help="where to act: 'local' (this machine; default). Remote providers come through the "
+                        "library's Host protocol (e.g. LibvirtHost)")
+    p.add_argument("--sysroot", default="/", metavar="DIR",
+                   help="act below DIR instead of / (a scratch root: nothing outside it is touched)")
+    p.add_argument("--containerd", choices=("auto", "systemd", "private", "none"), default="auto",
+                   help="how to restart containerd and verify the handlers: systemd (the host's service), "
+                        "private (a containerd started for DIR/etc/containerd/config.toml and stopped after), "
+                        "none (skip, with the reason in the journal); auto: systemd for /, none for a sysroot")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def resolve_host(spec: str) -> Host:
+    if spec in ("local", "localhost"):
+        return LocalHost()
+    raise KataError(f"no command-line provider for host {spec!r}: use --host local (optionally with --sysroot), "
+                    "or drive remote hosts through the library (Installer(LibvirtHost(...)))")
+
+
+def containerd_for(args: argparse.Namespace, host: Host) -> Any:
+    from pytest_kata.install.installer import NoContainerd, SysrootContainerd, SystemdContainerd
+
+    mode = args.containerd
+    sysroot = str(args.sysroot)
+    if mode == "auto":
+        mode = "systemd" if sysroot.rstrip("/") == "" else "none"
+    if mode == "systemd":
+        service = SystemdContainerd(host)
+        return service if service.unavailable() is None else NoContainerd(service.unavailable() or "")
+    if mode == "private":
+        config = Path(sysroot) / "etc/containerd/config.toml"
+        if not config.is_file():
+            raise KataError("no containerd config to start a private containerd with", path=config)
+        service = SysrootContainerd(sysroot)
+        service.start()
+        return service
+    return NoContainerd("--containerd none" if args.containerd == "none" else
+                        "a sysroot has no containerd of its own (pass --containerd private to start one)")
+
+
+def installer_for(args: argparse.Namespace, *, layout: str = "versioned") -> Any:
+    from pytest_kata.install.installer import Installer
+
+    sysroot = Path(args.sysroot)
+    if str(args.sysroot) != "/" and not sysroot.is_dir():
+        raise KataError("no such sysroot directory", path=sysroot)
+    host = resolve_host(args.host)
+    return Installer(host, str(args.sysroot), containerd=containerd_for(args, host), layout=layout)
+
+
+def stop_private(installer: Any) -> None:
+    stop = getattr(installer.containerd, "stop", None)
+    if stop is not None:
+        stop()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("install", help="install a Kata bundle on a host (atomic switch, journaled, rolls back "
+                                       "on failure)",
+                       description="Unpacks the bundle into /opt/kata-releases/<version>-<sha12>, switches "
+                                   "/opt/kata atomically, registers kata-<shim> handlers with containerd "
+                                   "(drop-in, or an edit of config.toml with a backup), restarts containerd "
+                                   "and verifies the handlers. Every step is journaled on the host.")
+    p.add_argument("--bundle", action="append", metavar="B", help="bundle: tarball(s) or an /opt/kata tree")
+    p.add_argument("--shim", action="append", metavar="SHIM", help="register only these shims (default: all)")
+    p.add_argument("--layout", choices=("versioned", "in-place"), default="versioned",
+                   help="in-place extracts over /opt/kata like upstream (its rollback leaves residue)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted install from the journal")
+    add_host_arguments(p)
+    p.set_defaults(func=_install)
+
+
+def _install(args: argparse.Namespace) -> int:
+    from pytest_kata.bundle import open_bundle
+
+    if not args.bundle:
+        raise KataError("--bundle is required (a kata-static tarball or an /opt/kata tree)")
+    bundle = open_bundle(args.bundle)
+    installer = installer_for(args, layout=args.layout)
+    try:
+        report = installer.resume(bundle, shims=args.shim) if args.resume else \
+            installer.install(bundle, shims=args.shim)
+    finally:
+        stop_private(installer)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    print(f"installed {report.release} on {report.host} (sysroot {installer.sysroot}, {report.layout}); "
+          f"transaction {report.tx}")
+    print(f"  containerd: {report.containerd_mode}; handlers: {', '.join(sorted(report.handlers)) or 'none'}")
+    print(f"  state digest before {report.digest_before[:16]}, after {report.digest_after[:16]}")
+    for note in report.notes:
+        print(f"  note: {note}")
+    print(f"  journal: {installer.journal.path}; undo with: pytest-kata rollback --sysroot {installer.sysroot}")
+    return 0

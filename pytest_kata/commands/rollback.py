@@ -1,0 +1,47 @@
+"""``pytest-kata rollback``: undo the last install on a host from its journal, and prove the state is restored.
+
+Exit status: 0 restored (digest equal to before the install) or nothing to do (a second rollback); 1 rolled
+back but the state differs (the exact difference and any residue are printed); 2 bad input, or no previous
+release to roll back to (pass --uninstall to remove a first install).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pytest_kata.commands.install import add_host_arguments, installer_for, stop_private
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("rollback", help="undo the last install from the host's journal and verify the state",
+                       description="Restores the previous release and containerd configuration recorded in the "
+                                   "install journal, restarts containerd, and compares the state digest with "
+                                   "the one captured before the install.")
+    p.add_argument("--uninstall", action="store_true",
+                   help="allow undoing a first install (removes Kata: there is no previous release)")
+    p.add_argument("--layout", choices=("versioned", "in-place"), default="versioned", help=argparse.SUPPRESS)
+    add_host_arguments(p)
+    p.set_defaults(func=_rollback)
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    installer = installer_for(args, layout=args.layout)
+    try:
+        report = installer.rollback(uninstall=args.uninstall)
+    finally:
+        stop_private(installer)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(report.message)
+        if not report.noop:
+            print(f"  digest before install {str(report.digest_expected)[:16]}, after rollback "
+                  f"{str(report.digest_after)[:16]}")
+        for line in report.difference():
+            print(f"  {line}")
+        if report.residue:
+            print(f"  residue left by the candidate ({len(report.residue)}):")
+            for line in report.residue[:50]:
+                print(f"    {line}")
+    return 0 if report.restored else 1
