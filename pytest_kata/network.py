@@ -12,6 +12,13 @@ Layout and why
     netns, so no traffic ever leaves the bridge. The harness defines no libvirt networks (a libvirt NAT
     network would only be acceptable inside a namespace the run created, and nothing here needs one).
 
+Use
+    ``net = TestNetwork.create(run_id, "net0")`` (or the ``make_kata_network``/``kata_network`` fixtures);
+    ``peer = net.add_peer("p")`` → ``Peer(netns, ip)`` with ``run``/``popen``/``ping``/``serve_tcp``/
+    ``connect_tcp``; a libvirt host gets ``net.interface_xml()`` in its domain XML and an address from
+    ``net.allocate_ip(host_name)``, which it configures itself (``ip addr add IP/24 dev <nic>``); raw qemu
+    gets ``net.attach_tap(owner)``; ``net.reset()`` drops peers and taps, ``net.destroy()`` everything.
+
 Address ranges
     Each network gets a /24 inside ``10.213.0.0/16``, chosen from a hash of run id, xdist worker and network
     name, skipping any /24 that overlaps an address or route of the machine (default routes aside) or a
@@ -35,7 +42,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,13 +197,42 @@ def delete_link(ifname: str) -> bool:
     return True
 
 
+def processes_in_netns(name: str) -> list[int]:
+    """Processes living in the named network namespace (they would keep it alive after its removal)."""
+    try:
+        inode = (NETNS_DIR / name).stat().st_ino
+    except OSError:
+        return []
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if (entry / "ns" / "net").stat().st_ino == inode:
+                    pids.append(int(entry.name))
+    return pids
+
+
 def delete_netns(name: str) -> bool:
+    """Kill what runs inside the namespace (a listener a test left), then remove it; False if it was gone."""
     from pyroute2 import netns
 
     if name not in netns.listnetns():
         return False
+    for pid in processes_in_netns(name):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        if _is_child(pid):  # our own Popen: reap it, or it lingers as a zombie
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, 0)
     netns.remove(name)
     return True
+
+
+def _is_child(pid: int) -> bool:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid()
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def netns_exec_argv(ns: str, cmd: str | Sequence[str]) -> list[str]:
@@ -227,9 +265,27 @@ class Peer:
             raise NetworkError(f"command failed with exit {proc.returncode}: {cmd!r}; {tail}", path=self.netns)
         return proc
 
-    def popen(self, cmd: str | Sequence[str], **kwargs: object) -> subprocess.Popen:
-        """Start a long-running process (a listener, a server) inside the peer's namespace."""
-        return subprocess.Popen(netns_exec_argv(self.netns, cmd), **kwargs)  # type: ignore[call-overload]
+    def popen(self, cmd: str | Sequence[str], **kwargs: Any) -> subprocess.Popen:
+        """Start a long-running process (a listener, a server) inside the peer's namespace; it is killed
+        when the peer is removed."""
+        return subprocess.Popen(netns_exec_argv(self.netns, cmd), **kwargs)
+
+    def serve_tcp(self, port: int, reply: str = "kata-peer") -> subprocess.Popen:
+        """A TCP listener on ``port`` that answers every connection with ``reply``: a reachability target."""
+        proc = self.popen(["socat", f"TCP-LISTEN:{port},reuseaddr,fork", f"SYSTEM:echo {reply}"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while f":{port:04X} " not in self.run(["cat", "/proc/net/tcp"]).stdout:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise NetworkError(f"could not listen on TCP port {port}", path=self.netns)
+            time.sleep(0.05)
+        return proc
+
+    def connect_tcp(self, ip: str, port: int, *, timeout: float = 3.0) -> str | None:
+        """What a TCP server at ``ip:port`` says to this peer, or None if it cannot be reached."""
+        proc = self.run(["socat", "-T", str(timeout), "-", f"TCP:{ip}:{port},connect-timeout={timeout}"],
+                        timeout=timeout + 10)
+        return proc.stdout.strip() if proc.returncode == 0 else None
 
     def ping(self, ip: str, *, count: int = 1, timeout: float = 2.0) -> bool:
         """Whether ``ip`` answers ICMP echo from this peer."""

@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pytest_kata import runid
 from pytest_kata.errors import KataError
@@ -41,6 +42,7 @@ from pytest_kata.progress import step, timed
 LIBVIRT_SOCKET = Path("/run/libvirt/libvirt-sock")
 LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
 VIRTLOGD_PIDFILE = Path("/run/virtlogd.pid")
+LIBVIRT_AUTOSTART_NETWORKS = Path("/etc/libvirt/qemu/networks/autostart")
 LIBVIRT_USER_MARK = "uses-libvirtd"  # in a run's dir: this run relies on the libvirtd with that pid
 DEFAULT_URI = "qemu:///system"
 RUNC_STATE_ROOT = Path("/run/containerd/runc")
@@ -182,13 +184,17 @@ class Daemon:
         """Stop the processes this run started (reverse order), unless another live run still uses them."""
         if self.external:
             return
-        for record in reversed(self.records):
+        handed_over = False
+        for record in reversed(self.records):  # libvirtd before the virtlogd it needs
             if record.name == "libvirtd" and hand_over_libvirtd(record):
+                handed_over = True  # virtlogd went to the heir with it
+                continue
+            if handed_over and record.name == "virtlogd":
                 continue
             stop_process(record)
 
 
-def _quiet_libvirt() -> object:
+def _quiet_libvirt() -> Any:
     import libvirt
 
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # no "libvirt: error" lines on stderr
@@ -201,13 +207,13 @@ def libvirt_answers(uri: str = DEFAULT_URI) -> bool:
         return False
     libvirt = _quiet_libvirt()
     try:
-        conn = libvirt.open(uri)  # type: ignore[attr-defined]
-    except libvirt.libvirtError:  # type: ignore[attr-defined]
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError:
         return False
     try:
         conn.getLibVersion()
         return True
-    except libvirt.libvirtError:  # type: ignore[attr-defined]
+    except libvirt.libvirtError:
         return False
     finally:
         with contextlib.suppress(Exception):
@@ -223,6 +229,11 @@ def _pid_from(pidfile: Path, comm: str) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def serving_libvirtd_pid() -> int | None:
+    """The pid of the libvirtd that owns ``/run/libvirt`` (the one a local connection reaches)."""
+    return _pid_from(LIBVIRTD_PIDFILE, "libvirtd")
 
 
 def ensure_libvirtd(run_id: str | None = None, *, uri: str = DEFAULT_URI, timeout: float = 90.0) -> Daemon:
@@ -245,11 +256,20 @@ def ensure_libvirtd(run_id: str | None = None, *, uri: str = DEFAULT_URI, timeou
             if not shutil.which(tool):
                 raise ServiceError(f"{tool} is not installed and no libvirtd answers on {LIBVIRT_SOCKET}",
                                    path=uri, hint="apt-get install libvirt-daemon-system, or start libvirtd")
+        autostart = sorted(p.stem for p in LIBVIRT_AUTOSTART_NETWORKS.glob("*.xml"))
+        if autostart:
+            raise ServiceError(f"libvirt network(s) {', '.join(autostart)} are marked autostart: a libvirtd "
+                               "started by the harness would bring them up (bridge, NAT, dnsmasq) in the root "
+                               "network namespace", path=LIBVIRT_AUTOSTART_NETWORKS,
+                               hint=f"virsh net-autostart --disable {autostart[0]}, or start libvirtd yourself")
         log = runid.run_dir(run_id) / "libvirtd.log"
         env = {**os.environ, "LIBVIRT_LOG_OUTPUTS": f"3:file:{log}"}
         records: list[DaemonRecord] = []
-        if _pid_from(VIRTLOGD_PIDFILE, "virtlogd") is None:
+        virtlogd = _pid_from(VIRTLOGD_PIDFILE, "virtlogd")
+        if virtlogd is None:
             records.append(_start_forking("virtlogd", ["virtlogd", "-d"], VIRTLOGD_PIDFILE, run_id, env))
+        else:
+            records += _adopt(run_id, "virtlogd", virtlogd)
         records.append(_start_forking("libvirtd", ["libvirtd", "-d"], LIBVIRTD_PIDFILE, run_id, env))
         daemon = Daemon("libvirtd", run_id, external=False, pid=records[-1].pid, uri=uri, records=records,
                         log=log)
@@ -266,6 +286,22 @@ def ensure_libvirtd(run_id: str | None = None, *, uri: str = DEFAULT_URI, timeou
                                        f"{_tail(log)}", path=uri)
                 time.sleep(0.25)
         return daemon
+
+
+def _adopt(run_id: str, name: str, pid: int) -> list[DaemonRecord]:
+    """Take over the record of a daemon a dead run started and this run now relies on (so that it is
+    stopped together with the daemon that needs it, not by the dead run's sweep)."""
+    adopted = []
+    for path in runid.state_dir().glob(f"kt-*/daemons/{name}-{pid}.json"):
+        owner = path.parent.parent.name
+        if owner == run_id or runid.is_alive(owner):
+            continue
+        for record in daemon_records(owner):
+            if record.path == path and record.matches():
+                _move_record(record, run_id)
+                adopted.append(DaemonRecord(record.name, record.pid, record.starttime, run_id,
+                                            daemons_dir(run_id) / path.name))
+    return adopted
 
 
 def _start_forking(name: str, argv: list[str], pidfile: Path, run_id: str, env: dict[str, str]) -> DaemonRecord:

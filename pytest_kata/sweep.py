@@ -35,6 +35,7 @@ from typing import Any
 from pytest_kata import network, runid, services
 from pytest_kata.progress import step
 
+KEPT_MARK = "kept"  # in a run's state dir: --kata-keep-on-failure kept it for inspection
 PROCESS_PROGRAMS = ("qemu-system", "qemu-kvm", "containerd", "virtiofsd", "dnsmasq")
 
 
@@ -47,6 +48,7 @@ class SweepReport:
     removed: list[str] = field(default_factory=list)  # "kt-1a2b3c4d: netns kt-1a2b3c4d-main-net0-a"
     errors: list[str] = field(default_factory=list)
     live: list[str] = field(default_factory=list)  # runs skipped because they are alive
+    kept: list[str] = field(default_factory=list)  # dead runs kept by --kata-keep-on-failure
 
     def add(self, run_id: str, what: str) -> None:
         self.removed.append(f"{run_id}: {what}")
@@ -67,6 +69,9 @@ def sweep(dead_only: bool = True, run_id: str | None = None, *, dry_run: bool = 
           uri: str = services.DEFAULT_URI) -> SweepReport:
     """Remove the leftovers of dead runs (or of ``run_id``; ``dead_only=False`` also takes live runs).
 
+    A dead run that ``--kata-keep-on-failure`` kept for inspection is skipped unless named by ``run_id`` or
+    ``dead_only=False`` (``pytest-kata sweep --run ID`` / ``--all``).
+
     Never raises for a resource it could not remove: the error is in the report, the sweep goes on.
     """
     report = SweepReport(dry_run=dry_run)
@@ -78,6 +83,9 @@ def sweep(dead_only: bool = True, run_id: str | None = None, *, dry_run: bool = 
         for rid in sorted(found):
             if dead_only and runid.is_alive(rid):
                 report.live.append(rid)
+                continue
+            if dead_only and run_id is None and (runid.state_dir() / rid / KEPT_MARK).exists():
+                report.kept.append(rid)
                 continue
             before = len(report.removed)
             _clean_run(rid, conn, report)
@@ -280,21 +288,35 @@ def _clean_libvirt(rid: str, conn: Any, report: SweepReport) -> set[str]:
 
 
 def _stop_daemons(rid: str, report: SweepReport, live_libvirt_users: set[str]) -> None:
+    """Stop the run's recorded daemons; a libvirtd other live runs use (and its virtlogd) is handed over."""
+    serving = services.serving_libvirtd_pid()
     order = {"libvirtd": 1, "virtlogd": 2}  # containerd and the rest first; virtlogd after libvirtd
-    for record in sorted(services.daemon_records(rid), key=lambda r: order.get(r.name, 0)):
+    records = sorted(services.daemon_records(rid), key=lambda r: order.get(r.name, 0))
+    own_libvirtd = {r.pid for r in records if r.name == "libvirtd"}
+    handed_over = False
+    for record in records:
         what = f"daemon {record.name} (pid {record.pid})"
         try:
             if not record.matches():
                 if not report.dry_run:
                     record.path.unlink(missing_ok=True)
                 continue
-            if record.name in ("libvirtd", "virtlogd"):
-                users = sorted((set(services.libvirt_users(record.pid, None, exclude=rid)) | live_libvirt_users)
-                               - {rid})
-                if users:
-                    if not report.dry_run and record.name == "libvirtd":
-                        services.hand_over_libvirtd(record, heir=users[0])
-                    report.add(rid, f"{what}: handed over to live run {users[0]}")
+            if record.name == "libvirtd":
+                users = set(services.libvirt_users(record.pid, None, exclude=rid))
+                if record.pid == serving:  # the domains we listed are this daemon's
+                    users |= live_libvirt_users
+                heirs = sorted(users - {rid})
+                if heirs:
+                    if not report.dry_run:
+                        services.hand_over_libvirtd(record, heir=heirs[0])
+                    report.add(rid, f"{what}: handed over to live run {heirs[0]}")
+                    handed_over = True
+                    continue
+            elif record.name == "virtlogd":
+                if handed_over:
+                    continue  # it went to the heir together with its libvirtd
+                if serving is not None and serving not in own_libvirtd:
+                    report.add(rid, f"{what}: left running, it serves libvirtd (pid {serving})")
                     continue
             if not report.dry_run:
                 services.stop_process(record)

@@ -4,6 +4,7 @@ The trees are real files in real ext4 images read back with debugfs."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -17,7 +18,7 @@ from pytest_kata.images.common import make_ext4_disk, make_initrd
 from pytest_kata.images.facts import image_facts
 from pytest_kata.images.read import open_image
 from pytest_kata.images.surface import measure, over_budget, table
-from pytest_kata.rules import Facts, evaluate, load_rules
+from pytest_kata.rules import Facts, evaluate, judge, load_profile, load_rules
 
 CAP_NET_RAW_EP = bytes.fromhex("0100000200200000000000000000000000000000")
 HARDENING_SYSCTLS = """kernel.kptr_restrict = 2
@@ -112,11 +113,14 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
-def judge_all(path: Path, cmdline: str | None = CMDLINE, context: dict[str, Any] | None = None) -> dict[str, Any]:
+def judge_all(path: Path, cmdline: str | None = CMDLINE, context: dict[str, Any] | None = None,
+              profile: str = "default") -> dict[str, Any]:
+    """Every image rule judged as the suite does (profile tags and severities applied)."""
     with open_image(path) as root:
         facts = image_facts(root, cmdline=cmdline)
         ctx = {"image_kind": root.kind, "confidential": False, **(context or {})}
-    return {rule.id: evaluate(rule, facts, ctx) for rule in load_rules("image")}
+    prof = load_profile(profile)
+    return {rule.id: judge(rule, facts, ctx, profile=prof).outcome for rule in load_rules("image")}
 
 
 def test_baseline_fails_for_concrete_reasons(images: dict[str, Path]) -> None:
@@ -178,12 +182,14 @@ def test_cmdline_rw_and_debug_console(images: dict[str, Path]) -> None:
     assert judge_all(images["minimal"], cmdline=None)["KATA-IMG-015"].status == "notapplicable"
 
 
-def test_dm_verity_rule_applies_to_confidential(images: dict[str, Path]) -> None:
-    assert judge_all(images["minimal"], context={"confidential": True})["KATA-IMG-013"].status == "fail"
+def test_dm_verity_rule_runs_when_the_profile_asks_for_measured_boot(images: dict[str, Path]) -> None:
+    assert judge_all(images["minimal"])["KATA-IMG-013"].status == "notapplicable"
+    assert judge_all(images["minimal"], profile="confidential")["KATA-IMG-013"].status == "fail"
     with open_image(images["minimal"]) as root:
         f = image_facts(root, cmdline=CMDLINE, verity_params="root_hash=ab,salt=cd")
     rule = next(r for r in load_rules("image") if r.id == "KATA-IMG-013")
-    assert evaluate(rule, f, {"confidential": True, "image_kind": "ext4"}).status == "pass"
+    verdict = judge(rule, f, {"image_kind": "ext4"}, profile=load_profile("confidential"))
+    assert verdict.status == "pass"
 
 
 def test_initrd_root_rule_not_applicable(tmp_path: Path) -> None:
@@ -241,3 +247,97 @@ def test_suite_picks_configured_image(images: dict[str, Path], tmp_path: Path) -
     assert [c.rel for c in chosen] == ["share/kata-containers/kata-minimal.img"]
     assert chosen[0].facts["cmdline.debug"] == ["agent.log=debug", "agent.debug_console",
                                                 "agent.debug_console_vport=1026"]
+
+
+def test_images_compare_cli(images: dict[str, Path]) -> None:
+    """`pytest-kata images compare A B` on image files; --budget gates growth (exit 1) and passes shrinkage."""
+    import subprocess
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pytest_kata.cli", "images", "compare", *args],
+                              capture_output=True, text=True, env={**os.environ, "PYTEST_KATA_QUIET": "1"},
+                              check=False, timeout=120)
+
+    shrink = run(str(images["baseline"]), str(images["minimal"]), "--budget", "10")
+    assert shrink.returncode == 0, shrink.stderr
+    assert "setuid/setgid files" in shrink.stdout and "-4 (-100.0%)" in shrink.stdout  # services 4 -> 0
+    grow = run(str(images["minimal"]), str(images["baseline"]), "--budget", "10")
+    assert grow.returncode == 1 and "over budget: setuid/setgid files: 0 -> 1" in grow.stdout
+    missing = run(str(images["minimal"]) + ".nope", str(images["baseline"]))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_real_guest_recipes() -> None:
+    """D's recipes built with mmdebstrap (cached by content hash): the baseline fails the image rules for
+    concrete reasons, the minimal image passes them all, and the surface table shows the difference."""
+    from pytest_kata.images.guest import build_guest
+
+    base, mini = build_guest("baseline"), build_guest("minimal")
+    outcomes = judge_all(base.image)
+    failed = {rid for rid, o in outcomes.items() if o.status == "fail"}
+    assert {"KATA-IMG-001", "KATA-IMG-007", "KATA-IMG-008", "KATA-IMG-010", "KATA-IMG-011", "KATA-IMG-012",
+            "KATA-IMG-016"} <= failed
+    assert "/usr/bin/su" in outcomes["KATA-IMG-001"].actual
+    assert "getty@tty1.service" in outcomes["KATA-IMG-010"].actual
+    for artefact in (mini.image, mini.initrd):
+        bad = {rid: o.message for rid, o in judge_all(artefact).items() if o.status not in ("pass", "notapplicable")}
+        assert not bad, f"{artefact}: {bad}"
+    b, m = measure(base.image, "baseline"), measure(mini.image, "minimal")
+    assert m.metrics["packages"] < b.metrics["packages"] and m.metrics["executables"] < b.metrics["executables"]
+    assert b.metrics["setuid"] > 0 == m.metrics["setuid"]
+    assert over_budget(b, m, 0.0) == [] and over_budget(m, b, 10.0)
+
+
+def _bundle_with(image: Path, root: Path) -> Path:
+    """A minimal /opt/kata tree: the real upstream qemu configuration pointing at ``image``."""
+    kata = root / "opt/kata"
+    (kata / "share/kata-containers").mkdir(parents=True)
+    (kata / "share/defaults/kata-containers").mkdir(parents=True)
+    shutil.copy(image, kata / "share/kata-containers/kata-test.img")
+    os.symlink("kata-test.img", kata / "share/kata-containers/kata-containers.img")
+    configs = Path(__file__).resolve().parents[1] / "fixtures/configs/hardened/configuration-qemu.toml"
+    shutil.copy(configs, kata / "share/defaults/kata-containers/configuration-qemu.toml")
+    os.symlink("configuration-qemu.toml", kata / "share/defaults/kata-containers/configuration.toml")
+    (kata / "VERSION").write_text("4.1.0\n")
+    return root
+
+
+def _run_suite(*args: str, cwd: Path) -> dict[str, str]:
+    import subprocess
+
+    from pytest_kata.resources import suites_dir
+
+    report = cwd / "verdict.json"
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(suites_dir() / "hardening" / "test_guest_image.py"),
+                           "-p", "no:cacheprovider", "-q", "--kata-report", str(report), *args],
+                          cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTEST_KATA_QUIET": "1"},
+                          check=False, timeout=300)
+    assert report.is_file(), proc.stdout[-3000:] + proc.stderr[-2000:]
+    data = json.loads(report.read_text())
+    return {r["id"]: r["status"] for r in data["results"]}
+
+
+@pytest.mark.slow
+def test_suite_catches_baseline_and_passes_minimal(images: dict[str, Path], tmp_path: Path) -> None:
+    """The shipped suite, run as a user runs it, on bundles holding the synthetic baseline / minimal images;
+    with the minimal image as candidate and the baseline as --kata-baseline, the surface budget passes, and
+    the other way round it fails."""
+    bad = _bundle_with(images["baseline"], tmp_path / "bad")
+    good = _bundle_with(images["minimal"], tmp_path / "good")
+    bad_results = _run_suite("--kata-candidate", str(bad), "--kata-shim", "qemu", cwd=tmp_path)
+    assert {k: bad_results[k] for k in ("KATA-IMG-001", "KATA-IMG-008", "KATA-IMG-011", "KATA-IMG-012")} == \
+        dict.fromkeys(("KATA-IMG-001", "KATA-IMG-008", "KATA-IMG-011", "KATA-IMG-012"), "fail")
+    good_results = _run_suite("--kata-candidate", str(good), "--kata-baseline", str(bad), "--kata-shim", "qemu",
+                              cwd=tmp_path)
+    not_ok = {k: v for k, v in good_results.items() if v not in ("pass", "notapplicable")}
+    assert not not_ok and good_results["KATA-IMG-100"] == "pass"
+    grown = _run_suite("--kata-candidate", str(bad), "--kata-baseline", str(good), "--kata-shim", "qemu",
+                       "-k", "surface", cwd=tmp_path)
+    assert grown == {"KATA-IMG-100": "fail"}
+    waivers = tmp_path / "waivers.toml"
+    waivers.write_text('[[waiver]]\nrule = "KATA-IMG-001"\njustification = "su kept for a debugging image"\n'
+                       'expires = 2099-01-01\nscope = ["kata-containers.img"]\n')
+    waived = _run_suite("--kata-candidate", str(bad), "--kata-shim", "qemu", "--kata-waivers", str(waivers),
+                        "-k", "KATA-IMG-001 or KATA-IMG-004", cwd=tmp_path)
+    assert waived == {"KATA-IMG-001": "waived", "KATA-IMG-004": "fail"}

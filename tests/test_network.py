@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import textwrap
 from collections.abc import Iterator
 
@@ -138,6 +139,18 @@ def test_a_real_route_on_the_machine_is_never_shadowed() -> None:
     chosen = choose_subnet("live-check")
     for existing in network._machine_networks():
         assert not chosen.overlaps(existing)
+
+
+@pytest.mark.skipif(not shutil.which("socat"), reason="socat is not installed")
+def test_tcp_reachability_between_peers_and_listeners_die_with_their_peer(net: TestNetwork) -> None:
+    server, client = net.add_peer("server"), net.add_peer("client")
+    listener = server.serve_tcp(8080, reply="hello-peer")
+    assert client.connect_tcp(server.ip, 8080) == "hello-peer"
+    assert client.connect_tcp(server.ip, 8081, timeout=1) is None, "a closed port is reported unreachable"
+    assert listener.pid in network.processes_in_netns(server.netns)
+    net.remove_peer(server)
+    assert listener.wait(timeout=10) is not None, "a listener must not outlive (and pin) its namespace"
+    assert client.connect_tcp(server.ip, 8080, timeout=1) is None
 
 
 def test_duplicate_peer_is_a_clear_error(net: TestNetwork) -> None:

@@ -102,10 +102,7 @@ def test_expected_key_compares_two_facts() -> None:
     assert leaf(facts, key="hv.*.valid", op="contains", expected_key="hv.*.path") == "pass"
     facts["hv"]["qemu"]["valid"] = ["/opt/other"]
     assert leaf(facts, key="hv.*.valid", op="contains", expected_key="hv.*.path") == "fail"
-    assert (
-        leaf({"hv": {"q": {"valid": []}}}, key="hv.*.valid", op="contains", expected_key="hv.*.path")
-        == "error"
-    )
+    assert leaf({"hv": {"q": {"valid": []}}}, key="hv.*.valid", op="contains", expected_key="hv.*.path") == "error"
 
 
 def test_type_mismatch_is_an_error_not_a_pass() -> None:
@@ -188,9 +185,7 @@ def test_version_specs() -> None:
         ('title = "no rules here"\n', "no [[rule]] tables"),
     ],
 )
-def test_malformed_rule_files_give_one_line_naming_file_and_rule(
-    tmp_path: Path, body: str, problem: str
-) -> None:
+def test_malformed_rule_files_give_one_line_naming_file_and_rule(tmp_path: Path, body: str, problem: str) -> None:
     path = _rule_file(tmp_path, body)
     with pytest.raises(ConfigError) as err:
         load_rules(path)
@@ -224,11 +219,7 @@ def test_waiver_turns_fail_into_waived_until_it_expires(tmp_path: Path) -> None:
     assert waiver is not None and waivers.find("KATA-CFG-006", ["configuration-clh.toml"]) is None
     failed = Outcome("fail", True, "== false", "runtime.disable_guest_seccomp is true")
     waived = apply_waiver(failed, waiver, dt.date(2026, 12, 1))
-    assert (
-        waived.status == "waived"
-        and "needs ptrace, JIRA-1" in waived.message
-        and "2027-01-31" in waived.message
-    )
+    assert waived.status == "waived" and "needs ptrace, JIRA-1" in waived.message and "2027-01-31" in waived.message
     expired = apply_waiver(failed, waiver, dt.date(2027, 2, 1))
     assert expired.status == "error" and "expired on 2027-01-31" in expired.message
     assert "renew" in expired.message and str(tmp_path / "waivers.toml") in expired.message
@@ -261,9 +252,7 @@ def test_malformed_waivers_give_one_line(tmp_path: Path, body: str, problem: str
 
 
 def test_waiver_for_an_unknown_rule_is_caught(tmp_path: Path) -> None:
-    waivers = _waivers(
-        tmp_path, '[[waiver]]\nrule = "KATA-CFG-999"\njustification = "j"\nexpires = 2027-01-31\n'
-    )
+    waivers = _waivers(tmp_path, '[[waiver]]\nrule = "KATA-CFG-999"\njustification = "j"\nexpires = 2027-01-31\n')
     with pytest.raises(ConfigError, match="unknown rule 'KATA-CFG-999'"):
         waivers.validate({r.id for r in load_rules("runtime-config")})
 

@@ -38,9 +38,7 @@ def mutated(config: KataConfig, changes: dict, absent: list[str]) -> KataConfig:
 
 def test_every_rule_carries_mutation_data() -> None:
     lacking = [
-        r.id
-        for r in RULES
-        if not (isinstance(r.test.get("bad"), dict) and isinstance(r.test.get("good"), dict))
+        r.id for r in RULES if not (isinstance(r.test.get("bad"), dict) and isinstance(r.test.get("good"), dict))
     ]
     assert not lacking, f"rules without [rule.test] bad/good mutation data: {lacking}"
     assert len(RULES) >= 40
@@ -127,12 +125,7 @@ def test_confidential_profile_adds_confidential_rules() -> None:
 def test_strict_profile_fails_what_default_tolerates() -> None:
     strict = failing("hardened", "runtime-rs/configuration-qemu-runtime-rs.toml", profile="strict")
     assert {"KATA-CFG-017", "KATA-CFG-038"} <= set(strict)
-    assert (
-        failing(
-            "hardened", "runtime-rs/configuration-qemu-runtime-rs.toml", profile="strict", at_least="high"
-        )
-        == {}
-    )
+    assert failing("hardened", "runtime-rs/configuration-qemu-runtime-rs.toml", profile="strict", at_least="high") == {}
 
 
 def test_hardened_fixtures_are_up_to_date() -> None:

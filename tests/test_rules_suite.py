@@ -51,9 +51,7 @@ def by_id(verdict: dict) -> dict[str, dict]:
     return {r["id"]: r for r in verdict["results"]}
 
 
-def test_upstream_defaults_are_rejected_with_concrete_reasons(
-    pytester: pytest.Pytester, tmp_path: Path
-) -> None:
+def test_upstream_defaults_are_rejected_with_concrete_reasons(pytester: pytest.Pytester, tmp_path: Path) -> None:
     result, verdict = run(pytester, kata_tree(tmp_path, "upstream"), "--kata-shim", "all")
     assert result.ret == pytest.ExitCode.TESTS_FAILED and verdict["verdict"] == "reject"
     results = by_id(verdict)
@@ -73,9 +71,7 @@ def test_upstream_defaults_are_rejected_with_concrete_reasons(
 def test_hardened_variant_is_accepted(pytester: pytest.Pytester, tmp_path: Path) -> None:
     result, verdict = run(pytester, kata_tree(tmp_path, "hardened"), "--kata-shim", "all")
     assert result.ret == pytest.ExitCode.OK, result.stdout.str()[-2000:]
-    assert (
-        verdict["verdict"] == "accept" and verdict["totals"]["fail"] == 0 and verdict["totals"]["error"] == 0
-    )
+    assert verdict["verdict"] == "accept" and verdict["totals"]["fail"] == 0 and verdict["totals"]["error"] == 0
     assert verdict["totals"]["pass"] > 200
 
 
@@ -129,17 +125,12 @@ def waiver(
     justification: str = "accepted: tracked in JIRA-1",
     scope: str = "configuration-qemu.toml",
 ) -> str:
-    return (
-        f'[[waiver]]\nrule = "{rule}"\njustification = "{justification}"\nexpires = {expires}\n'
-        f'scope = "{scope}"\n'
-    )
+    return f'[[waiver]]\nrule = "{rule}"\njustification = "{justification}"\nexpires = {expires}\nscope = "{scope}"\n'
 
 
 def test_waivers_valid_expired_and_unjustified(pytester: pytest.Pytester, tmp_path: Path) -> None:
     tree = kata_tree(tmp_path, "upstream")
-    valid = write_waivers(
-        tmp_path / "w.toml", *(waiver(r) for r in ("KATA-CFG-006", "KATA-CFG-007", "KATA-CFG-011"))
-    )
+    valid = write_waivers(tmp_path / "w.toml", *(waiver(r) for r in ("KATA-CFG-006", "KATA-CFG-007", "KATA-CFG-011")))
     result, verdict = run(pytester, tree, "--kata-shim", "qemu", "--kata-waivers", str(valid))
     results = by_id(verdict)
     assert results["KATA-CFG-006[configuration-qemu.toml]"]["status"] == "waived"
@@ -161,8 +152,7 @@ def test_waivers_valid_expired_and_unjustified(pytester: pytest.Pytester, tmp_pa
     assert result.ret == pytest.ExitCode.USAGE_ERROR and verdict == {}
     errors = [line for line in result.stderr.str().splitlines() if "justification" in line]
     assert errors == [
-        f"ERROR: {unjustified}: waiver for KATA-CFG-006: missing 'justification' "
-        "(say why the risk is accepted)"
+        f"ERROR: {unjustified}: waiver for KATA-CFG-006: missing 'justification' (say why the risk is accepted)"
     ]
 
 
@@ -185,9 +175,7 @@ def test_malformed_inputs_are_one_line_usage_errors(
     bad.write_text(body)
     result, _ = run(pytester, kata_tree(tmp_path, "hardened"), f"--kata-{what}", str(bad))
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    lines = [
-        line for line in result.stderr.str().splitlines() if line.strip() and not line.startswith("[kata")
-    ]
+    lines = [line for line in result.stderr.str().splitlines() if line.strip() and not line.startswith("[kata")]
     assert len(lines) == 1 and problem in lines[0] and str(bad) in lines[0], lines
 
 
@@ -215,18 +203,69 @@ def test_drift_of_installed_config_is_evidence(pytester: pytest.Pytester, tmp_pa
     installed.parent.mkdir()
     text = (CONFIGS / "hardened/runtime-rs/configuration-qemu-runtime-rs.toml").read_text()
     installed.write_text(text.replace("debug_console_enabled = false", "debug_console_enabled = true"))
-    result, verdict = run(pytester, tree, "--kata-installed-config", str(installed))
+    allure_dir = tmp_path / "allure"
+    result, verdict = run(pytester, tree, "--kata-installed-config", str(installed), "--alluredir", str(allure_dir))
     drift = by_id(verdict)["KATA-CFG-060[configuration-qemu-runtime-rs.toml]"]
     assert drift["status"] == "fail" and drift["evidence"]["actual"] == [
         "agent.kata.debug_console_enabled: False -> True"
     ]
     assert verdict["verdict"] == "reject" and result.ret == pytest.ExitCode.TESTS_FAILED
+    attachments = allure_attachments(allure_dir)
+    diff = attachments["KATA-CFG-060[configuration-qemu-runtime-rs.toml]"]
+    assert (
+        "-debug_console_enabled = false\n+debug_console_enabled = true"
+        in diff["diff shipped vs installed configuration-qemu-runtime-rs.toml"]
+    )
+    assert "share/defaults/kata-containers/runtime-rs/configuration-qemu-runtime-rs.toml" in diff  # the file too
+    assert attachments["KATA-CFG-006[configuration-qemu-runtime-rs.toml]"] == {}  # passing items stay light
     installed.write_text(text)
     _, verdict = run(pytester, tree, "--kata-installed-config", str(installed))
     assert by_id(verdict)["KATA-CFG-060[configuration-qemu-runtime-rs.toml]"]["status"] == "pass"
+
+
+def allure_attachments(allure_dir: Path) -> dict[str, dict[str, str]]:
+    """allure-pytest's results: test title id -> {attachment name: body}."""
+    out: dict[str, dict[str, str]] = {}
+    for result in allure_dir.glob("*-result.json"):
+        data = json.loads(result.read_text())
+        rule_id = next(label["value"] for label in data["labels"] if label["name"] == "rule_id")
+        out[rule_id] = {a["name"]: (allure_dir / a["source"]).read_text() for a in data.get("attachments", [])}
+    return out
 
 
 def test_without_candidate_the_items_skip_with_the_reason(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest(str(SUITE), "-rs")
     assert "no candidate given: pass --kata-candidate PATH" in result.stdout.str()
     result.assert_outcomes(skipped=1)
+
+
+def test_broken_rule_file_is_one_line_not_a_traceback(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pytest_kata.rules import model
+
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    for shipped_set in model.rules_dir().glob("*.toml"):
+        (rules / shipped_set.name).write_text(shipped_set.read_text())
+    shipped = (model.rules_dir() / "runtime-config.toml").read_text()
+    (rules / "runtime-config.toml").write_text(shipped.replace('op = "no_pattern_matches"', 'op = "matches_none"', 1))
+    monkeypatch.setattr(model, "rules_dir", lambda: rules)
+    result, _ = run(pytester, kata_tree(tmp_path, "hardened"))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    lines = [line for line in result.stderr.str().splitlines() if line.strip() and not line.startswith("[kata")]
+    assert lines == [
+        f"ERROR: {rules / 'runtime-config.toml'}: rule KATA-CFG-011: unknown operator 'matches_none'; "
+        "known: " + ", ".join(__import__("pytest_kata.rules.operators").rules.operators.OPERATORS)
+    ]
+
+
+def test_candidate_without_configuration_is_an_error(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    root = tmp_path / "kernel-only"
+    (root / "opt/kata/share/kata-containers").mkdir(parents=True)
+    (root / "opt/kata/VERSION").write_text("4.1.0\n")
+    result, verdict = run(pytester, root)
+    assert [(r["id"], r["status"], r["severity"]) for r in verdict["results"]] == [
+        ("KATA-CFG-000[no-configuration]", "error", "high")
+    ]
+    assert verdict["verdict"] == "reject" and result.ret == pytest.ExitCode.TESTS_FAILED

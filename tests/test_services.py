@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -107,6 +108,45 @@ def test_containerd_with_a_bad_work_directory_is_a_clear_error(kata_run_id: str,
         services.start_containerd(too_long, kata_run_id)
 
 
+START_STOP = """
+import json, os, sys
+os.environ["PYTEST_KATA_QUIET"] = "1"
+from pytest_kata import runid, services
+rid = runid.current_run_id()
+out = {"answered_before": services.libvirt_answers()}
+daemon = services.ensure_libvirtd(rid)
+out.update(external=daemon.external, pids={r.name: [r.pid, r.starttime] for r in daemon.records},
+           answers=services.libvirt_answers(), recorded=sorted(r.name for r in services.daemon_records(rid)))
+open(sys.argv[1], "w").write(json.dumps(out))
+daemon.stop()
+out.update(answers_after=services.libvirt_answers(), alive_after=[r.name for r in daemon.records if r.matches()],
+           recorded_after=[r.name for r in services.daemon_records(rid)])
+open(sys.argv[1], "w").write(json.dumps(out))
+"""
+
+
+@root_only
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("libvirtd") and shutil.which("unshare")), reason="libvirtd/unshare absent")
+def test_ensure_libvirtd_starts_and_stops_its_own_daemons_by_pid(tmp_path: Path) -> None:
+    """The CI path, where no libvirtd runs: proven in a private mount namespace with an empty /run, so that
+    a libvirtd already running on this machine (a user's, another run's) neither answers nor is disturbed."""
+    script, result = tmp_path / "start_stop.py", tmp_path / "result.json"
+    script.write_text(START_STOP)
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           f"mount -t tmpfs pytest-kata-run /run && exec {sys.executable} {script} {result}"],
+                          capture_output=True, text=True, timeout=180)
+    out = json.loads(result.read_text()) if result.exists() else {}
+    for pid, start in out.get("pids", {}).values():  # whatever happened, nothing may outlive the test
+        if services.process_starttime(pid) == start:
+            os.kill(pid, 9)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out["answered_before"] is False
+    assert out["external"] is False and set(out["pids"]) == {"libvirtd", "virtlogd"}
+    assert out["answers"] is True and out["recorded"] == ["libvirtd", "virtlogd"]
+    assert out["answers_after"] is False and out["alive_after"] == [] and out["recorded_after"] == []
+
+
 @root_only
 @pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("libvirtd"), reason="libvirtd is not installed")
@@ -139,3 +179,46 @@ def test_ensure_libvirtd_starts_and_stops_by_pid_or_uses_the_running_one(kata_ru
     else:
         assert not services.libvirt_answers()
         assert not any(r.matches() for r in daemon.records)
+
+
+def test_a_libvirtd_another_live_run_uses_is_handed_over_not_stopped(kata_run_id: str) -> None:
+    """One libvirtd serves the machine: when its owner ends while another run relies on it, that run
+    inherits it (and stops it at its own end). A `sleep` stands in for libvirtd."""
+    user = runid.new_run_id()
+    runid.register(user)
+    proc, logd = _sleeper(), _sleeper()
+    try:
+        logd_record = services.register_daemon(kata_run_id, "virtlogd", logd.pid)
+        record = services.register_daemon(kata_run_id, "libvirtd", proc.pid)
+        daemon = services.Daemon("libvirtd", kata_run_id, external=False, pid=proc.pid,
+                                 records=[logd_record, record])
+        (runid.run_dir(user) / services.LIBVIRT_USER_MARK).write_text(f"{proc.pid} {record.starttime}\n")
+        daemon.stop()
+        assert proc.poll() is None and logd.poll() is None, "daemons another live run uses keep running"
+        inherited = sorted(services.daemon_records(user), key=lambda r: r.name)
+        assert [(r.name, r.pid) for r in inherited] == [("libvirtd", proc.pid), ("virtlogd", logd.pid)]
+        assert not any(r.pid in (proc.pid, logd.pid) for r in services.daemon_records(kata_run_id))
+        # negative control: with no other user left, the heir's end stops both
+        heir = services.Daemon("libvirtd", user, external=False, pid=proc.pid, records=inherited[::-1])
+        heir.stop()
+        assert proc.wait(timeout=10) is not None and logd.wait(timeout=10) is not None
+    finally:
+        for p in (proc, logd):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        runid.unregister(user)
+        shutil.rmtree(runid.state_dir() / user, ignore_errors=True)
+
+
+@root_only
+def test_autostart_libvirt_networks_block_starting_libvirtd(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            kata_run_id: str) -> None:
+    """A harness-started libvirtd must not bring up a NAT network in the root netns: refuse, clearly."""
+    autostart = tmp_path / "autostart"
+    autostart.mkdir()
+    (autostart / "default.xml").write_text("<network/>")
+    monkeypatch.setattr(services, "LIBVIRT_AUTOSTART_NETWORKS", autostart)
+    monkeypatch.setattr(services, "libvirt_answers", lambda uri=services.DEFAULT_URI: False)
+    with pytest.raises(ServiceError, match="default are marked autostart"):
+        services.ensure_libvirtd(kata_run_id)

@@ -129,6 +129,32 @@ def test_a_run_cleans_its_own_resources_at_its_end(pytester: pytest.Pytester, ho
         assert "KeyboardInterrupt" in out, "the run was interrupted, not finished"
 
 
+def test_keep_on_failure_keeps_a_failed_run_until_swept_by_name(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(textwrap.dedent("""
+        import json, pathlib
+
+        def test_fails(kata_network, kata_run_id):
+            peer = kata_network.add_peer("kept")
+            pathlib.Path("kept.json").write_text(json.dumps({"netns": peer.netns, "run": kata_run_id}))
+            assert False, "a failure to inspect"
+    """))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--kata-keep-on-failure"],
+                            cwd=pytester.path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout[-3000:]
+    kept = json.loads((pytester.path / "kept.json").read_text())
+    rid = kept["run"]
+    try:
+        assert not runid.is_alive(rid)
+        assert kept["netns"] in network.netns_names(), "the failed run's network is kept for inspection"
+        assert f"pytest-kata sweep --run {rid}" in result.stderr
+        report = sweep(dead_only=True)
+        assert rid in report.kept and kept["netns"] in network.netns_names(), "later runs leave it alone"
+    finally:
+        removed = sweep(dead_only=True, run_id=rid).removed
+    assert f"{rid}: netns {kept['netns']}" in removed
+    assert kept["netns"] not in network.netns_names() and not (runid.state_dir() / rid).exists()
+
+
 def test_xdist_workers_share_the_controllers_run_id(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(textwrap.dedent("""
         import os, pathlib
@@ -149,6 +175,28 @@ def test_xdist_workers_share_the_controllers_run_id(pytester: pytest.Pytester) -
     (rid,) = run_ids
     assert f"kata run: {rid}" in result.stdout, "the controller's id is the one the workers use"
     assert not runid.is_alive(rid) and not (runid.state_dir() / f"{rid}.pid").exists()
+
+
+def test_the_controller_cleans_up_after_a_crashed_xdist_worker(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(textwrap.dedent("""
+        import json, os, pathlib, signal
+
+        def test_crash(kata_network):
+            peer = kata_network.add_peer("crash")
+            pathlib.Path("crash.json").write_text(json.dumps({"netns": peer.netns, "bridge": kata_network.bridge,
+                                                              "run": os.environ["PYTEST_KATA_RUN_ID"]}))
+            os.kill(os.getpid(), signal.SIGKILL)  # the worker dies without any teardown
+
+        def test_after():
+            pass
+    """))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "1"],
+                            cwd=pytester.path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert "crashed" in result.stdout, result.stdout[-3000:]
+    crash = json.loads((pytester.path / "crash.json").read_text())
+    assert crash["netns"] not in network.netns_names()
+    assert crash["bridge"] not in network.link_names()
+    assert not (runid.state_dir() / crash["run"]).exists()
 
 
 def _spare_link(name: str) -> None:
@@ -270,3 +318,27 @@ def test_libvirt_domain_of_a_dead_run_is_destroyed_and_undefined(kata_libvirtd: 
             except libvirt.libvirtError:
                 pass
         conn.close()
+
+
+def test_a_dead_runs_libvirtd_still_used_by_a_live_run_is_handed_over() -> None:
+    """The sweep must not pull the machine's one libvirtd from under a live run (a `sleep` stands in)."""
+    dead, live = _new_run(), _new_run()
+    daemon = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        record = services.register_daemon(dead, "libvirtd", daemon.pid)
+        (runid.run_dir(live) / services.LIBVIRT_USER_MARK).write_text(f"{daemon.pid} {record.starttime}\n")
+        _kill_run(dead)
+        report = sweep(dead_only=True, run_id=dead)
+        assert f"{dead}: daemon libvirtd (pid {daemon.pid}): handed over to live run {live}" in report.removed
+        assert daemon.poll() is None
+        assert [r.pid for r in services.daemon_records(live)] == [daemon.pid]
+        runid.unregister(live)  # now the heir is dead too: its sweep stops the daemon
+        assert f"{live}: daemon libvirtd (pid {daemon.pid})" in sweep(dead_only=True, run_id=live).removed
+        assert daemon.wait(timeout=10) is not None
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        for rid in (dead, live):
+            runid.unregister(rid)
+            sweep(dead_only=True, run_id=rid)

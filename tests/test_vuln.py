@@ -42,7 +42,7 @@ def run_debsecan(status: Path = STATUS, feed_dir: Path = DEBSECAN_FEED_DIR) -> s
                            str(status), "--format", "detail"], capture_output=True, text=True, check=True)
     pairs, current = set(), None
     for line in proc.stdout.splitlines():
-        m = re.match(r"^(CVE-\d+-\d+|TEMP-\S+)\s", line)
+        m = re.match(r"^(CVE-\d+-\d+|TEMP-\S+)(?:\s|$)", line)
         if m:
             current = m.group(1)
         m = re.match(r"^\s+installed: (\S+) ", line)

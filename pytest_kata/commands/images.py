@@ -3,6 +3,7 @@
     pytest-kata images build guest-minimal [--force]     # rebuild a hardened guest image from Debian packages
     pytest-kata images list                              # recipes, cache entries, which one is current
     pytest-kata images compare guest-baseline guest-minimal   # attack-surface table (pytest_kata.images.surface)
+    pytest-kata images rebuild-and-scan guest-minimal --feed F  # the scheduled patch/scan job
 
 Builds are cached by content hash (recipe + resolved package versions + kernel + guest files), so a second
 ``build`` returns at once unless ``--force`` or a package update changed the key.
@@ -44,7 +45,31 @@ def register(sub: argparse._SubParsersAction) -> None:
         surface.add_arguments(c)
         c.set_defaults(func=surface.compare_command)
 
+    r = isub.add_parser("rebuild-and-scan", help="scheduled job: rebuild a guest image if its packages changed, "
+                                                 "scan it, fail on NEW findings at or above --fail-on",
+                        description="See pytest_kata.images.pipeline and vm-images/guest/README.md (triggers: "
+                                    "schedule, new feed, new base packages).")
+    r.add_argument("name", metavar="NAME", help="guest recipe, e.g. guest-minimal")
+    r.add_argument("--feed", action="append", required=True, metavar="FEED", help="feed file or directory (repeat)")
+    r.add_argument("--fail-on", default="high", choices=("info", "low", "medium", "high", "critical"),
+                   help="exit 1 when a new finding is ranked at or above this (default: high)")
+    r.add_argument("--state", type=Path, metavar="FILE",
+                   help="where the previous run's findings are kept (default: in the cache directory)")
+    r.add_argument("--sbom", metavar="FILE", help="also write a CycloneDX SBOM with the vulnerabilities")
+    r.add_argument("--force", action="store_true", help="rebuild even when the packages did not change")
+    r.add_argument("--json", action="store_true", help="print the run as JSON")
+    r.set_defaults(func=_rebuild_and_scan)
+
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+
+def _rebuild_and_scan(args: argparse.Namespace) -> int:
+    from pytest_kata.images.pipeline import format_run, rebuild_and_scan
+
+    run = rebuild_and_scan(args.name, args.feed, fail_on=args.fail_on, state=args.state, force=args.force,
+                           sbom=args.sbom)
+    print(json.dumps(run.to_json(), indent=2) if args.json else format_run(run))
+    return 1 if run.gate else 0
 
 
 def _unavailable(what: str) -> int:
@@ -56,8 +81,11 @@ def _is_host(name: str) -> bool:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from pytest_kata.images.guest import build_guest
+    from pytest_kata.images.guest import build_guest, load_recipe
 
+    for name in args.names:  # every name checked before anything is built
+        if not _is_host(name):
+            load_recipe(name)
     results = []
     for n, name in enumerate(args.names, start=1):
         from pytest_kata.progress import step

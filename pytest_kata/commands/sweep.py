@@ -15,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "no longer alive, and removes them. Resources of live runs are left alone.")
     p.add_argument("--all", action="store_true",
                    help="also remove resources of runs that are still alive (stop every pytest-kata run first)")
-    p.add_argument("--run", metavar="RUN_ID", help="only this run (kt-xxxxxxxx); with --all even if it is alive")
+    p.add_argument("--run", metavar="RUN_ID", help="only this run (kt-xxxxxxxx), also one kept by "
+                   "--kata-keep-on-failure; with --all even if it is alive")
     p.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
     p.set_defaults(func=_sweep)
 
@@ -31,6 +32,8 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"{verb} {line}")
     for run in report.live:
         print(f"kept {run}: the run is alive (use --all to remove it anyway)")
+    for run in report.kept:
+        print(f"kept {run}: kept for inspection by --kata-keep-on-failure (remove it with --run {run})")
     for line in report.errors:
         print(f"ERROR {line}")
     print(report.summary())

@@ -258,6 +258,8 @@ def make_ext4_disk(rootdir: str | Path, out_img: str | Path, *, size: int | None
     ``table="gpt"`` the disk has 1 MiB more at the end for the backup GPT.
     """
     root, target = Path(rootdir), Path(out_img)
+    if not root.is_dir():
+        raise KataError("not a directory, cannot make a disk image from it", path=root)
     if table not in ("msdos", "gpt"):
         raise KataError(f"unknown partition table {table!r} (use msdos or gpt)", path=target)
     target.unlink(missing_ok=True)
@@ -445,6 +447,14 @@ class HostKernel(NamedTuple):
     @property
     def modules_dir(self) -> Path:
         return Path("/lib/modules") / self.release
+
+    @property
+    def upstream_version(self) -> str:
+        """``6.1.192`` for release ``6.1.0-56-amd64`` (Debian's ABI name hides it; the package has it)."""
+        proc = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", f"linux-image-{self.release}"],
+                              capture_output=True, text=True)
+        version = proc.stdout.strip().split("-")[0]
+        return version or self.release.split("-")[0]
 
 
 def host_kernel(boot: str | Path = "/boot") -> HostKernel:

@@ -90,9 +90,9 @@ def image_facts(root: RootView, *, cmdline: str | None = None, verity_params: st
     applets = {n: p for n, p in executables.items() if posixpath.basename(p) == "busybox" and n != "busybox"}
     tools = {n: p for n, p in executables.items() if n not in applets}
     v["image.busybox_applets"] = sorted(n for n in applets if n in PACKAGE_MANAGERS + NETWORK_DAEMONS + DEBUG_TOOLS)
-    _list_fact(v, "image.package_managers", sorted(tools[n] for n in PACKAGE_MANAGERS if n in tools))
-    _list_fact(v, "image.network_daemons", sorted(tools[n] for n in NETWORK_DAEMONS if n in tools))
-    _list_fact(v, "image.debug_tools", sorted(tools[n] for n in DEBUG_TOOLS if n in tools))
+    _list_fact(v, "image.package_managers", sorted({tools[n] for n in PACKAGE_MANAGERS if n in tools}))
+    _list_fact(v, "image.network_daemons", sorted({tools[n] for n in NETWORK_DAEMONS if n in tools}))
+    _list_fact(v, "image.debug_tools", sorted({tools[n] for n in DEBUG_TOOLS if n in tools}))
     _agent(root, v)
     _init(root, v)
     _services(root, v)

@@ -478,6 +478,7 @@ def _install_guest_files(rootfs: Path, recipe: Recipe, modules: list[str]) -> No
         lines = ["# Hardening sysctls of the pytest-kata guest image (KSPP/CIS), applied at boot.",
                  *(f"{k} = {v}" for k, v in sorted(recipe.sysctl.items()))]
         (sysctl_dir / "90-kata-hardening.conf").write_text("\n".join(lines) + "\n")
+    (conf / "init").write_text("/usr/bin/kata-agent\n" if recipe.init == "agent" else "/lib/systemd/systemd\n")
     if recipe.init == "agent":
         init_link = rootfs / "sbin/init"
         if init_link.is_symlink() or init_link.exists():

@@ -35,6 +35,11 @@ GZIP_MAGIC, ZSTD_MAGIC, XZ_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\
 MAX_SYMLINK_HOPS = 40
 
 
+def _tmp_prefix(what: str) -> str:
+    """Temporary files carry the run id when there is one (the sweep finds leftovers of a killed run)."""
+    return f"{os.environ.get('PYTEST_KATA_RUN_ID', 'kt')}-{what}-"
+
+
 class ImageError(KataError):
     """An image, initrd or package database cannot be read."""
 
@@ -322,7 +327,7 @@ class Ext4Root(RootView):
                 wanted[p] = real  # type: ignore[assignment]
         if not wanted:
             return {}
-        with tempfile.TemporaryDirectory(prefix="kata-debugfs-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=_tmp_prefix("debugfs")) as tmp:
             reals = sorted(set(wanted.values()))
             names = {r: os.path.join(tmp, str(i)) for i, r in enumerate(reals)}
             self.debugfs([f'dump <{self._inodes[r]}> "{names[r]}"' for r in reals])
@@ -459,7 +464,7 @@ class ErofsRoot(DirRoot):
         if shutil.which("fsck.erofs") is None:
             raise ImageError("erofs image but fsck.erofs is not installed", path=source,
                              hint="apt-get install erofs-utils")
-        self._tmp = tempfile.mkdtemp(prefix="kata-erofs-")
+        self._tmp = tempfile.mkdtemp(prefix=_tmp_prefix("erofs"))
         image = source
         if offset:
             image = Path(self._tmp) / "partition.img"

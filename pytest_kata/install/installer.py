@@ -52,11 +52,13 @@ from pytest_kata.install.state import (
     capture_state,
     diff_states,
     host_path,
+    merge_toml,
     residue,
     runtimes_of,
 )
 
 DROPIN_DIR = "/etc/containerd/conf.d"
+DROPIN_NAME = "kata-runtimes.toml"
 INSTALL_STEPS = ("capture-before", "stage", "unpack", "switch", "containerd-config", "containerd-restart",
                  "verify-handlers")
 SHIM_GO = "bin/containerd-shim-kata-v2"
@@ -181,8 +183,13 @@ class SysrootContainerd:
         work = sysroot / "var/lib/containerd"
         config = containerd_config(work)
         config["disabled_plugins"] = [p for p in config.get("disabled_plugins", []) if "cri" not in p]
-        if len(str(config["grpc"]["address"])) > 100:
-            raise InstallError("sysroot path too long for a containerd socket", path=sysroot)
+        if len(str(config["grpc"]["address"])) > 100:  # unix socket paths are short: use the run's directory
+            import hashlib
+
+            from pytest_kata import runid
+
+            tag = hashlib.sha256(str(sysroot.resolve()).encode()).hexdigest()[:10]
+            config["grpc"]["address"] = str(runid.run_dir(run_id or runid.current_run_id()) / f"ctd-{tag}.sock")
         path = sysroot / CONTAINERD_CONFIG.lstrip("/")
         path.parent.mkdir(parents=True, exist_ok=True)
         if version == 1:  # containerd 1.x before drop-ins: short plugin ids, no imports
@@ -638,8 +645,6 @@ class Installer:
                                config_backup=record["config_backup"])
             merged = dict(parsed)
             for handler, spec in specs.items():
-                from pytest_kata.install.state import merge_toml
-
                 merged = merge_toml(merged, self._runtime_table(plugin, handler, spec))
             self._write_file(config_path, tomli_w.dumps(merged))
             return record
@@ -655,26 +660,32 @@ class Installer:
                 self.journal.write(tx, "install", "containerd-config", "begin",
                                    config_backup=record["config_backup"])
                 self._write_file(config_path, add_import(text, parsed, pattern))
-        # one drop-in per handler; drop-ins of handlers this bundle no longer has are removed (backed up)
+        # ONE drop-in for every handler: containerd 1.x merges imported files per plugin table, shallowly, so
+        # a second file for the same plugin would replace the first (and the CRI section of config.toml);
+        # on 1.x the drop-in therefore carries config.toml's CRI section too.
+        path = f"{dropin_dir}/{DROPIN_NAME}"
         existing = self.run(f"ls -1 {shlex.quote(dropin_dir)} 2>/dev/null || true").split()
+        table: dict[str, Any] = {}
         for handler, spec in specs.items():
-            path = f"{dropin_dir}/{handler}.toml"
-            backup = self._backup(tx, path) if f"{handler}.toml" in existing else None
-            entry = {"path": path, "backup": backup}
-            record["dropins_written"].append(entry)
-            self.journal.write(tx, "install", "containerd-config", "begin",
-                               dropins_written=record["dropins_written"])
-            body = tomli_w.dumps({"version": max(version, 2), **self._runtime_table(plugin, handler, spec)})
-            self._write_file(path, f"# written by pytest-kata install ({tx}); handler {handler}\n{body}")
-        for name in existing:
-            if name.startswith("kata-") and name.endswith(".toml") and name[:-5] not in specs:
-                path = f"{dropin_dir}/{name}"
-                backup = f"{path}.pytest-kata-{tx}.bak"
-                record["dropins_removed"].append({"path": path, "backup": backup})
-                self.journal.write(tx, "install", "containerd-config", "begin",
-                                   dropins_removed=record["dropins_removed"])
-                self.run(f"mv -f {shlex.quote(path)} {shlex.quote(backup)}")
+            table = merge_toml(table, self._runtime_table(plugin, handler, spec))
+        base_cri = (parsed.get("plugins") or {}).get(plugin) if parsed else None
+        major = self.containerd_major()
+        if isinstance(base_cri, dict) and (major is None or major < 2):
+            table = merge_toml({"plugins": {plugin: base_cri}}, table)
+            record["carries_cri_section"] = f"containerd {major or 'unknown'}.x merges imports shallowly"
+        backup = self._backup(tx, path) if DROPIN_NAME in existing else None
+        record["dropins_written"].append({"path": path, "backup": backup})
+        self.journal.write(tx, "install", "containerd-config", "begin", dropins_written=record["dropins_written"])
+        body = tomli_w.dumps({"version": max(version, 2), **table})
+        self._write_file(path, f"# written by pytest-kata install ({tx}): handlers {', '.join(specs)}\n{body}")
         return record
+
+    def containerd_major(self) -> int | None:
+        """containerd's major version on the host (None when it is not installed there)."""
+        import re
+
+        match = re.search(r"\s v?(\d+)\.\d+", " " + self.host.run("containerd --version 2>/dev/null").stdout)
+        return int(match.group(1)) if match else None
 
     def backup_config(self, tx: str, path: str) -> str | None:
         """Back up ``config.toml`` before editing it (a subclass that skips this is a negative control)."""

@@ -329,9 +329,12 @@ class StateDiff:
         for path, e in sorted(self.removed.items()):
             out.append(f"- {path}: {e.describe()}")
         for path, (a, b) in sorted(self.changed.items()):
-            fields = [f"{k} {getattr(a, k)!r} -> {getattr(b, k)!r}" for k in ("kind", "mode", "uid", "gid",
-                      "size", "sha256", "target") if getattr(a, k) != getattr(b, k)]
-            out.append(f"~ {path}: " + ", ".join(f.replace("'", "") for f in fields))
+            def show(key: str, value: Any) -> str:
+                return f"{value:04o}" if key == "mode" else str(value)
+
+            fields = [f"{k} {show(k, getattr(a, k))} -> {show(k, getattr(b, k))}" for k in
+                      ("kind", "mode", "uid", "gid", "size", "sha256", "target") if getattr(a, k) != getattr(b, k)]
+            out.append(f"~ {path}: " + ", ".join(fields))
         if self.handlers_before != self.handlers_after:
             for name in sorted(set(self.handlers_before) | set(self.handlers_after)):
                 a, b = self.handlers_before.get(name), self.handlers_after.get(name)

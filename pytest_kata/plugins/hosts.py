@@ -170,7 +170,7 @@ def _finish(item: pytest.Item, pool: HostPool) -> None:
         how = pool.release(use.host, failed=failed) if use.fresh else \
             (pool.retire(use.host, failed=True) if failed and pool.settings.keep_on_failure else None)
         if how:
-            notes.append(("kata kept host", f"{use.host.name} left running for inspection: {how}"))
+            notes.append((KEPT_TITLE, f"{use.host.name} left running for inspection: {how}"))
     if trouble:
         message = "kernel trouble on the host during the test: " + " | ".join(trouble[:8])
         if policy == "fail":
@@ -205,6 +205,28 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         for title, body in item.stash.get(NOTES, []):
             report.sections.append((title, body))
     return report
+
+
+KEPT_TITLE = "kata kept host"
+KEPT = pytest.StashKey[list[str]]()
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Controller side too (xdist ships the sections): remember kept hosts for the summary."""
+    kept = [body for title, body in report.sections if title == KEPT_TITLE]
+    if kept:
+        _kept_lines.extend(f"{report.nodeid}: {line}" for line in kept)
+
+
+_kept_lines: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _kept_lines:
+        terminalreporter.write_sep("=", "kata hosts kept for inspection (--kata-keep-on-failure)")
+        for line in _kept_lines:
+            terminalreporter.write_line(line)
+        _kept_lines.clear()
 
 
 def _failure_artefacts(item: pytest.Item, call: pytest.CallInfo[None]) -> list[tuple[str, str]]:

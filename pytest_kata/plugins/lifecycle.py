@@ -5,7 +5,9 @@ Only the controller (not an xdist worker) does this. It sets ``PYTEST_KATA_RUN_I
 inherits the id and labels its hosts, networks and daemons with it; the controller's end-of-run clean-up
 then also covers a worker that crashed. The end runs in ``pytest_unconfigure``, which pytest also reaches on
 Ctrl-C; SIGTERM is turned into the same path, and ``atexit`` is the last resort. A SIGKILL leaves the run's
-pid file pointing at a dead process: the next run's sweep removes its leftovers.
+pid file pointing at a dead process: the next run's sweep removes its leftovers. A failed run with
+``--kata-keep-on-failure`` is left in place and marked kept: later runs' sweeps skip it until
+``pytest-kata sweep --run <id>`` removes it.
 
 ``PYTEST_KATA_NO_SWEEP=1`` skips the start-of-run sweep (the end-of-run clean-up always happens).
 """
@@ -72,9 +74,11 @@ class RunLifecycle:
         try:
             if self.failed and _keep_on_failure(self.config):
                 from pytest_kata.progress import step
+                from pytest_kata.sweep import KEPT_MARK
 
-                step("lifecycle", f"--kata-keep-on-failure: leaving {self.run_id}'s hosts and networks in place; "
-                     "`pytest-kata sweep` (or the next run) removes them")
+                (runid.run_dir(self.run_id) / KEPT_MARK).write_text("kept by --kata-keep-on-failure\n")
+                step("lifecycle", f"--kata-keep-on-failure: {self.run_id}'s hosts, networks and daemons are kept "
+                     f"(later runs leave them alone); remove them with `pytest-kata sweep --run {self.run_id}`")
             else:
                 self.end_report = sweep(dead_only=False, run_id=self.run_id)
         finally:

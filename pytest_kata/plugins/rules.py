@@ -12,6 +12,9 @@ The profile and the waivers file are read at start-up: a malformed one stops the
 from __future__ import annotations
 
 import difflib
+import json
+import posixpath
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +33,12 @@ from pytest_kata.rules import (
     Rule,
     Waivers,
     judge,
-    load_all_rules,
     load_profile,
     load_rules,
     load_waivers,
+    rule_sets,
 )
+from pytest_kata.rules.kconfig import KernelConfig, extract_ikconfig, load_kconfig, run_kernel_hardening_checker
 
 RULES_STATE = pytest.StashKey["RulesState"]()
 DRIFT_KEY = "kata.drift"
@@ -60,14 +64,32 @@ def pytest_configure(config: pytest.Config) -> None:
     try:
         profile = load_profile(settings.profile)
         waivers = load_waivers(settings.waivers)
-        known = {r.id for r in load_all_rules()}
-        profile.validate(known)
-        waivers.validate(known)
+        known, broken = _known_rule_ids()
+        try:
+            profile.validate(known)
+            waivers.validate(known)
+        except KataError:
+            if broken is not None:
+                raise broken from None  # the real cause: a rule set that does not load
+            raise
         if settings.installed_config:
             load_config(settings.installed_config)  # malformed: one line now, not 50 errors later
     except KataError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[RULES_STATE] = RulesState(profile, waivers)
+
+
+def _known_rule_ids() -> tuple[set[str], KataError | None]:
+    """Ids of every shipped rule that loads, and the first broken rule set's error (reported when a waiver
+    or profile needs its ids, else when its suite is collected)."""
+    known: set[str] = set()
+    broken: KataError | None = None
+    for name in rule_sets():
+        try:
+            known |= {r.id for r in load_rules(name)}
+        except KataError as exc:
+            broken = broken or exc
+    return known, broken
 
 
 # ------------------------------------------------------------------------------------------------ subjects
@@ -143,9 +165,7 @@ def config_subjects(bundle: Any, shim: str | None, installed_path: str | None) -
         except ValueError:
             rel = info.config_path.name
         match = installed is not None and _installed_target(bundle, installed) is info
-        subjects.append(
-            ConfigSubject(info.config_path.name, rel, info.name, info.config, installed if match else None)
-        )
+        subjects.append(ConfigSubject(info.config_path.name, rel, info.name, info.config, installed if match else None))
     return subjects
 
 
@@ -198,11 +218,10 @@ class RuleCase:
     scopes: list[str]
     evidence: dict[str, Any] = field(default_factory=dict)
     attachments: Callable[[str], list[tuple[str, str, str]]] | None = None
+    extra_evidence: Callable[[], dict[str, Any]] | None = None  # computed when the item runs
 
     def run(self, recorder: CheckRecorder, profile: Profile, waivers: Waivers) -> None:
-        judgement = judge(
-            self.rule, self.facts(), self.context, profile=profile, waivers=waivers, scopes=self.scopes
-        )
+        judgement = judge(self.rule, self.facts(), self.context, profile=profile, waivers=waivers, scopes=self.scopes)
         recorder.record(
             id=self.id,
             severity=judgement.severity,
@@ -211,6 +230,7 @@ class RuleCase:
             profile=profile.name,
             **self.evidence,
             **judgement.evidence(),
+            **(self.extra_evidence() if self.extra_evidence is not None else {}),
         )
         if self.attachments is not None:
             for name, body, mime in self.attachments(judgement.status):
@@ -229,15 +249,15 @@ class SkipCase:
         pytest.skip(self.reason)
 
 
-def _config_attachments(subject: ConfigSubject) -> Callable[[str], list[tuple[str, str, str]]]:
+def _config_attachments(subject: ConfigSubject, rule: Rule) -> Callable[[str], list[tuple[str, str, str]]]:
+    """The drift diff on the drift rule's item; the configuration (and drop-in diff) where a rule did not pass."""
+
     def make(status: str) -> list[tuple[str, str, str]]:
         out: list[tuple[str, str, str]] = []
-        if subject.installed is not None:
+        if subject.installed is not None and DRIFT_KEY in rule.check.fact_keys():
             shipped = subject.config.path.read_text(encoding="utf-8", errors="replace").splitlines(True)
             node = subject.installed.path.read_text(encoding="utf-8", errors="replace").splitlines(True)
-            diff = "".join(
-                difflib.unified_diff(shipped, node, f"shipped/{subject.rel}", str(subject.installed.path))
-            )
+            diff = "".join(difflib.unified_diff(shipped, node, f"shipped/{subject.rel}", str(subject.installed.path)))
             out.append((f"diff shipped vs installed {subject.name}", diff or "(identical)\n", "text/x-diff"))
         if status == "pass" or status == "notapplicable":
             return out  # the full file only where a reviewer needs it
@@ -251,9 +271,7 @@ def _config_attachments(subject: ConfigSubject) -> Callable[[str], list[tuple[st
                     "text/x-diff",
                 )
             )
-        out.append(
-            (subject.rel, subject.config.path.read_text(encoding="utf-8", errors="replace"), "text/plain")
-        )
+        out.append((subject.rel, subject.config.path.read_text(encoding="utf-8", errors="replace"), "text/plain"))
         return out
 
     return make
@@ -266,13 +284,14 @@ def runtime_config_cases(config: pytest.Config) -> list[Any]:
     bundle, why = _open_candidate(config)
     if bundle is None:
         return [SkipCase("no-candidate", why or "no candidate")]
+    if not bundle.shims:
+        reason = f"{bundle.label}: the candidate ships no runtime configuration (configuration-*.toml)"
+        return [ErrorCase("KATA-CFG-000[no-configuration]", "Runtime configuration is available", reason)]
     try:
         subjects = config_subjects(bundle, settings.shim, settings.installed_config)
-    except KataError as exc:
+    except KataError as exc:  # an unknown --kata-shim: a usage error, reported after collection
         _state(config).usage_error = str(exc)
         return [SkipCase("bad-option", str(exc))]
-    if not subjects:
-        return [SkipCase("no-configuration", f"{bundle.label}: the bundle ships no runtime configuration")]
     cases: list[Any] = []
     for rule in load_rules("runtime-config"):
         for subject in subjects:
@@ -285,19 +304,184 @@ def runtime_config_cases(config: pytest.Config) -> list[Any]:
                     subject.context,
                     subject.scopes,
                     evidence={"config": subject.rel, "shim": subject.shim},
-                    attachments=_config_attachments(subject),
+                    attachments=_config_attachments(subject, rule),
                 )
             )
     return cases
 
 
-CASE_FACTORIES: dict[str, Callable[[pytest.Config], list[Any]]] = {"kata_config_case": runtime_config_cases}
+# ------------------------------------------------------------------------------------------ guest kernel
+
+
+@dataclass
+class KernelSubject:
+    """One guest kernel configuration of the candidate: a shipped ``config-*`` or a kernel's IKCONFIG."""
+
+    name: str
+    rel: str
+    kconfig: KernelConfig
+    _khc: list[dict[str, Any]] | None = None
+    _khc_done: bool = False
+
+    def khc_rows(self, keys: list[str]) -> list[dict[str, Any]] | None:
+        """kernel-hardening-checker's view of the options a rule reads (cross-check only)."""
+        if not self._khc_done:
+            self._khc_done = True
+            with tempfile.TemporaryDirectory(prefix="kt-khc-") as tmp:
+                path = Path(tmp) / self.name
+                path.write_text(self.kconfig.text, encoding="utf-8")
+                self._khc = run_kernel_hardening_checker(path)
+        if self._khc is None:
+            return None
+        wanted = {k.removeprefix("CONFIG_") for k in keys}
+        return [r for r in self._khc if str(r.get("option_name", "")).removeprefix("CONFIG_") in wanted]
+
+
+def kernel_subjects(bundle: Any) -> tuple[list[KernelSubject], list[str]]:
+    """Shipped ``config-*`` files, then IKCONFIG of kernels without one; plus notes on what was not found."""
+    subjects: list[KernelSubject] = []
+    notes: list[str] = []
+    seen: set[str] = set()
+    for rel in bundle.kernel_configs:
+        real = bundle.resolve(rel) or rel
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            subjects.append(KernelSubject(posixpath.basename(real), real, load_kconfig(bundle.root / real)))
+        except KataError as exc:
+            notes.append(str(exc))
+    covered = {s.name.removeprefix("config-") for s in subjects}
+    for rel in bundle.kernels:
+        real = bundle.resolve(rel) or rel
+        base = posixpath.basename(real)
+        if real in seen or base.split("-", 1)[-1] in covered:
+            continue
+        seen.add(real)
+        try:
+            found = extract_ikconfig(bundle.root / real)
+        except KataError as exc:
+            notes.append(str(exc))
+            continue
+        if found is None:
+            notes.append(f"{real}: no config-* beside it and no IKCONFIG inside")
+        else:
+            subjects.append(KernelSubject(f"{base}.ikconfig", real, found))
+    return subjects, notes
+
+
+def _khc_evidence(subject: KernelSubject, rule: Rule) -> Callable[[], dict[str, Any]]:
+    def make() -> dict[str, Any]:
+        rows = subject.khc_rows(rule.check.fact_keys())
+        if rows is None:
+            return {}
+        slim = [{k: r.get(k) for k in ("option_name", "desired_val", "check_result")} for r in rows]
+        return {"kernel_hardening_checker": {"rows": slim, "note": "cross-check only, not used for the verdict"}}
+
+    return make
+
+
+def _kernel_attachments(subject: KernelSubject, rule: Rule) -> Callable[[str], list[tuple[str, str, str]]]:
+    def make(status: str) -> list[tuple[str, str, str]]:
+        out: list[tuple[str, str, str]] = []
+        rows = subject.khc_rows(rule.check.fact_keys())
+        if rows is not None:
+            out.append(
+                (
+                    f"kernel-hardening-checker on {subject.name} (cross-check, not the verdict)",
+                    json.dumps(rows, indent=1),
+                    "application/json",
+                )
+            )
+        if status not in ("pass", "notapplicable"):
+            lines = [
+                line for line in subject.kconfig.text.splitlines() if any(k in line for k in rule.check.fact_keys())
+            ]
+            out.append((f"{subject.name}: options read by {rule.id}", "\n".join(lines) + "\n", "text/plain"))
+        return out
+
+    return make
+
+
+def _guest_cmdline(bundle: Any, shim: str | None) -> str | None:
+    """``kernel_params`` of the configuration that boots the kernel (the chosen shim, else the default)."""
+    try:
+        info = bundle.shim(None if shim in (None, "all") else shim)
+    except KataError:
+        return None
+    value = info.config.get("hypervisor.*.kernel_params", None)
+    return str(value) if value is not None else None
+
+
+def _kernel_facts(kconfig: KernelConfig, cmdline: str | None) -> Callable[[], FactSource]:
+    if cmdline is None:
+        return lambda: kconfig
+    return lambda: Facts({}, overlay={"kernel.cmdline": cmdline}, base=kconfig)
+
+
+def kernel_cases(config: pytest.Config) -> list[Any]:
+    from pytest_kata.plugin import settings_of
+
+    bundle, why = _open_candidate(config)
+    if bundle is None:
+        return [SkipCase("no-candidate", why or "no candidate")]
+    subjects, notes = kernel_subjects(bundle)
+    cmdline = _guest_cmdline(bundle, settings_of(config).shim)
+    if not subjects:
+        reason = "; ".join(notes) or "the candidate ships no guest kernel"
+        return [ErrorCase("KATA-KCONF-000[no-kernel-config]", "Guest kernel configuration is available", reason)]
+    cases: list[Any] = []
+    for rule in load_rules("kernel"):
+        for subject in subjects:
+            cases.append(
+                RuleCase(
+                    rule,
+                    subject,
+                    f"{rule.id}[{subject.name}]",
+                    _kernel_facts(subject.kconfig, cmdline),
+                    subject.kconfig.context,
+                    [subject.name, subject.rel],
+                    evidence={
+                        "kernel_config": subject.rel,
+                        "source": subject.kconfig.source,
+                        "kernel_version": subject.kconfig.version,
+                        "kernel_cmdline": cmdline,
+                    },
+                    attachments=_kernel_attachments(subject, rule),
+                    extra_evidence=_khc_evidence(subject, rule),
+                )
+            )
+    return cases
+
+
+@dataclass
+class ErrorCase:
+    """The subject a suite needs is missing from the candidate: an error in the verdict, not a silent skip."""
+
+    id: str
+    title: str
+    reason: str
+    severity: str = "high"  # an unverifiable guest kernel must not slip through the gate
+
+    def run(self, recorder: CheckRecorder, profile: Profile, waivers: Waivers) -> None:
+        recorder.record(id=self.id, severity=self.severity, title=self.title, message=self.reason)
+        recorder.conclude("error", self.reason)
+
+
+CASE_FACTORIES: dict[str, Callable[[pytest.Config], list[Any]]] = {
+    "kata_config_case": runtime_config_cases,
+    "kata_kernel_case": kernel_cases,
+}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     for fixture_name, factory in CASE_FACTORIES.items():
         if fixture_name in metafunc.fixturenames:
-            cases = factory(metafunc.config)
+            try:
+                cases = factory(metafunc.config)
+            except KataError as exc:  # a broken rule file: one line at the end of collection
+                _state(metafunc.config).usage_error = str(exc)
+                cases = [SkipCase("broken-rules", str(exc))]
             metafunc.parametrize(fixture_name, cases, ids=[c.id for c in cases])
 
 
@@ -326,9 +510,7 @@ def kata_waivers(pytestconfig: pytest.Config) -> Waivers:
 
 
 @pytest.fixture
-def kata_rule_check(
-    kata_result: CheckRecorder, kata_profile: Profile, kata_waivers: Waivers
-) -> Callable[[Any], None]:
+def kata_rule_check(kata_result: CheckRecorder, kata_profile: Profile, kata_waivers: Waivers) -> Callable[[Any], None]:
     """Run one generated rule case: evaluate, record evidence and attachments, conclude with its status."""
 
     def run(case: Any) -> None:

@@ -140,9 +140,7 @@ def _leaf(check: Check, facts: FactSource) -> _Leaf:
                 f"the value of {check.expected_key}",
                 f"{check.expected_key} is not set, so {key} cannot be compared with it",
             )
-        shown = (
-            describe(check.op, expected_value) + f" (the value of {display_key(facts, check.expected_key)})"
-        )
+        shown = describe(check.op, expected_value) + f" (the value of {display_key(facts, check.expected_key)})"
     if value is ABSENT and check.op == "absent":
         return _Leaf(True, "pass", None, shown, f"{key} is not set")
     if value is ABSENT and check.has_default:
@@ -153,11 +151,7 @@ def _leaf(check: Check, facts: FactSource) -> _Leaf:
             return _Leaf(False, "fail", None, shown, text)
         note = check.missing_note or f"a missing key counts as {check.missing}"
         return _Leaf(None, check.missing, None, shown, f"{text} ({note})")
-    compared = (
-        check.join.join(str(v) for v in value)
-        if check.join is not None and isinstance(value, list)
-        else value
-    )
+    compared = check.join.join(str(v) for v in value) if check.join is not None and isinstance(value, list) else value
     try:
         ok = OPERATORS[check.op](compared, expected_value)
     except (TypeError, ValueError) as exc:
@@ -184,9 +178,7 @@ def run_check(check: Check, facts: FactSource) -> Outcome:
         )
     subs = [run_check(sub, facts) for sub in (check.all or check.any)]
     actual = {(s.keys[0] if s.keys else "?"): s.actual for s in subs}
-    expected = (" and " if check.all else " or ").join(
-        f"({s.expected})" if len(subs) > 1 else s.expected for s in subs
-    )
+    expected = (" and " if check.all else " or ").join(f"({s.expected})" if len(subs) > 1 else s.expected for s in subs)
     by_status = {st: [s for s in subs if s.status == st] for st in ("pass", "fail", "error", "notapplicable")}
     if len(by_status["notapplicable"]) == len(subs):
         status = "notapplicable"

@@ -191,3 +191,36 @@ def extract_ikconfig(kernel: str | Path) -> KernelConfig | None:
     if text is None:
         return None
     return parse_kconfig(text, str(kernel), source=f"ikconfig:{kernel.name}")
+
+
+# ------------------------------------------------------------------------------ kernel-hardening-checker
+
+KHC_PROGRAM = "kernel-hardening-checker"
+
+
+def run_kernel_hardening_checker(config_path: str | Path, *, timeout: float = 120) -> list[dict[str, Any]] | None:
+    """Run the external kernel-hardening-checker (GPL-3.0: a subprocess, never imported) on a config.
+
+    Returns its JSON rows (``option_name``, ``desired_val``, ``check_result``, ...) or ``None`` when the
+    program is not installed or fails. Its exit status means nothing (0 even with FAILs), so only the rows
+    are kept, as a cross-check attached to the evidence, never as the verdict.
+    """
+    import json
+    import shutil
+    import subprocess
+
+    program = shutil.which(KHC_PROGRAM)
+    if program is None:
+        return None
+    try:
+        done = subprocess.run(
+            [program, "-c", str(config_path), "-m", "json"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        rows = json.loads(done.stdout)
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else None

@@ -165,7 +165,7 @@ def _parse_rule(raw: Any, path: Path, index: int) -> Rule:
     for name in REQUIRED:
         if name not in raw or raw[name] in ("", None):
             raise ConfigError(f"{where}: missing field {name!r}", path=path)
-    if not re.fullmatch(r"[A-Z][A-Z0-9]*(-[A-Z0-9]+)+", rid):
+    if not isinstance(rid, str) or not re.fullmatch(r"[A-Z][A-Z0-9]*(-[A-Z0-9]+)+", rid):
         raise ConfigError(f"{where}: id must look like KATA-CFG-001", path=path)
     unknown = sorted(set(raw) - RULE_FIELDS)
     if unknown:
@@ -233,9 +233,7 @@ def parse_check(raw: Any, path: Path | str, where: str) -> Check:
         try:
             re.compile(str(raw["expected"]))
         except re.error as exc:
-            raise ConfigError(
-                f"{where}: bad regular expression {raw['expected']!r}: {exc}", path=path
-            ) from None
+            raise ConfigError(f"{where}: bad regular expression {raw['expected']!r}: {exc}", path=path) from None
     missing = raw.get("missing", "fail")
     if missing not in MISSING_POLICIES:
         raise ConfigError(f"{where}: missing = {missing!r} not in {', '.join(MISSING_POLICIES)}", path=path)

@@ -96,9 +96,7 @@ def parse_waivers(raw: Any, source: str, *, require_expiry: bool = True) -> Waiv
         if not isinstance(scope, list) or not all(isinstance(s, str) for s in scope):
             raise ConfigError(f"{where}: scope must be a string or a list of strings", path=source)
         owner = item.get("owner")
-        out.append(
-            Waiver(rule, justification.strip(), expires, tuple(scope), str(owner) if owner else None, source)
-        )
+        out.append(Waiver(rule, justification.strip(), expires, tuple(scope), str(owner) if owner else None, source))
     return Waivers(out)
 
 
@@ -127,9 +125,7 @@ def load_waivers(path: str | Path | None) -> Waivers:
     data = read_toml(path, "waivers")
     unknown = sorted(set(data) - {"waiver"})
     if unknown:
-        raise ConfigError(
-            f"unknown top-level key(s) {', '.join(unknown)}; expected [[waiver]] tables", path=path
-        )
+        raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; expected [[waiver]] tables", path=path)
     return parse_waivers(data.get("waiver", []), str(path))
 
 
@@ -152,5 +148,5 @@ def apply_waiver(outcome: Outcome, waiver: Waiver | None, today: dt.date | None 
     return replace(
         outcome,
         status="waived",
-        message=(f"waived{until} ({waiver.source}): {waiver.justification}. Failure: {outcome.message}"),
+        message=(f"waived{until} ({waiver.source}): {waiver.justification.rstrip('.')}. Failure: {outcome.message}"),
     )

@@ -163,9 +163,16 @@ class GuestSpec:
         if image is None and initrd is None:
             raise SandboxError("the configuration names neither an image nor an initrd", path=config.path)
         notes: list[str] = []
+        if image is not None and initrd is None:
+            loader = root / "share" / "kata-containers" / "kata-containers-initrd.img"
+            if needs_loader(kernel) and loader.is_file():
+                initrd = loader
+                notes.append(f"the guest kernel has virtio_blk/ext4 as modules: booting the bundle's {loader.name} "
+                             "as a loader for the image (the reference candidate's documented image mode)")
         qemu = asset("path")
         qemu_data = root / "share" / "kata-qemu" / "qemu"
-        usable, why = qemu_runs(qemu)
+        accel_name, reason = detect_accel(accel)
+        usable, why = qemu_runs(qemu, accel_name)
         if not usable:
             notes.append(f"the bundle's hypervisor {qemu} cannot run here ({why}); using the host's {HOST_QEMU}")
             qemu, qemu_data = Path(HOST_QEMU), None
@@ -181,7 +188,6 @@ class GuestSpec:
         if writable:
             notes.append("kernel_params carry 'rw': the guest root is asked to be writable; the image is attached "
                          "read-write as a private copy")
-        accel_name, reason = detect_accel(accel)
         memory = int(config.get("hypervisor.*.default_memory", 2048) or 2048)
         return cls(qemu=qemu or Path(HOST_QEMU), kernel=kernel, initrd=initrd, image=image, kernel_params=params,
                    machine_type=str(config.get("hypervisor.*.machine_type", "q35") or "q35"),
@@ -211,6 +217,18 @@ class GuestSpec:
 
     def with_changes(self, **changes: Any) -> GuestSpec:
         return replace(self, **changes)
+
+
+def needs_loader(kernel: Path) -> bool:
+    """Whether the kernel cannot mount a virtio-blk ext4 root by itself (drivers built as modules)."""
+    release = kernel_release_of(kernel) or ""
+    for config in (*sorted(kernel.resolve().parent.glob("config-*")), Path(f"/boot/config-{release}")):
+        try:
+            text = config.read_text(errors="replace")
+        except OSError:
+            continue
+        return "CONFIG_VIRTIO_BLK=m" in text or "CONFIG_EXT4_FS=m" in text
+    return False
 
 
 def map_path(root: Path, value: str) -> Path:
@@ -243,20 +261,24 @@ def tree_config(root: Path, shim: str | None = None) -> Any:
     return load_config(path.resolve())
 
 
-def qemu_runs(qemu: Path | None) -> tuple[bool, str]:
+def qemu_runs(qemu: Path | None, accel: str = "tcg") -> tuple[bool, str]:
+    """Whether this QEMU can start a machine with ``accel`` here (``--version`` is not enough: a copied
+    binary may lack its accelerator modules)."""
     if qemu is None:
         return False, "no hypervisor path in the configuration"
     if not qemu.is_file():
         return False, "not in the bundle"
+    argv = [str(qemu), "-accel", accel, "-machine", "none", "-nodefaults", "-display", "none", "-monitor",
+            "stdio", "-S"]
     try:
-        proc = subprocess.run([str(qemu), "--version"], capture_output=True, text=True, timeout=20)
+        proc = subprocess.run(argv, input="quit\n", capture_output=True, text=True, timeout=30)
     except OSError as exc:
         return False, str(exc)
     except subprocess.TimeoutExpired:
-        return False, "--version timed out"
-    if proc.returncode != 0 or "QEMU" not in proc.stdout:
-        return False, (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]
-    return True, proc.stdout.splitlines()[0]
+        return False, "a smoke start timed out"
+    if proc.returncode != 0:
+        return False, (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+    return True, "starts"
 
 
 def host_kernel() -> Path:
@@ -379,10 +401,12 @@ class DirectDriver(SandboxDriver):
         self.probe_dir = ""
         self.boot_seconds: float | None = None
         self.image_sha_at_start: str | None = None
+        self.notes: list[str] = []
         self._counter = 0
 
     def describe(self) -> dict[str, Any]:
         return {"driver": self.name, "is_vm": True, "vm": self.vm_name, "boot_seconds": self.boot_seconds,
+                "driver_notes": self.notes,
                 "qemu_argv": self.spec.argv(self.vm_name, self.image_path), **self.spec.to_json()}
 
     def guest_kernel_release(self) -> str | None:
@@ -412,8 +436,10 @@ class DirectDriver(SandboxDriver):
                                        echo=False, env={**os.environ, "TERM": "dumb"})
             try:
                 self.child.expect(READY_RE, timeout=self.boot_timeout)
-                self.child.sendline(f"export PS1='{PROMPT}'; stty -echo 2>/dev/null; dmesg -n 1 2>/dev/null; "
-                                    f"echo KP-BOOT-$((40+2))")
+                # drive a child shell, never the console shell itself: in a minimal guest that one is PID 1,
+                # and anything that kills it would panic the guest
+                self.child.sendline(f"dmesg -n 1 2>/dev/null; PS1='{PROMPT}' sh")
+                self.child.sendline(f"export PS1='{PROMPT}'; stty -echo 2>/dev/null; echo KP-BOOT-$((40+2))")
                 self.child.expect(r"KP-BOOT-42", timeout=60)
                 self.child.expect_exact(PROMPT, timeout=30)
             except Exception as exc:
@@ -456,6 +482,16 @@ class DirectDriver(SandboxDriver):
             if rc != 0:
                 raise SandboxError(f"uploading the probe failed: {out.strip()[-200:]}", path=self.vm_name)
         self.run(f"chmod 755 {self.probe_dir} {dest}")
+        # the unprivileged workload runs as nobody; a minimal guest image may not have that user
+        rc, _ = self.run("grep -q '^nobody:' /etc/passwd")
+        if rc != 0:
+            etc = f"{self.probe_dir}/etc"
+            rc, out = self.run(f"mkdir -p {etc} && cp -a /etc/. {etc}/ 2>/dev/null; "
+                               f"[ -f {etc}/passwd ] || echo 'root:x:0:0:root:/root:/bin/sh' > {etc}/passwd; "
+                               f"echo 'nobody:x:65534:65534:nobody:/:/bin/sh' >> {etc}/passwd && "
+                               f"mount --bind {etc} /etc")
+            self.notes.append("the guest image has no 'nobody' user: a copy of /etc with one added is bind-mounted "
+                              "over /etc inside the guest" + ("" if rc == 0 else f" (failed: {out.strip()[-120:]})"))
 
     def probe(self, workload: Workload | None = None) -> ProbeFacts:
         workload = workload or Workload()
@@ -503,6 +539,9 @@ class DirectDriver(SandboxDriver):
             finally:
                 child.close(force=True)
             step("sandbox", f"stopped {self.vm_name}")
+            if os.environ.get("PYTEST_KATA_CONSOLE_DIR"):
+                log = Path(os.environ["PYTEST_KATA_CONSOLE_DIR"]) / f"{self.vm_name}.console.log"
+                log.write_text(self.console_log())
         if self.workdir and not self.keep:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None

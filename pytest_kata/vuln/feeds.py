@@ -166,6 +166,83 @@ class DebianTrackerFeed(Feed):
         return out
 
 
+class _SqliteSources:
+    """Read-only mapping source -> CVE table, one JSON row per source package (the index of a big tracker
+    file), so that a scan parses only the sources the guest has."""
+
+    def __init__(self, db: Path) -> None:
+        import sqlite3
+
+        self.conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self.conn.execute("SELECT body FROM src WHERE name = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def __contains__(self, key: object) -> bool:
+        return self.conn.execute("SELECT 1 FROM src WHERE name = ?", (key,)).fetchone() is not None
+
+    def meta(self, key: str) -> str:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else ""
+
+
+class IndexedTrackerFeed(DebianTrackerFeed):
+    """A Debian tracker JSON read through its on-disk index (built the first time the file is seen)."""
+
+    def __init__(self, path: Path, index: Path) -> None:
+        self.sources = _SqliteSources(index)
+        super().__init__(path, self.sources)  # type: ignore[arg-type]
+        self.index = index
+
+    def releases(self) -> set[str]:
+        return set(filter(None, self.sources.meta("releases").split(",")))
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.path} (index {self.index.name})"
+
+
+INDEX_MIN_BYTES = 4 * 1024 * 1024
+INDEX_VERSION = "1"
+
+
+def _index_path(p: Path) -> Path | None:
+    try:
+        from pytest_kata.resources import cache_dir
+
+        st = p.stat()
+        import hashlib
+
+        key = hashlib.sha256(f"{INDEX_VERSION}\0{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+        return cache_dir() / "feeds" / f"tracker-{key[:24]}.sqlite"
+    except OSError:
+        return None
+
+
+def _write_index(feed: DebianTrackerFeed, target: Path) -> None:
+    """Best effort: a cache that cannot be written only costs speed."""
+    import os
+    import sqlite3
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        tmp.unlink(missing_ok=True)
+        conn = sqlite3.connect(tmp)
+        conn.execute("CREATE TABLE src (name TEXT PRIMARY KEY, body TEXT NOT NULL)")
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+        conn.executemany("INSERT INTO src VALUES (?, ?)", ((k, json.dumps(v)) for k, v in feed.data.items()))
+        conn.execute("INSERT INTO meta VALUES ('releases', ?)", (",".join(sorted(feed.releases())),))
+        conn.commit()
+        conn.close()
+        os.replace(tmp, target)
+    except (OSError, sqlite3.Error):
+        try:
+            tmp.unlink(missing_ok=True)
+        except (OSError, UnboundLocalError):
+            pass
+
+
 # ------------------------------------------------------------------------------------------ debsecan feed
 class DebsecanFeed(Feed):
     """debsecan's compact feed (zlib, ``VERSION 1``, three blank-line separated blocks), one file per suite."""
@@ -175,40 +252,52 @@ class DebsecanFeed(Feed):
     def __init__(self, path: Path, text: str) -> None:
         super().__init__(path)
         self.suite = path.name
-        self.entries: dict[str, list[PackageVuln]] = defaultdict(list)
+        self.lines: dict[str, list[str]] = defaultdict(list)  # package -> raw lines, parsed on lookup
+        self.entries: dict[str, list[PackageVuln]] = {}
         lines = text.split("\n")
         if not lines or lines[0] != "VERSION 1":
             raise FeedError("not a debsecan feed (first line is not 'VERSION 1')", path=path)
-        names: list[tuple[str, str]] = []
-        i = 1
         try:
-            while i < len(lines) and lines[i]:
-                name, _, desc = lines[i].split(",", 2)
-                names.append((name, desc))
-                i += 1
-            i += 1
-            while i < len(lines) and lines[i]:
-                package, vnum, flags, unstable, other = lines[i].split(",", 4)
-                cve, desc = names[int(vnum)]
+            blank = lines.index("", 1)
+            self.names = [tuple(line.split(",", 2)[0::2]) for line in lines[1:blank]]
+            end = lines.index("", blank + 1) if "" in lines[blank + 1:] else len(lines)
+        except ValueError:
+            raise FeedError("malformed debsecan feed: missing the blank line after the names", path=path) from None
+        for line in lines[blank + 1:end]:
+            package, sep, _ = line.partition(",")
+            if not sep:
+                raise FeedError(f"malformed debsecan feed line {line[:60]!r}", path=path)
+            self.lines[package].append(line)
+
+    def _parse(self, package: str) -> list[PackageVuln]:
+        out = []
+        for line in self.lines.get(package, []):
+            try:
+                package, vnum, flags, unstable, other = line.split(",", 4)
+                cve, desc = self.names[int(vnum)]
                 urgency = {"L": "low", "M": "medium", "H": "high"}.get(flags[1], "")
-                self.entries[package].append(PackageVuln(
-                    id=cve, package=package, ecosystem="deb", ranges=(Range("0", unstable or None),),
-                    not_affected_versions=tuple(v for v in other.split(" ") if v), binary=flags[0] == "B",
-                    severity=urgency, scope={"R": "remote", " ": "local"}.get(flags[2], ""), summary=desc,
-                    feed=str(path)))
-                i += 1
-        except (ValueError, IndexError):
-            raise FeedError(f"malformed debsecan feed line {i + 1}: {lines[i][:60]!r}", path=path) from None
+                scope = {"R": "remote", " ": "local"}.get(flags[2], "")
+                binary = flags[0] == "B"
+            except (ValueError, IndexError):
+                raise FeedError(f"malformed debsecan feed line {line[:60]!r}", path=self.path) from None
+            out.append(PackageVuln(
+                id=cve, package=package, ecosystem="deb", ranges=(Range("0", unstable or None),),
+                not_affected_versions=tuple(v for v in other.split(" ") if v), binary=binary,
+                severity=urgency, scope=scope, summary=desc, feed=str(self.path)))
+        return out
 
     def has_package(self, package: str) -> bool:
-        return package in self.entries
+        return package in self.lines
 
     def releases(self) -> set[str]:
         return {self.suite}
 
     def lookup(self, package: str, release: Release) -> list[PackageVuln]:
-        return self.entries.get(package, []) if release.codename in (self.suite, "") or \
-            self.suite == "GENERIC" else []
+        if release.codename not in (self.suite, "") and self.suite != "GENERIC":
+            return []
+        if package not in self.entries:
+            self.entries[package] = self._parse(package)
+        return self.entries[package]
 
 
 # ------------------------------------------------------------------------------------------ OSV
@@ -373,6 +462,9 @@ def load_feed(path: str | Path) -> Feed:
         return _load_dir(p)
     if not p.is_file():
         raise FeedError("no such feed file or directory", path=p)
+    index = _index_path(p) if p.stat().st_size >= INDEX_MIN_BYTES else None
+    if index is not None and index.is_file():
+        return IndexedTrackerFeed(p, index)
     raw = p.read_bytes()
     if raw[:2] == b"PK":
         return _load_zip(p)
@@ -390,7 +482,10 @@ def load_feed(path: str | Path) -> Feed:
         raise FeedError(f"not a recognised feed: invalid JSON ({exc})", path=p,
                         hint="expected Debian tracker JSON, OSV, Alpine secdb, CVE JSON 5 or a debsecan feed") \
             from None
-    return _from_json(p, doc)
+    feed = _from_json(p, doc)
+    if index is not None and isinstance(feed, DebianTrackerFeed):
+        _write_index(feed, index)
+    return feed
 
 
 def _from_json(p: Path, doc: Any) -> Feed:

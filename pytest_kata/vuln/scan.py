@@ -69,6 +69,25 @@ def release_of(os_release: dict[str, str], override: str | None = None) -> Relea
     return Release(family, version, codename)
 
 
+DEBIAN_CODENAMES = {"10": "buster", "11": "bullseye", "12": "bookworm", "13": "trixie", "14": "forky"}
+
+
+def infer_debian_release(packages: list[InstalledPackage]) -> tuple[Release, str]:
+    """No os-release (a 'custom' mmdebstrap rootfs without base-files): the stable-update suffixes of the
+    installed versions (``+deb12u3``, ``~deb12u1``) name the release; said in the notes, never silent."""
+    import re
+    from collections import Counter
+
+    seen = Counter(m.group(1) for p in packages for m in [re.search(r"[+~]deb(\d+)u\d+", p.version)] if m)
+    if not seen:
+        return Release("debian", "", ""), ""
+    number, count = seen.most_common(1)[0]
+    codename = DEBIAN_CODENAMES.get(number, "")
+    return Release("debian", number, codename), (
+        f"no etc/os-release: Debian {number} ({codename or 'unknown codename'}) inferred from {count} package "
+        f"version(s) carrying +deb{number}u; pass --suite to override")
+
+
 def scan(target: str | Path, feed_paths: list[str | Path], *, suite: str | None = None,
          kernel_version: str | None = None, kernel_config: list[str | Path] | None = None,
          kbuild_map: str | Path | None = None, trust: str = "kata", cmdline: str | None = None) -> ScanResult:
@@ -92,6 +111,10 @@ def scan(target: str | Path, feed_paths: list[str | Path], *, suite: str | None 
             facts = image_facts(root, cmdline=cmdline)
             notes = list(facts.notes)
         release = release_of(db.os_release, suite)
+        if db.kind == "dpkg" and not suite and not (release.codename or release.version_id):
+            release, why = infer_debian_release(db.packages)
+            if why:
+                notes.append(why)
         if db.kind == "none":
             notes.append("no package database found (dpkg/apk): the image cannot be scanned by package; "
                          "binary analysis would be needed")

@@ -39,7 +39,9 @@ def parse(ecosystem: str, version: str) -> Any:
     raise Undetermined(f"no version comparison for ecosystem {ecosystem!r}")
 
 
+@lru_cache(maxsize=262144)
 def compare(ecosystem: str, a: str, b: str) -> int:
-    """-1, 0 or 1 as ``a`` sorts before, equal to, or after ``b``."""
+    """-1, 0 or 1 as ``a`` sorts before, equal to, or after ``b`` (cached: a DSA fixes many CVEs of one
+    source at one version, so the same pairs recur)."""
     va, vb = parse(ecosystem, a), parse(ecosystem, b)
     return (va > vb) - (va < vb)

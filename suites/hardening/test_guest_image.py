@@ -17,10 +17,9 @@ import pytest
 from pytest_kata.errors import KataError
 from pytest_kata.images.facts import ImageFacts, image_facts
 from pytest_kata.images.read import open_image
-from pytest_kata.plugin import settings_of
 from pytest_kata.recorder import CheckRecorder
 from pytest_kata.rules import judge as judge_rule
-from pytest_kata.rules import load_profile, load_rules, load_waivers
+from pytest_kata.rules import load_rules
 
 STATUS_ORDER = ("notapplicable", "waived", "pass", "fail", "error")  # worst last
 # What the Go runtime puts in front of kernel_params for an image rootfs (virtio-blk / nvdimm), see
@@ -116,11 +115,9 @@ def kata_guest_images(kata_candidate: Any, kata_settings: Any) -> list[GuestImag
 
 
 def test_image_rule(image_rule: Any, kata_guest_images: list[GuestImage], kata_result: CheckRecorder,
-                    pytestconfig: pytest.Config) -> None:
-    """The candidate's guest image(s) satisfy this image hardening rule."""
-    settings = settings_of(pytestconfig)
-    profile = load_profile(settings.profile or "default")
-    waivers = load_waivers(settings.waivers) if settings.waivers else None
+                    kata_profile: Any, kata_waivers: Any) -> None:
+    """The candidate's guest image(s) satisfy this image hardening rule (under --kata-profile/--kata-waivers)."""
+    profile, waivers = kata_profile, kata_waivers
     per_image = {}
     worst = None
     for img in kata_guest_images:

@@ -56,17 +56,26 @@ def kata_vuln_scans(kata_candidate: Any, kata_settings: Any) -> dict[str, Any]:
     kernel = _kernel_version(kata_candidate)
     configs = [str(kata_candidate.path(c)) for c in getattr(kata_candidate, "kernel_configs", []) or []][:1]
     out: dict[str, Any] = {}
-    try:
-        for rel in dict.fromkeys(_guest_files(kata_candidate)):
-            path = Path(kata_candidate.path(rel)).resolve()
-            if any(r.target == str(path) for r in out.values()):
-                continue  # kata-containers.img -> kata-debian-12-ref.image: scan once
+    for rel in dict.fromkeys(_guest_files(kata_candidate)):
+        path = Path(kata_candidate.path(rel)).resolve()
+        if any(getattr(r, "target", None) == str(path) for r in out.values()):
+            continue  # kata-containers.img -> kata-debian-12-ref.image: scan once
+        try:
             out[rel] = scan(path, feeds, kernel_version=kernel, kernel_config=configs or None)
-    except KataError as exc:
-        raise pytest.UsageError(str(exc)) from None
+        except KataError as exc:  # a feed or image problem: each check reports it as an error, in one line
+            out[rel] = exc
     if not out:
         pytest.skip("the candidate ships no guest image or initrd")
     return out
+
+
+def _scans(kata_vuln_scans: dict[str, Any], kata_result: CheckRecorder) -> dict[str, Any]:
+    """The successful scans; a scan that failed (bad feed, unreadable image) makes the check an error."""
+    errors = {rel: str(r) for rel, r in kata_vuln_scans.items() if isinstance(r, KataError)}
+    if errors:
+        kata_result.record(scan_errors=errors)
+        kata_result.conclude("error", "; ".join(errors.values()))
+    return kata_vuln_scans
 
 
 def _attach(kata_result: CheckRecorder, rel: str, result: Any) -> None:
@@ -84,7 +93,7 @@ def test_guest_packages_have_no_fixable_vulnerabilities(kata_vuln_scans: dict[st
     """Every package vulnerability with a fix available is a failure, at the rank the Kata guest gives it."""
     failing: list[str] = []
     ranks: list[str] = []
-    for rel, result in kata_vuln_scans.items():
+    for rel, result in _scans(kata_vuln_scans, kata_result).items():
         _attach(kata_result, rel, result)
         fixable = [f for f in result.findings if f.fix_available and f.rank != "info"]
         ranks += [f.rank for f in fixable]
@@ -102,7 +111,7 @@ def test_guest_packages_have_no_fixable_vulnerabilities(kata_vuln_scans: dict[st
                         title="No known guest-kernel CVE affecting code built into the guest kernel")
 def test_guest_kernel_has_no_reachable_cves(kata_vuln_scans: dict[str, Any], kata_result: CheckRecorder) -> None:
     """Kernel CNA records matched by version and weighted by the guest kernel config."""
-    results = list(kata_vuln_scans.values())
+    results = list(_scans(kata_vuln_scans, kata_result).values())
     kernel = results[0].kernel
     if not kernel:
         if any("no guest kernel version" in n for r in results for n in r.notes):
@@ -124,7 +133,7 @@ def test_guest_kernel_has_no_reachable_cves(kata_vuln_scans: dict[str, Any], kat
                         title="The guest image can be scanned (package database present)")
 def test_guest_image_is_scannable(kata_vuln_scans: dict[str, Any], kata_result: CheckRecorder) -> None:
     """An image without a package database cannot be scanned by package: that is a finding of its own."""
-    missing = [rel for rel, r in kata_vuln_scans.items() if r.package_db == "none"]
+    missing = [rel for rel, r in _scans(kata_vuln_scans, kata_result).items() if r.package_db == "none"]
     kata_result.record(package_dbs={rel: r.package_db for rel, r in kata_vuln_scans.items()})
     if missing:
         kata_result.conclude("fail", f"no package database in {', '.join(missing)}: keep var/lib/dpkg/status "

@@ -7,6 +7,7 @@
 #   KATA_PROBE_WRITES=1    also attempt privileged writes (core_pattern, uevent_helper, root device); set only
 #                          when the sandbox is known to be a VM
 #   KATA_PROBE_MARK        token written by those attempts
+#   KATA_PROBE_VSOCK_TIMEOUT  seconds per vsock connect attempt (default 3)
 # No tabs in this file: the direct driver types it over a serial console.
 PATH=/bin:/sbin:/usr/bin:/usr/sbin:$PATH
 export PATH
@@ -106,12 +107,16 @@ for t in $KATA_PROBE_TARGETS; do
 done; printf '}'
 key vsock_device; jbool test -e /dev/vsock
 key vsock; printf '{'; first=1
-for cid in 2 1 4294967295; do for port in 1024 1025 1026; do
+for cid in 2 1; do for port in 1024 1026; do
   [ $first = 1 ] || printf ','; first=0
   if [ ! -e /dev/vsock ] && ! grep -qi vsock /proc/net/protocols 2>/dev/null; then
     r="unreachable: no AF_VSOCK transport in this kernel/VM"
+  elif [ "$(cat /sys/class/dmi/id/sys_vendor 2>/dev/null)" = QEMU ] && \
+       ! grep -qx 0x0013 /sys/bus/virtio/devices/*/device 2>/dev/null; then
+    r="unreachable: this VM has no virtio-vsock device"
   elif have socat; then
-    e=$(timeout 4 socat -u OPEN:/dev/null "VSOCK-CONNECT:$cid:$port" 2>&1) && r=reachable || r="unreachable: ${e##*: }"
+    e=$(timeout "${KATA_PROBE_VSOCK_TIMEOUT:-3}" socat -u OPEN:/dev/null "VSOCK-CONNECT:$cid:$port" 2>&1) \
+      && r=reachable || r="unreachable: ${e##*: }"
   else r="untestable: no socat in the workload (busybox nc has no AF_VSOCK)"; fi
   printf '"%s:%s":%s' "$cid" "$port" "$(jstr "$r")"
 done; done; printf '}'

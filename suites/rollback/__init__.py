@@ -1,0 +1,1 @@
+"""Install, upgrade and rollback: the candidate replaces the baseline and can be rolled back, proven by digest."""

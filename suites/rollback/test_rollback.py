@@ -1,0 +1,174 @@
+"""Upgrade and rollback suite: baseline install -> capture -> candidate install -> smoke -> rollback -> verify.
+
+Run: ``pytest suites/rollback --kata-baseline OLD --kata-candidate NEW``. The scenario runs once per module
+on a fresh target (a scratch sysroot with a private containerd; see ``pytest_kata.plugins.install``); each
+check below reads one property of it, so a failure names the property, with the exact state difference as
+evidence. Failure injection (corrupt archive, killed containerd) and the no-previous-release case use
+targets of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_kata.install.installer import Installer, InstallError, NoContainerd
+from pytest_kata.install.rollout import handlers_gate
+from pytest_kata.install.state import State
+from pytest_kata.recorder import CheckRecorder
+
+
+@dataclass
+class Scenario:
+    installer: Installer
+    results: dict[str, Any] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def run(self, name: str, action: Callable[[], Any]) -> Any:
+        if self.errors:  # a step after a failed one proves nothing
+            self.errors.setdefault(name, f"not run: {next(iter(self.errors))} failed")
+            return None
+        try:
+            self.results[name] = action()
+        except Exception as exc:
+            self.errors[name] = f"{type(exc).__name__}: {exc}"
+        return self.results.get(name)
+
+    def need(self, kata_result: CheckRecorder, *names: str) -> list[Any]:
+        for name in names:
+            if name in self.errors:
+                kata_result.conclude("error", f"step {name} failed: {self.errors[name]}")
+        return [self.results[n] for n in names]
+
+
+@pytest.fixture(scope="module")
+def upgrade(kata_baseline: Any, kata_candidate: Any, make_kata_install_target: Callable[..., Installer]) -> Scenario:
+    """The whole upgrade-and-rollback sequence, once."""
+    scenario = Scenario(make_kata_install_target("upgrade"))
+    inst = scenario.installer
+    scenario.run("baseline", lambda: inst.install(kata_baseline))
+    scenario.run("state-before", inst.capture)
+    candidate = scenario.run("candidate", lambda: inst.install(kata_candidate))
+    scenario.run("smoke", lambda: handlers_gate(inst.host.name, inst, candidate))
+    scenario.run("rollback", inst.rollback)
+    scenario.run("second-rollback", inst.rollback)
+    scenario.run("state-after", inst.capture)
+    return scenario
+
+
+def _identity(kata_result: CheckRecorder, check_id: str, severity: str, title: str, inst: Installer) -> None:
+    kata_result.record(id=check_id, severity=severity, title=title, suite="rollback",
+                       target=getattr(inst, "target_description", inst.host.name))
+
+
+def test_baseline_installs_and_registers_handlers(upgrade: Scenario, kata_result: CheckRecorder) -> None:
+    _identity(kata_result, "KATA-RB-001", "high", "the baseline installs and containerd reports its handlers",
+              upgrade.installer)
+    (report,) = upgrade.need(kata_result, "baseline")
+    kata_result.record(release=report.release, handlers=sorted(report.handlers), mode=report.containerd_mode,
+                       notes=report.notes, timings=report.timings)
+    if not report.handlers:
+        kata_result.conclude("fail", "no kata-* handler registered with containerd")
+    kata_result.conclude("pass", f"{report.release} installed; handlers {', '.join(sorted(report.handlers))}")
+
+
+def test_candidate_upgrade_is_atomic_and_passes_the_smoke_gate(upgrade: Scenario,
+                                                               kata_result: CheckRecorder) -> None:
+    _identity(kata_result, "KATA-RB-002", "high", "the candidate replaces the baseline atomically and the "
+              "handlers answer", upgrade.installer)
+    report, gate, before = upgrade.need(kata_result, "candidate", "smoke", "state-before")
+    kata_result.record(release=report.release, previous=before.release, gate=gate.detail, notes=report.notes)
+    target = report.release
+    if report.digest_before != before.digest:
+        kata_result.conclude("fail", "the state captured by the install differs from the one just before it")
+    if not gate.ok:
+        kata_result.conclude("fail", f"health gate after the upgrade: {gate.detail}")
+    kata_result.conclude("pass", f"/opt/kata switched from {before.release} to {target}; {gate.detail}")
+
+
+def test_rollback_restores_the_previous_state_byte_for_byte(upgrade: Scenario, kata_result: CheckRecorder) -> None:
+    _identity(kata_result, "KATA-RB-003", "critical", "rollback restores the previous state byte for byte",
+              upgrade.installer)
+    rollback, before, after = upgrade.need(kata_result, "rollback", "state-before", "state-after")
+    kata_result.record(digest_before=before.digest, digest_after_rollback=rollback.digest_after,
+                       residue=rollback.residue, timings=rollback.timings)
+    if rollback.difference():
+        kata_result.attach("state difference after rollback", "\n".join(rollback.difference()), "text/x-diff")
+    if not rollback.restored or after.digest != before.digest:
+        kata_result.conclude("fail", "state after rollback differs from before the upgrade: "
+                             + "; ".join(rollback.difference()[:5]))
+    kata_result.conclude("pass", f"digest {before.digest[:16]} restored; no residue")
+
+
+def test_second_rollback_is_a_noop(upgrade: Scenario, kata_result: CheckRecorder) -> None:
+    _identity(kata_result, "KATA-RB-004", "medium", "a second rollback changes nothing", upgrade.installer)
+    second, before, after = upgrade.need(kata_result, "second-rollback", "state-before", "state-after")
+    kata_result.record(message=second.message)
+    if not second.noop or after.digest != before.digest:
+        kata_result.conclude("fail", f"second rollback was not a no-op: {second.message}")
+    kata_result.conclude("pass", second.message)
+
+
+def _corrupt_archive(step: str, installer: Installer) -> None:
+    if step == "unpack":
+        last = installer.journal.last("install")
+        staged = Path(last.step("stage").data["staged"]) if last and last.step("stage") else None
+        if staged and staged.is_file():
+            data = staged.read_bytes()
+            staged.write_bytes(data[: len(data) // 2] + b"\xff" * 4096)
+
+
+def _kill_containerd(step: str, installer: Installer) -> None:
+    if step == "verify-handlers":
+        installer.containerd.kill()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("fault", ["corrupt-archive", "killed-containerd"])
+def test_failed_install_rolls_back_by_itself(fault: str, kata_baseline: Any, kata_candidate: Any,
+                                             make_kata_install_target: Callable[..., Installer],
+                                             kata_result: CheckRecorder) -> None:
+    inst = make_kata_install_target(f"fault-{fault}")
+    _identity(kata_result, f"KATA-RB-005-{fault}", "high", f"an install that fails mid-way ({fault}) leaves "
+              "the host as it was", inst)
+    if fault == "killed-containerd" and isinstance(inst.containerd, NoContainerd):
+        kata_result.conclude("notapplicable", f"no containerd to kill: {inst.containerd.reason}")
+    inst.install(kata_baseline)
+    before: State = inst.capture()
+    inst.inject = _corrupt_archive if fault == "corrupt-archive" else _kill_containerd
+    try:
+        inst.install(kata_candidate)
+    except InstallError as exc:
+        message = str(exc)
+    else:
+        kata_result.conclude("error", f"the injected fault ({fault}) did not make the install fail")
+    inst.inject = None
+    after = inst.capture()
+    kata_result.record(error=message, digest_before=before.digest, digest_after=after.digest)
+    if after.digest != before.digest:
+        from pytest_kata.install.state import diff_states
+
+        kata_result.conclude("fail", "state differs after the automatic rollback: "
+                             + "; ".join(diff_states(before, after).lines()[:5]))
+    kata_result.conclude("pass", f"install failed ({message[:120]}...) and the state is unchanged")
+
+
+def test_rollback_without_a_previous_release_says_so(kata_candidate: Any,
+                                                     make_kata_install_target: Callable[..., Installer],
+                                                     kata_result: CheckRecorder) -> None:
+    inst = make_kata_install_target("first-install")
+    _identity(kata_result, "KATA-RB-006", "medium", "rollback without a previous release says so", inst)
+    inst.install(kata_candidate)
+    try:
+        inst.rollback()
+    except InstallError as exc:
+        message = str(exc)
+    else:
+        kata_result.conclude("fail", "rollback of a first install silently removed Kata instead of saying so")
+    kata_result.record(message=message)
+    if "no previous release" not in message:
+        kata_result.conclude("fail", f"unexpected error: {message}")
+    kata_result.conclude("pass", message)

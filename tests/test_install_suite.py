@@ -1,0 +1,42 @@
+"""``suites/rollback`` driven with pytester: a real upgrade and rollback of two small bundles on a scratch
+sysroot (with a private containerd when available), the verdict report, and the missing-baseline case."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.test_install import make_bundle
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_rollback_suite_accepts_a_clean_upgrade_and_rollback(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    baseline = make_bundle(tmp_path / "b", "3.30.0", extra={"share/kata-containers/vmlinuz-6.1-a": "A"})
+    candidate = make_bundle(tmp_path / "c", "3.31.0", shims=("qemu", "clh"),
+                            extra={"share/kata-containers/vmlinuz-6.2-b": "B"})
+    report = pytester.path / "verdict.json"
+    result = pytester.runpytest_subprocess(str(REPO / "suites" / "rollback"), "--kata-baseline", str(baseline.root),
+                                           "--kata-candidate", str(candidate.root), "--kata-report", str(report),
+                                           "-p", "no:randomly")
+    assert result.ret == 0, result.stdout.str()
+    verdict = json.loads(report.read_text())
+    by_id = {r["id"]: r for r in verdict["results"]}
+    assert set(by_id) == {"KATA-RB-001", "KATA-RB-002", "KATA-RB-003", "KATA-RB-004", "KATA-RB-005-corrupt-archive",
+                          "KATA-RB-005-killed-containerd", "KATA-RB-006"}
+    assert by_id["KATA-RB-003"]["status"] == "pass" and by_id["KATA-RB-003"]["severity"] == "critical"
+    evidence = by_id["KATA-RB-003"]["evidence"]
+    assert evidence["digest_before"] == evidence["digest_after_rollback"] and evidence["residue"] == []
+    assert by_id["KATA-RB-001"]["evidence"]["handlers"] == ["kata-qemu"]
+    assert "no previous release" in by_id["KATA-RB-006"]["evidence"]["message"]
+    assert verdict["verdict"] == "accept"
+
+
+def test_rollback_suite_without_a_baseline_skips_saying_what_to_pass(pytester: pytest.Pytester,
+                                                                     tmp_path: Path) -> None:
+    candidate = make_bundle(tmp_path / "c", "3.31.0")
+    result = pytester.runpytest_subprocess(str(REPO / "suites" / "rollback"), "--kata-candidate",
+                                           str(candidate.root), "-rs", "-k", "baseline_installs")
+    result.stdout.fnmatch_lines(["*no baseline given: pass --kata-baseline PATH*"])

@@ -1,0 +1,144 @@
+"""The reference candidate (fixtures/build-reference): kata-static layout, real versions, tarball hygiene.
+
+Builds are cached by content hash; the first run builds the ``reference`` guest image (~20 s) and each
+bundle (~1 s), later runs reuse them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "fixtures"))
+
+from reference import (  # noqa: E402
+    KERNEL_PATH_REWRITES,
+    ensure_reference,
+    reference_tarball,
+)
+
+from pytest_kata.errors import KataError  # noqa: E402
+from pytest_kata.images.common import host_kernel  # noqa: E402
+
+pytestmark = pytest.mark.slow
+SHARE = "opt/kata/share/kata-containers"
+
+
+@pytest.fixture(scope="module")
+def candidate() -> Path:
+    return ensure_reference("candidate", "hardened")
+
+
+@pytest.fixture(scope="module")
+def baseline() -> Path:
+    return ensure_reference("baseline", "hardened")
+
+
+def test_layout_and_versions(candidate: Path) -> None:
+    kata = candidate / "opt/kata"
+    assert (kata / "VERSION").read_text().strip() == "4.1.0"
+    krel = host_kernel().release
+    share = candidate / SHARE
+    assert (share / "vmlinuz.container").resolve() == (share / f"vmlinuz-{krel}-ref").resolve()
+    assert (share / f"config-{krel}-ref").read_bytes() == host_kernel().config.read_bytes()
+    assert (share / "kata-containers.img").resolve().name == "kata-debian-12-ref.image"
+    assert (share / "kata-containers-initrd.img").resolve().name == "kata-debian-12-ref.initrd"
+    assert (kata / "bin/qemu-system-x86_64").read_bytes() == Path("/usr/bin/qemu-system-x86_64").read_bytes()
+    versions = yaml.safe_load((kata / "versions.yaml").read_text())
+    kernel_pkg = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", f"linux-image-{krel}"],
+                                capture_output=True, text=True).stdout
+    assert versions["assets"]["kernel"]["version"] == "v" + kernel_pkg.split("-")[0]
+    qemu_line = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout
+    assert versions["assets"]["hypervisor"]["qemu"]["version"].lstrip("v") in qemu_line
+    ref = json.loads((kata / "kata-reference.json").read_text())
+    assert ref["reference"] is True and ref["version"] == "4.1.0"
+    assert {"containerd-shim-kata-v2", "kata-agent", "virtiofsd"} <= set(ref["missing"])
+    assert not (kata / "bin/containerd-shim-kata-v2").exists()
+
+
+def test_configs_point_at_the_bundle(candidate: Path) -> None:
+    defaults = candidate / "opt/kata/share/defaults/kata-containers"
+    assert (defaults / "configuration.toml").resolve().name == "configuration-qemu.toml"
+    assert (defaults / "runtime-rs/configuration.toml").resolve().name == "configuration-qemu-runtime-rs.toml"
+    text = (defaults / "configuration-qemu.toml").read_text()
+    assert "SPDX-License-Identifier" in text or "Copyright" in text  # licence header kept
+    for old in KERNEL_PATH_REWRITES:
+        assert old not in text
+    from pytest_kata.kataconfig import load_config
+
+    cfg = load_config(defaults / "configuration-qemu.toml")
+    for key in ("kernel", "image", "path"):
+        value = cfg.get(f"hypervisor.qemu.{key}")
+        assert value.startswith("/opt/kata/") and (candidate / value.lstrip("/")).exists(), (key, value)
+    hardened = (REPO / "fixtures/configs/hardened/configuration-qemu.toml").read_text()
+    assert text == hardened.replace('"/opt/kata/share/kata-containers/vmlinux.container"',
+                                    '"/opt/kata/share/kata-containers/vmlinuz.container"')
+
+
+def test_bundle_opens_with_the_inventory(candidate: Path) -> None:
+    bundle_mod = pytest.importorskip("pytest_kata.bundle")
+    bundle = bundle_mod.open_bundle(candidate)
+    assert bundle.version == "4.1.0"
+    assert "bin/qemu-system-x86_64" in bundle.hypervisors
+    assert any(k.endswith("vmlinuz.container") for k in bundle.kernels)
+    assert "containerd-shim-kata-v2" in bundle.missing
+    assert bundle.shim("qemu").config.get("hypervisor.qemu.kernel").endswith("vmlinuz.container")
+
+
+def test_tarball_is_rooted_owned_by_root_and_sorted(candidate: Path) -> None:
+    tarball = reference_tarball("candidate", "hardened")
+    assert tarball.name == "kata-static-4.1.0-reference-hardened-amd64.tar.zst"
+    assert (REPO / "fixtures/out" / tarball.name).exists()
+    import zstandard
+
+    with open(tarball, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as stream, \
+            tarfile.open(fileobj=stream, mode="r|") as tar:
+        members = [(m.name, m.uid, m.gid, m.mtime, m.type) for m in tar]
+    names = [m[0] for m in members]
+    assert names == sorted(names)
+    assert all(n == "." or n.startswith("./opt/kata") for n in names)
+    assert {m[1] for m in members} == {0} and {m[2] for m in members} == {0}
+    assert len({m[3] for m in members}) == 1  # one fixed mtime
+    assert f"./{SHARE}/kata-debian-12-ref.image" in names
+    assert all(t in (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE) for *_, t in members)
+
+
+def test_baseline_reuses_the_guest_image(candidate: Path, baseline: Path) -> None:
+    assert (baseline / "opt/kata/VERSION").read_text().strip() == "3.30.0"
+    refs = [json.loads((root / "opt/kata/kata-reference.json").read_text()) for root in (baseline, candidate)]
+    assert refs[0]["components"]["guest-image-key"] == refs[1]["components"]["guest-image-key"]
+    image = f"{SHARE}/kata-debian-12-ref.image"
+    assert (baseline / image).read_bytes() == (candidate / image).read_bytes()
+    assert baseline != candidate
+
+
+def test_upstream_variant_differs_only_in_configs(candidate: Path) -> None:
+    upstream = ensure_reference("candidate", "upstream")
+    cfg = "opt/kata/share/defaults/kata-containers/configuration-qemu.toml"
+    assert (upstream / cfg).read_text() != (candidate / cfg).read_text()
+    assert (upstream / "opt/kata/VERSION").read_text() == (candidate / "opt/kata/VERSION").read_text()
+
+
+def test_bad_arguments_are_one_line() -> None:
+    with pytest.raises(KataError, match="unknown reference build"):
+        ensure_reference("nightly")
+    with pytest.raises(KataError, match="unknown reference variant"):
+        ensure_reference("candidate", "insecure")
+
+
+def test_build_script_runs_and_reports(candidate: Path) -> None:
+    proc = subprocess.run([str(REPO / "fixtures/build-reference"), "--which", "candidate", "--variant",
+                           "hardened"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "4.1.0" in proc.stdout and "kata-static-4.1.0-reference-hardened-amd64.tar.zst" in proc.stdout
+    assert "reference candidate 4.1.0 (hardened)" in proc.stderr  # progress
+    bad = subprocess.run([str(REPO / "fixtures/build-reference"), "--which", "nightly"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2
