@@ -185,7 +185,7 @@ def _score_band(score: float) -> str:
 def _cvss_score(vector: str) -> float | None:
     """Base score of a CVSS v3/v4 vector (the ``cvss`` library); None when it cannot be read."""
     try:
-        from cvss import CVSS3, CVSS4  # type: ignore[import-untyped]
+        from cvss import CVSS3, CVSS4
 
         if vector.startswith("CVSS:4"):
             return float(CVSS4(vector).base_score)
@@ -212,8 +212,8 @@ def _severity(record: dict[str, Any]) -> tuple[str, str, float | None]:
     if score is None and isinstance(_harness(record).get("cvss_v4_base_score_computed"), int | float):
         score = float(_harness(record)["cvss_v4_base_score_computed"])
         score_source = f"database_specific.x_kata_harness.cvss_v4_base_score_computed {score:g}"
-    spec = record.get("database_specific") if isinstance(record.get("database_specific"), dict) else {}
-    label = spec.get("severity")
+    spec = record.get("database_specific")
+    label = spec.get("severity") if isinstance(spec, dict) else None
     if isinstance(label, str) and label.strip().lower() in SEVERITY_LABELS:
         return SEVERITY_LABELS[label.strip().lower()], f"database_specific.severity {label}", score
     for key in ("github_severity_label", "kata_severity_label"):

@@ -43,6 +43,7 @@ class CheckRecorder:
     evidence: dict[str, Any] = field(default_factory=dict)
     status: str | None = None  # set when the test concluded with an explicit status
     attachments: list[tuple[str, str, str]] = field(default_factory=list)  # (name, body, mime)
+    _allure_sent: set[tuple[str, Any]] = field(default_factory=set, repr=False)
 
     @classmethod
     def from_markers(cls, item: pytest.Item) -> CheckRecorder | None:
@@ -106,22 +107,34 @@ class CheckRecorder:
         pytest.fail(f"ERROR: {message}", pytrace=False)
 
     def _allure_identity(self) -> None:
+        """Labels, severity, title and advisory link for allure, each emitted once per distinct value."""
         try:
             import allure
-
-            allure.dynamic.label("suite", self.suite)
-            allure.dynamic.tag(self.id)
-            allure.dynamic.label("rule_id", self.id)
-            allure.dynamic.severity(getattr(allure.severity_level, ALLURE_SEVERITY.get(self.severity, "normal")
-                                            .upper()))
-            if self.title:
-                allure.dynamic.title(f"{self.id}: {self.title}")
-            advisory = self.evidence.get("advisory")
-            if advisory:
-                allure.dynamic.link(f"https://github.com/advisories/{advisory}" if advisory.startswith("GHSA")
-                                    else f"https://nvd.nist.gov/vuln/detail/{advisory}", name=advisory)
-        except Exception:
-            pass
+        except ImportError:
+            return
+        advisory = self.evidence.get("advisory")
+        wanted = {("suite", self.suite), ("tag", self.id), ("rule_id", self.id), ("severity", self.severity),
+                  ("title", self.title), ("advisory", advisory)}
+        for kind, value in sorted(wanted - self._allure_sent, key=str):
+            if not value:
+                continue
+            try:
+                if kind == "tag":
+                    allure.dynamic.tag(value)
+                elif kind == "severity":
+                    level = ALLURE_SEVERITY.get(value, "normal").upper()
+                    allure.dynamic.severity(getattr(allure.severity_level, level))
+                elif kind == "title":
+                    allure.dynamic.title(f"{self.id}: {value}")
+                elif kind == "advisory":
+                    url = (f"https://github.com/advisories/{value}" if value.startswith("GHSA")
+                           else f"https://nvd.nist.gov/vuln/detail/{value}")
+                    allure.dynamic.link(url, name=value)
+                else:
+                    allure.dynamic.label(kind, value)
+            except Exception:  # allure not active for this run: nothing to label
+                return
+            self._allure_sent.add((kind, value))
 
     def attach_to_allure(self, payload: dict[str, Any]) -> None:
         self._allure_identity()

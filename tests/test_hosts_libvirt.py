@@ -129,6 +129,19 @@ def test_nested_kvm_sandbox_vm_starts_inside_the_host(kata_host, tmp_path: Path)
     assert refused.rc != 0 and "kvm" in (refused.stderr + refused.stdout).lower()
 
 
+@pytest.mark.kata_hosts(2)
+def test_two_hosts_on_a_test_network_ping_each_other(kata_hosts, kata_network) -> None:
+    first, second = kata_hosts
+    assert first.name != second.name
+    ip_first, ip_second = first.attach_network(kata_network), second.attach_network(kata_network)
+    assert first.run(f"ping -n -c 2 -W 3 {ip_second}").ok
+    assert second.run(f"ping -n -c 2 -W 3 {ip_first}").ok
+    peer = kata_network.add_peer("probe")
+    assert peer.ping(ip_first) and peer.ping(ip_second)
+    nobody = kata_network.allocate_ip("nobody")  # negative control: an address no one holds stays silent
+    assert not first.run(f"ping -n -c 1 -W 1 {nobody}").ok
+
+
 def test_unreachable_host_fails_with_console_attached(pytester: pytest.Pytester) -> None:
     import libvirt
 

@@ -214,5 +214,9 @@ def test_unknown_and_truncated_inputs(tree: Path, tmp_path: Path) -> None:
     make_ext4_disk(tree, disk)
     cut = tmp_path / "cut.img"
     cut.write_bytes(disk.read_bytes()[:1024 * 1024 + 512])  # partition table intact, filesystem gone
-    with pytest.raises(ImageError, match=r"none holds ext4|not a readable"):
+    with pytest.raises(ImageError, match=r"none holds ext4|not a readable|truncated"):
         open_image(cut).entries()
+    half = tmp_path / "half.img"
+    half.write_bytes(disk.read_bytes()[:disk.stat().st_size // 2])  # metadata intact, data cut off
+    with pytest.raises(ImageError, match="truncated image: the ext4 filesystem needs"):
+        open_image(half).entries()

@@ -33,6 +33,11 @@ fs.protected_fifos = 2
 fs.protected_regular = 2
 fs.suid_dumpable = 0
 kernel.randomize_va_space = 2
+kernel.modules_disabled = 1
+kernel.sysrq = 0
+vm.unprivileged_userfaultfd = 0
+dev.tty.ldisc_autoload = 0
+kernel.perf_event_paranoid = 3
 """
 
 
@@ -341,3 +346,45 @@ def test_suite_catches_baseline_and_passes_minimal(images: dict[str, Path], tmp_
     waived = _run_suite("--kata-candidate", str(bad), "--kata-shim", "qemu", "--kata-waivers", str(waivers),
                         "-k", "KATA-IMG-001 or KATA-IMG-004", cwd=tmp_path)
     assert waived == {"KATA-IMG-001": "waived", "KATA-IMG-004": "fail"}
+
+
+def test_parse_proc_net_against_ss() -> None:
+    """The /proc/net parser on this machine's real socket tables agrees with `ss -ltnu` (same kernel view)."""
+    import subprocess
+
+    if shutil.which("ss") is None:
+        pytest.skip("ss (iproute2) not installed")
+    from pytest_kata.images.surface import PROC_NET, parse_proc_net
+
+    texts = {p: Path(f"/proc/net/{p}").read_text() for p in PROC_NET if Path(f"/proc/net/{p}").exists()}
+    ours = parse_proc_net(texts)
+    ss = subprocess.run(["ss", "-H", "-ltnu"], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(ours) == len([line for line in ss if line.strip()])
+    assert parse_proc_net({"tcp": "  sl  local_address rem_address   st\n"
+                                  "   0: 00000000:0016 00000000:0000 0A 0\n"
+                                  "   1: 0100007F:1F90 0100007F:A000 01 0\n"}) == ["tcp:22"]
+
+
+def test_images_compare_on_kata_trees(images: dict[str, Path], tmp_path: Path) -> None:
+    """`images compare OLD_TREE NEW_TREE` measures the image each tree ships."""
+    import subprocess
+
+    bad = _bundle_with(images["baseline"], tmp_path / "bad")
+    good = _bundle_with(images["minimal"], tmp_path / "good")
+    proc = subprocess.run([sys.executable, "-m", "pytest_kata.cli", "images", "compare", str(good), str(bad),
+                           "--budget", "5"], capture_output=True, text=True, check=False, timeout=120,
+                          env={**os.environ, "PYTEST_KATA_QUIET": "1"})
+    assert proc.returncode == 1 and "good:kata-test.img" in proc.stdout and "over budget" in proc.stdout
+
+
+@pytest.mark.slow
+def test_booted_surface_of_the_reference_candidate() -> None:
+    """The dynamic half: boot the reference candidate's guest (direct driver, TCG here) once; its agent-init
+    image listens on nothing, and the boot time is measured."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+    from reference import ensure_reference  # type: ignore[import-not-found]
+
+    from pytest_kata.images.surface import measure_booted
+
+    seconds, sockets = measure_booted(ensure_reference("candidate", "hardened"), "qemu")
+    assert seconds > 0 and sockets == []

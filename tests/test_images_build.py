@@ -357,7 +357,7 @@ def _boot(args: list[str]) -> dict[str, str]:
     """Boot with qemu under pexpect; return what the guest said about itself."""
     child = pexpect.spawn("qemu-system-x86_64", args, encoding="utf-8", timeout=180, codec_errors="replace")
     try:
-        child.expect(r"KATA-GUEST-READY ([^\r\n]*)")
+        child.expect(r"KATA-GUEST-READY ([^\r\n]+)\r\n")
         ready = child.match.group(1)
         child.expect("kata-guest# ")
         child.sendline("kata-agent --version; touch /probe 2>/dev/null || echo RO-$((40+2))")

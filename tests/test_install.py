@@ -342,6 +342,22 @@ def test_full_disk_rolls_back_by_itself(sysroot: Path, bundles: tuple[Any, Any])
         subprocess.run(["umount", str(releases)], check=True)
 
 
+@pytest.mark.parametrize("step", ["capture-before", "stage", "switch", "containerd-config"])
+def test_failure_at_any_step_leaves_the_host_as_it_was(sysroot: Path, bundles: tuple[Any, Any], step: str) -> None:
+    installer = Installer(LocalHost(), str(sysroot))
+    installer.install(bundles[0])
+    before = installer.capture()
+
+    def fail(name: str, inst: Installer) -> None:
+        if name == step:
+            raise OSError(f"injected failure at {name}")
+
+    installer.inject = fail
+    with pytest.raises(InstallError, match=f"failed at step {step}: injected failure.*host state restored"):
+        installer.install(bundles[1])
+    assert installer.capture().digest == before.digest
+
+
 CRASH = textwrap.dedent("""
     import os, signal, sys
     from pytest_kata.bundle import open_bundle

@@ -40,3 +40,42 @@ def test_rollback_suite_without_a_baseline_skips_saying_what_to_pass(pytester: p
     result = pytester.runpytest_subprocess(str(REPO / "suites" / "rollback"), "--kata-candidate",
                                            str(candidate.root), "-rs", "-k", "baseline_installs")
     result.stdout.fnmatch_lines(["*no baseline given: pass --kata-baseline PATH*"])
+
+
+@pytest.mark.slow
+def test_reference_upgrade_and_rollback_restore_the_digest(tmp_path: Path) -> None:
+    """The project's reference baseline (3.30.0) and candidate (4.1.0): real kernel, image, qemu, configs."""
+    import os
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(REPO / "fixtures"))
+    try:
+        from reference import ensure_reference  # type: ignore[import-not-found]
+    except ImportError as exc:
+        pytest.skip(f"reference candidate builder unavailable: {exc}")
+    from pytest_kata.bundle import open_bundle
+    from pytest_kata.hosts.base import LocalHost
+    from pytest_kata.install import Installer, SysrootContainerd
+
+    baseline = open_bundle(ensure_reference("baseline", "hardened"))
+    candidate = open_bundle(ensure_reference("candidate", "hardened"))
+    assert (baseline.version, candidate.version) == ("3.30.0", "4.1.0")
+    service = None
+    if shutil.which("containerd") and os.geteuid() == 0:
+        service = SysrootContainerd.prepare(tmp_path)
+        service.start()
+    try:
+        installer = Installer(LocalHost(), str(tmp_path), containerd=service)
+        installer.install(baseline)
+        before = installer.capture()
+        upgrade = installer.install(candidate)
+        assert upgrade.digest_before == before.digest and upgrade.digest_after != before.digest
+        kernel = tmp_path / "opt/kata" / candidate.kernels[0]
+        assert kernel.is_file() and kernel.stat().st_size > 1_000_000
+        report = installer.rollback()
+        assert report.restored and report.residue == [], report.difference()
+        assert installer.capture().digest == before.digest
+    finally:
+        if service is not None:
+            service.stop()

@@ -181,6 +181,10 @@ def test_version_specs() -> None:
             "severity 'severe'",
         ),
         ((RULE_HEAD + 'check = { key = "k", op = "eq", expected = 1 }\n') * 2, "duplicate id"),
+        (
+            RULE_HEAD + 'applies = { hypervisors = ["qemu"] }\ncheck = { key = "k", op = "exists" }\n',
+            "unknown applies key(s) hypervisors",
+        ),
         ("[[rule]\nid=", "not valid TOML"),
         ('title = "no rules here"\n', "no [[rule]] tables"),
     ],
@@ -316,3 +320,14 @@ def test_malformed_profiles_give_one_line(
 def test_unknown_profile_lists_known_ones() -> None:
     with pytest.raises(ConfigError, match="known: confidential, default, kata-guest, strict"):
         load_profile("paranoid")
+
+
+def test_rule_file_can_declare_extra_context_keys(tmp_path: Path) -> None:
+    body = (
+        'context = ["flavour"]\n'
+        + RULE_HEAD
+        + 'applies = { flavour = ["alpine"] }\ncheck = { key = "k", op = "exists" }\n'
+    )
+    rule = load_rules(_rule_file(tmp_path, body))[0]
+    assert evaluate(rule, Facts({}), {"flavour": "debian"}).status == "notapplicable"
+    assert evaluate(rule, Facts({}), {"flavour": "alpine"}).status == "fail"

@@ -269,3 +269,40 @@ def test_candidate_without_configuration_is_an_error(pytester: pytest.Pytester, 
         ("KATA-CFG-000[no-configuration]", "error", "high")
     ]
     assert verdict["verdict"] == "reject" and result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_bad_shim_under_xdist_is_one_line(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """Workers must not crash on an input error: the controller reports it before they start."""
+    result = pytester.runpytest_subprocess(
+        str(SUITE), "--kata-candidate", str(kata_tree(tmp_path, "hardened")), "--kata-shim", "acrn", "-n", "2"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+    assert "no shim 'acrn' in this bundle" in result.stderr.str()
+
+
+def test_xdist_verdict_equals_serial_verdict(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    tree = kata_tree(tmp_path, "upstream")
+    _, serial = run(pytester, tree, "--kata-shim", "qemu")
+    report = tmp_path / "parallel.json"
+    result = pytester.runpytest_subprocess(
+        str(SUITE), "--kata-candidate", str(tree), "--kata-shim", "qemu", "--kata-report", str(report), "-n", "2"
+    )
+    parallel = json.loads(report.read_text())
+    assert result.ret == pytest.ExitCode.TESTS_FAILED and parallel["verdict"] == serial["verdict"] == "reject"
+    assert {r["id"]: r["status"] for r in parallel["results"]} == {r["id"]: r["status"] for r in serial["results"]}
+
+
+def test_config_d_dropins_are_checked_as_kata_merges_them(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    tree = kata_tree(tmp_path, "hardened")
+    dropins = tree / DEFAULTS / "config.d"
+    dropins.mkdir()
+    (dropins / "90-site.toml").write_text("[runtime]\ndisable_guest_seccomp = true\n")
+    allure_dir = tmp_path / "allure"
+    result, verdict = run(pytester, tree, "--kata-shim", "qemu", "--alluredir", str(allure_dir))
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    seccomp = by_id(verdict)["KATA-CFG-006[configuration-qemu.toml]"]
+    assert seccomp["status"] == "fail" and verdict["verdict"] == "reject"
+    attached = allure_attachments(allure_dir)["KATA-CFG-006[configuration-qemu.toml]"]
+    diff = attached["diff configuration-qemu.toml vs effective (config.d drop-ins)"]
+    assert "-disable_guest_seccomp = false\n+disable_guest_seccomp = true" in diff

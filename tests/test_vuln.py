@@ -138,11 +138,24 @@ def test_sbom_and_json(tmp_path: Path) -> None:
     from pytest_kata.vuln import cyclonedx
 
     result = scan(ROOTFS, [TRACKER, KERNEL_RECORD], kernel_version="6.6.10", kernel_config=KATA_FRAGMENTS)
-    bom = json.loads(cyclonedx(result))
+    text = cyclonedx(result)
+    bom = json.loads(text)
     assert bom["specVersion"] == "1.6"
-    assert {c["name"] for c in bom["components"]} == {p.name for p in result.packages}
-    vulns = {(v["id"], v["affects"][0]["ref"].split("/")[2].split("@")[0]) for v in bom["vulnerabilities"]}
+    assert {c["name"] for c in bom["components"]} == {p.name for p in result.packages} | {"linux"}
+    vulns = {(v["id"], v["affects"][0]["ref"].split("/")[2].split("@")[0]) for v in bom["vulnerabilities"]
+             if v["affects"][0]["ref"].startswith("pkg:")}
     assert vulns == {(f.id, f.package) for f in result.findings}
+    [kernel] = [v for v in bom["vulnerabilities"] if v["id"] == "CVE-2024-26581"]
+    assert kernel["analysis"]["state"] == "exploitable" and kernel["affects"][0]["ref"] == "guest-kernel:6.6.10"
+    from cyclonedx.exception import MissingOptionalDependencyException
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    try:  # against the official CycloneDX 1.6 schema (the json-validation extra is in .[dev])
+        errors = JsonStrictValidator(SchemaVersion.V1_6).validate_str(text)
+    except MissingOptionalDependencyException:
+        errors = None
+    assert errors is None, errors
     data = result.to_json()
     assert data["summary"]["kernel_affected"] == 1 and data["os"]["codename"] == "bookworm"
     json.dumps(data)
@@ -258,3 +271,16 @@ def test_malformed_feeds(tmp_path: Path, content: bytes, message: str) -> None:
 def test_missing_feed(tmp_path: Path) -> None:
     with pytest.raises(FeedError, match="no such feed"):
         load_feed(tmp_path / "nope.json")
+
+
+@needs_fixture
+def test_every_expected_kernel_entry(expected: dict, tmp_path: Path) -> None:
+    """All kernel rows of expected-findings.json, including 'same record with CONFIG_NF_TABLES=n'."""
+    records = load_feed(KERNEL_RECORD).kernel_records
+    off = tmp_path / "fragment-off.conf"
+    off.write_text(KATA_FRAGMENTS[0].read_text().replace("CONFIG_NF_TABLES=y", "# CONFIG_NF_TABLES is not set"))
+    for exp in expected["kernel"]:
+        fragments = [off, KATA_FRAGMENTS[1]] if "NF_TABLES=n" in exp.get("note", "") else KATA_FRAGMENTS
+        [got] = evaluate_kernel(records, exp["kernel"], read_kconfig(fragments), include_unaffected=True)
+        assert (got.id, got.version_status, got.kconfig, got.config_reachability) == \
+            (exp["id"], exp["version_status"], exp["kconfig"], exp["config_reachability"]), exp

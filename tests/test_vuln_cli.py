@@ -75,3 +75,23 @@ def test_bad_input_is_one_line(tmp_path: Path, case: str) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pytest-kata: error:") and expect in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@needs_fixture
+def test_scan_of_a_kata_tree(tmp_path: Path) -> None:
+    """A Kata tree as target: its image is scanned, its versions.yaml kernel version and shipped config used."""
+    from pytest_kata.images.common import make_ext4_disk
+
+    share = tmp_path / "opt/kata/share/kata-containers"
+    (tmp_path / "opt/kata/share/defaults/kata-containers").mkdir(parents=True)
+    share.mkdir(parents=True)
+    make_ext4_disk(ROOTFS, share / "kata-containers.img")
+    (share / "config-6.6.10-kata").write_text((FIXTURE / "kernel/kata-4.1.0-fragment-common-network.conf").read_text())
+    (tmp_path / "opt/kata/versions.yaml").write_text("assets:\n  kernel:\n    version: v6.6.10\n")
+    proc = cli("scan", str(tmp_path), "--feed", str(TRACKER), "--feed", str(FIXTURE / "feeds/linux-cve"),
+               "--json")
+    data = json.loads(proc.stdout)
+    assert proc.returncode == 0 and data["target"].endswith("kata-containers.img")
+    assert [(k["id"], k["kernel"], k["config_reachability"]) for k in data["kernel"]] == \
+        [("CVE-2024-26581", "6.6.10", "built")]
+    assert len(data["findings"]) == 5

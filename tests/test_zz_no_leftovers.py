@@ -44,6 +44,21 @@ SAMPLE = textwrap.dedent("""
         scratch.mkdir(parents=True, exist_ok=True)
         (scratch / "overlay.qcow2").write_bytes(b"x")
 
+    @pytest.mark.skipif(not shutil.which("libvirtd"), reason="no libvirtd")
+    def test_libvirt_domain_left_running(kata_libvirtd, kata_run_id):
+        import libvirt
+        disk = cache_dir() / "runs" / kata_run_id / "left.qcow2"
+        disk.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+        conn = libvirt.open(kata_libvirtd.uri)
+        dom = conn.defineXML(f'''<domain type="qemu"><name>{kata_run_id}-left</name>
+            <memory unit="MiB">32</memory><vcpu>1</vcpu><os><type arch="x86_64">hvm</type></os>
+            <devices><disk type="file" device="disk"><driver name="qemu" type="qcow2"/>
+            <source file="{disk}"/><target dev="vda" bus="virtio"/></disk>
+            <memballoon model="none"/></devices></domain>''')
+        dom.create()  # deliberately neither destroyed nor undefined: the run's end must do it
+        dom.snapshotCreateXML("<domainsnapshot><name>clean</name></domainsnapshot>", 0)
+
     @pytest.mark.skipif(not shutil.which("containerd"), reason="no containerd")
     def test_containerd_left_running(kata_run_id, tmp_path):
         ctd = services.start_containerd(None, kata_run_id)  # deliberately not stopped: the run's end must

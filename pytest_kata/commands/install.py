@@ -43,15 +43,16 @@ def containerd_for(args: argparse.Namespace, host: Host) -> Any:
     if mode == "auto":
         mode = "systemd" if sysroot.rstrip("/") == "" else "none"
     if mode == "systemd":
-        service = SystemdContainerd(host)
-        return service if service.unavailable() is None else NoContainerd(service.unavailable() or "")
+        systemd = SystemdContainerd(host)
+        reason = systemd.unavailable()
+        return systemd if reason is None else NoContainerd(reason)
     if mode == "private":
         config = Path(sysroot) / "etc/containerd/config.toml"
         if not config.is_file():
             raise KataError("no containerd config to start a private containerd with", path=config)
-        service = SysrootContainerd(sysroot)
-        service.start()
-        return service
+        private = SysrootContainerd(sysroot)
+        private.start()
+        return private
     return NoContainerd("--containerd none" if args.containerd == "none" else
                         "a sysroot has no containerd of its own (pass --containerd private to start one)")
 

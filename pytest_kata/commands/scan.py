@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "CNA records), and ranks findings by what runs in a Kata guest.")
     p.add_argument("target", metavar="IMAGE_OR_ROOTFS_DIR",
                    help="ext4 image, partitioned raw disk, erofs image, initrd, rootfs directory, "
-                        "or a dpkg status file")
+                        "a dpkg status file, or a Kata tree (its image, kernel version and config)")
     p.add_argument("--feed", action="append", required=True, metavar="FEED", help="feed file or directory (repeat)")
     p.add_argument("--sbom", metavar="FILE", help="write a CycloneDX 1.6 SBOM with the vulnerabilities to FILE")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
@@ -40,11 +40,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_scan)
 
 
+def kata_tree_defaults(target: str) -> tuple[str, str | None, list[str]]:
+    """A Kata tree (a dir holding opt/kata) as target: scan its guest image, with the kernel version from
+    its versions.yaml and the kernel config it ships."""
+    from pathlib import Path
+
+    import yaml
+
+    from pytest_kata.images.surface import _bundle_image
+    from pytest_kata.vuln.kernel import kernel_from_bundle_names
+
+    p = Path(target)
+    image = _bundle_image(p) if p.is_dir() else None
+    if image is None:
+        return target, None, []
+    kata = p / "opt/kata" if (p / "opt/kata").is_dir() else p
+    version = None
+    try:
+        data = yaml.safe_load((kata / "versions.yaml").read_text()) or {}
+        version = ((data.get("assets") or {}).get("kernel") or {}).get("version")
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    share = kata / "share/kata-containers"
+    version = version or kernel_from_bundle_names(sorted(x.name for x in share.glob("vmlinu*")))
+    configs = sorted(str(c) for c in share.glob("config-*"))[:1]
+    return str(image), str(version) if version else None, configs
+
+
 def _scan(args: argparse.Namespace) -> int:
     from pytest_kata.vuln import format_table, scan, write_outputs
 
-    result = scan(args.target, args.feed, suite=args.suite, kernel_version=args.kernel_version,
-                  kernel_config=args.kernel_config, kbuild_map=args.kbuild_map, trust=args.trust)
+    target, kernel_version, kernel_config = kata_tree_defaults(args.target)
+    result = scan(target, args.feed, suite=args.suite, kernel_version=args.kernel_version or kernel_version,
+                  kernel_config=args.kernel_config or kernel_config or None, kbuild_map=args.kbuild_map,
+                  trust=args.trust)
     write_outputs(result, sbom=args.sbom, json_out=args.json if args.json not in (None, "-") else None)
     if args.json == "-":
         print(json.dumps(result.to_json(), indent=2))

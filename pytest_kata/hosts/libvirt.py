@@ -480,6 +480,30 @@ class LibvirtHost:
         path.chmod(0o755)
         return path
 
+    # ------------------------------------------------------------------------------------------ networks
+    def attach_network(self, network: Any, *, timeout: float = 90.0) -> str:
+        """Hot-plug a NIC on ``network`` (a :class:`pytest_kata.network.TestNetwork`), give it the network's
+        address for this host and return that address. A revert to ``clean`` removes the NIC again."""
+        import libvirt
+
+        digest = hashlib.sha256(f"{self.name}/{network.label}".encode()).digest()
+        mac = "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+        ip = network.allocate_ip(self.name)
+        with self._lock:
+            try:
+                self.dom.attachDeviceFlags(network.interface_xml(mac=mac), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError as exc:
+                raise HostError(f"cannot attach a NIC on {network.label}: {exc.get_error_message()}",
+                                path=self.name) from None
+            found = self.run(f"for i in $(seq {int(timeout * 5)}); do d=$(ip -o link | awk -F': ' '/{mac}/ "
+                             "{print $2}'); [ -n \"$d\" ] && break; sleep 0.2; done; [ -n \"$d\" ] && "
+                             f"ip addr add {ip}/{network.prefixlen} dev $d && ip link set $d up && echo $d",
+                             timeout=timeout + 30)
+            if not found.ok:
+                raise HostError(f"the NIC on {network.label} did not come up: {found.stderr.strip()}",
+                                path=self.name)
+        return ip
+
     # ------------------------------------------------------------------------------------------ snapshots
     def snapshot(self, name: str) -> None:
         """An internal snapshot of the running host (RAM + disk, ~1 s under TCG)."""

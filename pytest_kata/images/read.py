@@ -229,6 +229,23 @@ class Ext4Root(RootView):
         self._inodes: dict[str, int] = {}
         if shutil.which("debugfs") is None:
             raise ImageError("debugfs not found", path=source, hint="apt-get install e2fsprogs")
+        self._check_size()
+
+    def _check_size(self) -> None:
+        """debugfs lists a truncated filesystem happily (metadata comes first) and then reads zeros: refuse it."""
+        with self.source.open("rb") as f:
+            f.seek(self.offset + 1024)
+            sb = f.read(1024)
+        if len(sb) < 1024:
+            raise ImageError("truncated image: no complete ext4 superblock", path=self.source)
+        blocks = int.from_bytes(sb[4:8], "little")
+        if int.from_bytes(sb[0x60:0x64], "little") & 0x80:  # INCOMPAT_64BIT: high half of the block count
+            blocks |= int.from_bytes(sb[0x150:0x154], "little") << 32
+        needed = blocks * (1024 << int.from_bytes(sb[24:28], "little"))
+        have = self.source.stat().st_size - self.offset
+        if needed > have:
+            raise ImageError(f"truncated image: the ext4 filesystem needs {needed} bytes, the file holds {have}",
+                             path=self.source, hint="copy or download it again")
 
     @property
     def spec(self) -> str:

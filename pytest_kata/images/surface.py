@@ -1,8 +1,9 @@
 """Attack surface of a guest image in numbers, and the comparison users choose a minimal image by.
 
-Static measures only (read from the image, nothing booted): packages, installed size, executables, setuid
-files, enabled services, network daemons that would listen, shells, package managers. Listening sockets
-measured at boot need the direct boot driver (sandbox issue); boot time comes from a caller that booted it.
+Static measures (read from the image, nothing booted): packages, installed size, executables, setuid files,
+enabled services, network daemons that would listen, shells, package managers. With ``--boot`` (Kata trees
+only) the guest is also booted with the direct sandbox driver for its boot time and the sockets listening
+after boot; that needs a console shell in the guest, which systemd guests without a serial getty lack.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "listeners": ("network daemons (static)", ""),
     "shells": ("shells", ""),
     "package_managers": ("package managers", ""),
+    "listening_sockets": ("listening sockets (booted)", ""),
 }
 BUDGET_METRICS = ("packages", "installed_kib", "executables", "setuid", "file_capabilities", "services",
-                  "listeners", "shells", "package_managers")
+                  "listeners", "shells", "package_managers", "listening_sockets")
 
 
 @dataclass
@@ -94,6 +96,43 @@ def measure_root(root: Any, name: str, *, boot_seconds: float | None = None) -> 
     return Surface(name, metrics, details, boot_seconds, notes)
 
 
+PROC_NET = ("tcp", "tcp6", "udp", "udp6")
+
+
+def parse_proc_net(texts: dict[str, str]) -> list[str]:
+    """Listening sockets from ``/proc/net/{tcp,tcp6,udp,udp6}``: TCP in state 0A (LISTEN), UDP unconnected (07)."""
+    out = []
+    for proto, text in texts.items():
+        for line in text.splitlines()[1:]:
+            fields = line.split()
+            if len(fields) < 4:
+                continue
+            local, state = fields[1], fields[3]
+            if (proto.startswith("tcp") and state == "0A") or (proto.startswith("udp") and state == "07"):
+                addr, _, port = local.rpartition(":")
+                out.append(f"{proto}:{int(port, 16)}" + ("" if set(addr) <= {"0"} else f"@{addr}"))
+    return sorted(out)
+
+
+def measure_booted(bundle: str | Path, shim: str | None = None, *, boot_timeout: float = 240.0
+                   ) -> tuple[float, list[str]]:
+    """Boot the bundle's guest with the direct sandbox driver (qemu, TCG where KVM does not work) and read
+    the listening sockets and the boot time: the dynamic half of the surface. Needs a console shell in the
+    guest (agent-init images with the placeholder agent have one)."""
+    from pytest_kata.sandbox.direct import DirectDriver, GuestSpec
+
+    driver = DirectDriver(GuestSpec.from_bundle(bundle, shim), boot_timeout=boot_timeout)
+    try:
+        driver.start()
+        texts = {}
+        for proto in PROC_NET:
+            rc, out = driver.run(f"cat /proc/net/{proto} 2>/dev/null")
+            texts[proto] = out.replace("\r", "") if rc == 0 else ""
+        return float(driver.boot_seconds or 0.0), parse_proc_net(texts)
+    finally:
+        driver.stop()
+
+
 def growth(base: int, new: int) -> float | None:
     """Percent growth; None means 'from nothing to something' (infinite)."""
     if base == 0:
@@ -105,6 +144,8 @@ def over_budget(baseline: Surface, candidate: Surface, budget_percent: float) ->
     """The metrics that grew by more than the budget, each explained."""
     out = []
     for key in BUDGET_METRICS:
+        if key not in baseline.metrics and key not in candidate.metrics:
+            continue
         b, c = baseline.metrics.get(key, 0), candidate.metrics.get(key, 0)
         g = growth(b, c)
         if g is None or g > budget_percent:
@@ -117,6 +158,8 @@ def table(a: Surface, b: Surface) -> str:
     """A side-by-side table, B relative to A."""
     rows = [("metric", a.name, b.name, "change")]
     for key, (label, unit) in METRICS.items():
+        if key not in a.metrics and key not in b.metrics:
+            continue
         va, vb = a.metrics.get(key, 0), b.metrics.get(key, 0)
         g = growth(va, vb)
         change = "=" if va == vb else ("new" if g is None else f"{vb - va:+d} ({g:+.1f}%)")
@@ -134,17 +177,34 @@ def _num(value: float | None) -> str:
     return "unknown" if value is None else f"{value:.1f}"
 
 
+def _bundle_image(p: Path) -> Path | None:
+    """The guest image a Kata tree (a dir holding opt/kata, or /opt/kata itself) ships, if ``p`` is one."""
+    for kata in (p / "opt/kata", p):
+        share = kata / "share/kata-containers"
+        if (kata / "share/defaults/kata-containers").is_dir() and share.is_dir():
+            for name in ("kata-containers.img", "kata-containers-initrd.img"):
+                if (share / name).exists():
+                    return (share / name).resolve()
+    return None
+
+
 def _resolve_image(spec: str) -> tuple[Path, str]:
-    """An image file / rootfs directory, or a guest recipe name built (cached) by helper D's builder."""
+    """An image file / rootfs directory, a Kata tree (its shipped image), or a guest recipe name built
+    (cached) by the guest image builder."""
     p = Path(spec)
+    if p.is_dir() and (image := _bundle_image(p)) is not None:
+        return image, f"{p.name}:{image.name}"
     if p.exists():
         return p, p.name
     try:
-        from pytest_kata.images import guest  # type: ignore[attr-defined]
+        from pytest_kata.images import guest
     except ImportError:
         raise KataError(f"{spec}: no such image file, and guest recipes are not available in this build") from None
     built = guest.build_guest(spec)
-    return Path(built.image), spec
+    artefact = built.image or built.initrd
+    if artefact is None:
+        raise KataError(f"guest recipe {spec!r} built neither an image nor an initrd")
+    return Path(artefact), spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,6 +213,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the measurements as JSON")
     parser.add_argument("--budget", type=float, default=None, metavar="PERCENT",
                         help="exit 1 when B grows any surface metric beyond A by more than PERCENT")
+    parser.add_argument("--boot", action="store_true",
+                        help="A and B are Kata trees: also boot each guest (direct driver) for its boot time "
+                             "and listening sockets")
 
 
 def compare_command(args: argparse.Namespace) -> int:
@@ -163,7 +226,15 @@ def compare_command(args: argparse.Namespace) -> int:
     for spec in (args.a, args.b):
         path, name = _resolve_image(spec)
         with timed("surface", f"measuring {name}"):
-            surfaces.append(measure(path, name))
+            surface = measure(path, name)
+        if getattr(args, "boot", False):
+            if _bundle_image(Path(spec)) is None:
+                raise KataError(f"{spec}: --boot needs a Kata tree (a directory holding opt/kata)")
+            surface.boot_seconds, sockets = measure_booted(spec)
+            surface.metrics["listening_sockets"] = len(sockets)
+            surface.details["listening_sockets"] = sockets
+            surface.notes = [n for n in surface.notes if not n.startswith("listening sockets are static")]
+        surfaces.append(surface)
     a, b = surfaces
     if getattr(args, "json", False):
         print(json.dumps({"a": a.to_json(), "b": b.to_json()}, indent=2))

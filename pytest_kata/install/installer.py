@@ -323,7 +323,8 @@ class RollbackReport:
 
     @property
     def restored(self) -> bool:
-        return self.noop or (self.digest_after is not None and self.digest_after == self.digest_expected)
+        # both None: the install failed before it captured (or changed) anything
+        return self.noop or self.digest_after == self.digest_expected
 
     def difference(self) -> list[str]:
         return self.diff.lines() if self.diff is not None else []
@@ -757,7 +758,10 @@ class Installer:
                 self.containerd.restart()
                 self.journal.write(rb, "rollback", "containerd-restart", "done")
             timings["undo"] = round(time.monotonic() - start, 3)
-            expected_digest, diff, left = None, None, []
+            expected_digest: str | None = None
+            after_digest: str | None = None
+            diff: StateDiff | None = None
+            left: list[str] = []
             if "capture-before" in tx.steps and tx.steps["capture-before"].status == "done":
                 t0 = time.monotonic()
                 expected = self._load_state(tx.id, "state-before.json")
@@ -767,8 +771,6 @@ class Installer:
                 expected_digest = expected.digest
                 left = [f"{p}: {e.describe()}" for p, e in sorted(residue(expected, after).items())]
                 after_digest = after.digest
-            else:  # failed before anything was captured (or changed)
-                after_digest = expected_digest = None
         status = "rolled-back" if tx.status == "committed" else "aborted"
         self.journal.write(tx.id, "install", "tx", status, by=rb)
         restored = expected_digest is None or expected_digest == after_digest

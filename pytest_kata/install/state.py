@@ -337,9 +337,9 @@ class StateDiff:
             out.append(f"~ {path}: " + ", ".join(fields))
         if self.handlers_before != self.handlers_after:
             for name in sorted(set(self.handlers_before) | set(self.handlers_after)):
-                a, b = self.handlers_before.get(name), self.handlers_after.get(name)
-                if a != b:
-                    out.append(f"~ handler {name}: {a} -> {b}")
+                old, new = self.handlers_before.get(name), self.handlers_after.get(name)
+                if old != new:
+                    out.append(f"~ handler {name}: {old} -> {new}")
         for _path, text in sorted(self.config_diffs.items()):
             out.extend(f"  {line}" for line in text.splitlines())
         return out[:limit] + ([f"... {len(out) - limit} more lines"] if len(out) > limit else [])

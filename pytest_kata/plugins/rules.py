@@ -104,11 +104,12 @@ class ConfigSubject:
     shim: str
     config: KataConfig
     installed: KataConfig | None = None
+    runtime_rs: bool = False  # from the bundle's shim inventory (layout-aware)
 
     @property
     def context(self) -> dict[str, Any]:
         return {
-            "runtime": "runtime-rs" if self.config.runtime_rs else "go",
+            "runtime": "runtime-rs" if self.runtime_rs or self.config.runtime_rs else "go",
             "hypervisor": self.config.hypervisor,
             "confidential": self.config.confidential,
             "shim": self.shim,
@@ -165,7 +166,11 @@ def config_subjects(bundle: Any, shim: str | None, installed_path: str | None) -
         except ValueError:
             rel = info.config_path.name
         match = installed is not None and _installed_target(bundle, installed) is info
-        subjects.append(ConfigSubject(info.config_path.name, rel, info.name, info.config, installed if match else None))
+        subjects.append(
+            ConfigSubject(
+                info.config_path.name, rel, info.name, info.config, installed if match else None, bool(info.runtime_rs)
+            )
+        )
     return subjects
 
 
@@ -483,6 +488,28 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                 _state(metafunc.config).usage_error = str(exc)
                 cases = [SkipCase("broken-rules", str(exc))]
             metafunc.parametrize(fixture_name, cases, ids=[c.id for c in cases])
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under xdist, check --kata-candidate/--kata-shim on the controller before workers start: an input error
+    raised inside a worker's collection would crash it instead of printing one line."""
+    config = session.config
+    if hasattr(config, "workerinput") or getattr(config.option, "dist", "no") == "no":
+        return
+    if RULES_STATE not in config.stash:
+        return
+    from pytest_kata.plugin import settings_of
+
+    bundle, _ = _open_candidate(config)
+    shim = settings_of(config).shim
+    error = _state(config).usage_error
+    if error is None and bundle is not None and bundle.shims and shim not in (None, "all"):
+        try:
+            bundle.shim(shim)
+        except KataError as exc:
+            error = str(exc)
+    if error:
+        raise pytest.UsageError(error)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -1,6 +1,7 @@
 """Rules as data: the record a rule file holds, loaded and validated from TOML.
 
-A rule file (``pytest_kata/data/rules/<set>.toml``) is a list of ``[[rule]]`` tables::
+A rule file (``pytest_kata/data/rules/<set>.toml``) is a list of ``[[rule]]`` tables (and optionally
+``context = ["key", ...]``: extra subject context keys its ``applies`` tables may use)::
 
     [[rule]]
     id = "KATA-CFG-006"                 # stable: never renumber, never reuse
@@ -47,6 +48,10 @@ RULE_FIELDS = {
     "description",
 }
 LEAF_FIELDS = {"key", "op", "expected", "expected_key", "missing", "missing_note", "default", "join"}
+# What subjects tell the engine about themselves (applies = {...} keys); a rule file can add its own.
+CONTEXT_KEYS = frozenset(
+    {"runtime", "hypervisor", "confidential", "shim", "config", "kernel_version", "arch", "image_kind", "init"}
+)
 REQUIRED = ("id", "title", "severity", "rationale", "remediation", "references", "check")
 
 
@@ -128,13 +133,17 @@ def load_rules(set_name_or_path: str | Path) -> list[Rule]:
     """Load and validate one rule set (a shipped set name or a path to a TOML file)."""
     path = _file_for(set_name_or_path)
     data = read_toml(path, "rule")
+    extra_context = data.get("context", [])
+    if not isinstance(extra_context, list) or not all(isinstance(k, str) for k in extra_context):
+        raise ConfigError("context must be a list of context key names", path=path)
+    context_keys = CONTEXT_KEYS | frozenset(extra_context)
     raw_rules = data.get("rule")
     if not isinstance(raw_rules, list) or not raw_rules:
         raise ConfigError("no [[rule]] tables", path=path)
     rules: list[Rule] = []
     seen: set[str] = set()
     for index, raw in enumerate(raw_rules):
-        rule = _parse_rule(raw, path, index)
+        rule = _parse_rule(raw, path, index, context_keys)
         if rule.id in seen:
             raise ConfigError(f"rule {rule.id}: duplicate id", path=path)
         seen.add(rule.id)
@@ -155,7 +164,7 @@ def load_all_rules(set_names: list[str] | None = None) -> list[Rule]:
     return out
 
 
-def _parse_rule(raw: Any, path: Path, index: int) -> Rule:
+def _parse_rule(raw: Any, path: Path, index: int, context_keys: frozenset[str] = frozenset()) -> Rule:
     where = f"rule #{index + 1}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a table", path=path)
@@ -178,6 +187,13 @@ def _parse_rule(raw: Any, path: Path, index: int) -> Rule:
     applies = raw.get("applies", {})
     if not isinstance(applies, dict):
         raise ConfigError(f"{where}: applies must be a table", path=path)
+    unknown_context = sorted(set(applies) - context_keys)
+    if unknown_context:  # a typo here would make the rule apply everywhere
+        raise ConfigError(
+            f"{where}: unknown applies key(s) {', '.join(unknown_context)}; known: "
+            f"{', '.join(sorted(context_keys))} (a rule file may add some with `context = [...]`)",
+            path=path,
+        )
     tags = raw.get("tags", [])
     if not isinstance(tags, list):
         raise ConfigError(f"{where}: tags must be a list", path=path)

@@ -387,13 +387,15 @@ class DirectDriver(SandboxDriver):
 
     name = "direct"
     is_vm = True
+    _instances = 0
 
     def __init__(self, spec: GuestSpec, *, boot_timeout: float = 240.0, keep: bool = False) -> None:
         self.spec = spec
         self.boot_timeout = boot_timeout
         self.keep = keep
         self.run_id = runid.current_run_id()
-        self.vm_name = f"{self.run_id}-direct-{os.getpid()}"
+        DirectDriver._instances += 1
+        self.vm_name = f"{self.run_id}-direct-{os.getpid()}-{DirectDriver._instances}"
         self.workdir: Path | None = None
         self.image_path: Path | None = None
         self.child: Any = None

@@ -39,8 +39,10 @@ def write_config(path: Path, source: Path, changes: dict[str, Any]) -> None:
     path.write_text(tomli_w.dumps(data), encoding="utf-8")
 
 
-def variant_tree(root: Path, out: Path, changes: dict[str, Any], *, config: str = "configuration.toml") -> Path:
-    """Copy the /opt/kata tree ``root`` to ``out/opt/kata`` (hard links where possible) and change its config."""
+def variant_tree(root: Path, out: Path, changes: dict[str, Any]) -> Path:
+    """Copy the /opt/kata tree ``root`` to ``out/opt/kata`` (hard links where possible) and apply ``changes`` to
+    every configuration file it ships (Go and runtime-rs) that has the table a key names, so that the flaw is
+    there whichever shim is the default."""
     root = Path(root)
     dest = Path(out) / "opt" / "kata"
     if dest.exists():
@@ -57,10 +59,25 @@ def variant_tree(root: Path, out: Path, changes: dict[str, Any], *, config: str 
                 os.link(src, dst)
             except OSError:
                 shutil.copy2(src, dst)
-    target = (root / CONFIG_DIR / config).resolve()
-    rel_target = target.relative_to(root.resolve())
-    write_config(dest / rel_target, target, changes)
+    changed = 0
+    for config in sorted((dest / CONFIG_DIR).rglob("configuration*.toml")):
+        if config.is_symlink():
+            continue
+        data = tomllib.loads(config.read_text(encoding="utf-8"))
+        applicable = {k: v for k, v in changes.items() if _has_table(data, k)}
+        if applicable:
+            write_config(config, config, applicable)
+            changed += 1
+    if changes and not changed:
+        raise SandboxError(f"no configuration in the bundle has the tables of {sorted(changes)}", path=root)
     return dest
+
+
+def _has_table(data: dict[str, Any], dotted: str) -> bool:
+    parts = dotted.split(".")
+    if parts[0] != "hypervisor" or len(parts) < 3:
+        return True
+    return parts[1] == "*" or parts[1] in data.get("hypervisor", {})
 
 
 def stand_in_image(out: Path) -> Path:

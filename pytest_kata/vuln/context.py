@@ -93,7 +93,7 @@ def _add_libraries(root: RootView, gp: GuestProcesses, contents: dict[str, bytes
             continue
         try:
             elf = ELFFile(io.BytesIO(data))
-            needed = [t.needed for s in elf.iter_sections() if isinstance(s, DynamicSection)
+            needed = [str(t.needed) for s in elf.iter_sections() if isinstance(s, DynamicSection)  # type: ignore[attr-defined]
                       for t in s.iter_tags() if t.entry.d_tag == "DT_NEEDED"]
         except (ELFError, ValueError, OSError):
             continue

@@ -135,6 +135,10 @@ def scan(target: str | Path, feed_paths: list[str | Path], *, suite: str | None 
             if kernel_version:
                 kconfig = read_kconfig(list(kernel_config)) if kernel_config else None
                 kernel = evaluate_kernel(feeds.kernel_records, kernel_version, kconfig, load_kbuild_map(kbuild_map))
+                affected = sum(1 for k in kernel if k.version_status == "affected")
+                notes.append(f"guest kernel {kernel_version}: {len(feeds.kernel_records)} CNA record(s) checked, "
+                             f"{affected} affect this version"
+                             + ("" if kconfig else " (no kernel config: code reachability unknown)"))
             else:
                 notes.append(f"{len(feeds.kernel_records)} kernel record(s) given but no guest kernel version "
                              "(--kernel-version): not evaluated")
@@ -198,6 +202,30 @@ def cyclonedx(result: ScanResult) -> str:
                              properties=[Property(name="pytest-kata:reachability", value=f.reachability),
                                          Property(name="pytest-kata:feed-severity", value=f.severity)])
         bom.vulnerabilities.add(vuln)
+    kernel_versions = sorted({k.kernel for k in result.kernel})
+    kernel_refs = {}
+    for version in kernel_versions:
+        purl = PackageURL(type="generic", name="linux", version=version)
+        comp = Component(name="linux", version=version, type=ComponentType.OPERATING_SYSTEM, purl=purl,
+                         bom_ref=f"guest-kernel:{version}")
+        bom.components.add(comp)
+        bom.register_dependency(root_component, [comp])
+        kernel_refs[version] = comp.bom_ref
+    for k in result.kernel:
+        if k.version_status != "affected":
+            continue
+        state, justification = {
+            "built": (ImpactAnalysisState.EXPLOITABLE, None),
+            "not-built": (ImpactAnalysisState.NOT_AFFECTED, ImpactAnalysisJustification.CODE_NOT_PRESENT),
+        }.get(k.config_reachability, (ImpactAnalysisState.IN_TRIAGE, None))
+        bom.vulnerabilities.add(Vulnerability(
+            id=k.id, bom_ref=f"{k.id}:linux-{k.kernel}", description=k.title or None,
+            ratings=[VulnerabilityRating(severity=sev.get(k.rank, VulnerabilitySeverity.UNKNOWN),
+                                         justification="kata-tailored rank (guest kernel config)")],
+            affects=[BomTarget(ref=str(kernel_refs[k.kernel]))],
+            analysis=VulnerabilityAnalysis(state=state, justification=justification, detail="; ".join(k.reasons)),
+            properties=[Property(name="pytest-kata:kconfig", value=",".join(k.kconfig) or "unmapped"),
+                        Property(name="pytest-kata:config-reachability", value=k.config_reachability)]))
     return JsonV1Dot6(bom).output_as_string(indent=2)
 
 

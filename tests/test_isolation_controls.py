@@ -1,0 +1,152 @@
+"""Positive and negative controls of the isolation and escape-regression suites, run with pytester.
+
+- runc (a real containerd + runc) must make the isolation suite FAIL, for the right reason;
+- the direct driver on the reference candidate must make it PASS;
+- a reference variant whose guest image is attached writable must be caught by the image tests;
+- a configuration that opens the virtio_fs_extra_args / kernel_params annotations, and an older version,
+  must be flagged by the escape-regression suite's static checks.
+VM boots are few: one per direct run, every probe reuses it (session fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from pytest_kata.sandbox.base import sha256_file
+from pytest_kata.sandbox.variants import stand_in_tree, variant_tree
+
+REPO = Path(__file__).resolve().parents[1]
+SUITES = REPO / "suites"
+HARDENED = REPO / "fixtures" / "configs" / "hardened" / "configuration-qemu.toml"
+SUITE_ARGS = ("-p", "no:cacheprovider", "-p", "no:randomly", f"--rootdir={REPO}")
+
+
+def run_suites(pytester: pytest.Pytester, *args: str, suites: tuple[str, ...] = ("isolation",)
+               ) -> tuple[pytest.RunResult, dict]:
+    report = pytester.path / "verdict.json"
+    result = pytester.runpytest_subprocess(*(str(SUITES / s) for s in suites), *SUITE_ARGS,
+                                           f"--kata-report={report}", *args, timeout=900)
+    verdict = json.loads(report.read_text()) if report.exists() else {}
+    return result, verdict
+
+
+def statuses(verdict: dict) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for r in verdict.get("results", []):
+        out.setdefault(r["id"], set()).add(r["status"])
+    return out
+
+
+def by_nodeid(verdict: dict, fragment: str) -> list[dict]:
+    return [r for r in verdict.get("results", []) if fragment in r["nodeid"]]
+
+
+@pytest.fixture(scope="module")
+def reference() -> Path:
+    """The reference candidate (helper D's), the positive control's subject."""
+    sys.path.insert(0, str(REPO / "fixtures"))
+    try:
+        from reference import ensure_reference  # type: ignore[import-not-found]
+    except ImportError as exc:
+        pytest.skip(f"fixtures/reference.py not importable: {exc}")
+    finally:
+        sys.path.pop(0)
+    return Path(ensure_reference("candidate", "hardened")) / "opt" / "kata"
+
+
+def needs_runc() -> None:
+    if os.geteuid() != 0 or not (shutil.which("containerd") and shutil.which("runc")):
+        pytest.skip("the runc control needs root, containerd and runc")
+
+
+def test_runc_control_fails_the_isolation_suite_for_the_right_reasons(pytester):
+    """Negative control: with runc the workload runs on the host kernel, and the suite must say so."""
+    needs_runc()
+    result, verdict = run_suites(pytester, "--kata-runtime", "runc")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*_ test_kernel_is_the_guest_kernel _*",
+                                 "runc is no VM: the workload runs on the host kernel (*); workload boot id equals*"])
+    seen = statuses(verdict)
+    assert verdict["verdict"] == "reject"
+    assert seen["KATA-ISO-001"] == {"fail"}  # kernel identity
+    assert seen["KATA-ISO-009"] == {"fail"}  # the host's memory
+    assert seen["KATA-ISO-011"] == {"fail"}  # privileged writes would land on the host
+    assert "fail" in seen["KATA-ISO-006"]  # host devices (sysfs, privileged /dev)
+    # what runc does isolate is reported as passing: the suite does not fail blindly
+    assert seen["KATA-ISO-002"] == {"pass"} and seen["KATA-ISO-005"] == {"pass"}
+
+
+@pytest.mark.slow
+def test_direct_driver_on_the_reference_candidate_passes(pytester, reference):
+    """Positive control: the reference candidate's guest kernel + image, booted as its config says, passes."""
+    result, verdict = run_suites(pytester, "--kata-candidate", str(reference), "--kata-driver", "direct")
+    seen = statuses(verdict)
+    failed = {k: v for k, v in seen.items() if v & {"fail", "error"}}
+    assert not failed, result.stdout.str()[-3000:]
+    assert result.ret == 0
+    assert seen["KATA-ISO-001"] == {"pass"} and seen["KATA-ISO-011"] == {"pass"}
+    kernel = by_nodeid(verdict, "test_kernel_is_the_guest_kernel")[0]["evidence"]
+    assert kernel["workload_kernel"] == kernel["candidate_kernel"] != kernel["host_kernel"]
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory) -> Path:
+    """A small fixed candidate (4.1.0, hardened config, busybox image) for the escape-suite controls."""
+    if not HARDENED.is_file():
+        pytest.skip(f"{HARDENED} is missing")
+    return stand_in_tree(tmp_path_factory.mktemp("good"), HARDENED, version="4.1.0", image=True)
+
+
+IMAGE_TESTS = "2020_2023 or 2020_2025 or wwj6"
+
+
+@pytest.mark.slow
+def test_writable_guest_image_is_caught(pytester, reference, tmp_path):
+    """A reference variant whose configuration makes the guest root writable: the image tests must fail
+    with host-side proof, and the candidate's own image file must be untouched."""
+    writable = variant_tree(reference, tmp_path / "rw", {
+        "hypervisor.qemu.kernel_params": "cgroup_no_v1=all systemd.unified_cgroup_hierarchy=1 rw"})
+    image = (writable / "share/kata-containers/kata-containers.img").resolve()
+    before = sha256_file(image)
+    result, verdict = run_suites(pytester, "--kata-candidate", str(writable), "--kata-driver", "direct",
+                                 "-k", IMAGE_TESTS, suites=("escape_regression",))
+    dynamic = {r["id"]: r for r in verdict["results"] if "[dynamic]" in r["nodeid"]}
+    assert set(dynamic) == {"KATA-ESC-001", "KATA-ESC-003", "KATA-ESC-007"}
+    for r in dynamic.values():
+        assert r["status"] == "fail", r
+        assert r["evidence"]["sha256_before"] != r["evidence"]["sha256_after"]
+    static = {r["id"]: r["status"] for r in verdict["results"] if "[static]" in r["nodeid"]}
+    assert static["KATA-ESC-003"] == static["KATA-ESC-007"] == "fail"
+    result.stdout.fnmatch_lines(["*guest writes reached the VMM's backing image on the host*"])
+    assert sha256_file(image) == before, "the candidate's own image must never be written"
+
+
+def test_open_annotations_are_flagged(pytester, stand_in, tmp_path):
+    """A configuration that lets pods set virtio_fs_extra_args and kernel_params fails GHSA-rr59's checks;
+    the same candidate without them passes (static mode: no VM needed)."""
+    opened = variant_tree(stand_in, tmp_path / "open", {"hypervisor.qemu.enable_annotations": [
+        "enable_iommu", "virtio_fs_extra_args", "kernel_params"]})
+    for candidate, expected in ((stand_in, "pass"), (opened, "fail")):
+        result, verdict = run_suites(pytester, "--kata-candidate", str(candidate), "-k", "rr59 and static",
+                                     suites=("escape_regression",))
+        got = {r["id"]: r["status"] for r in verdict["results"]}
+        assert got == {"KATA-ESC-009": expected, "KATA-ESC-010": expected}, result.stdout.str()[-2000:]
+    result.stdout.fnmatch_lines(["*let a pod set virtio_fs_extra_args*"])
+
+
+def test_older_version_is_flagged_by_the_version_gates(pytester, stand_in, tmp_path):
+    """The same candidate labelled 3.28.0 is affected by GHSA-q49m and GHSA-mp2j; as 4.1.0 it is not."""
+    old = variant_tree(stand_in, tmp_path / "old", {})
+    (old / "VERSION").unlink()
+    (old / "VERSION").write_text("3.28.0\n")
+    for candidate, expected in ((stand_in, "pass"), (old, "fail")):
+        _, verdict = run_suites(pytester, "--kata-candidate", str(candidate), "-k", "(q49m or mp2j) and static",
+                                suites=("escape_regression",))
+        assert {r["id"]: r["status"] for r in verdict["results"]} == {"KATA-ESC-012": expected,
+                                                                     "KATA-ESC-014": expected}
