@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ def infer_debian_release(packages: list[InstalledPackage]) -> tuple[Release, str
 
 
 def scan(target: str | Path, feed_paths: list[str | Path], *, suite: str | None = None,
-         kernel_version: str | None = None, kernel_config: list[str | Path] | None = None,
+         kernel_version: str | None = None, kernel_config: Sequence[str | Path] | None = None,
          kbuild_map: str | Path | None = None, trust: str = "kata", cmdline: str | None = None) -> ScanResult:
     """Scan one target. ``target``: an image/initrd/rootfs directory, or a dpkg status file."""
     start = time.monotonic()
