@@ -49,6 +49,7 @@ class ContainerdDriver(SandboxDriver):
     """One private containerd, the probe image imported once, one ``ctr run --rm`` per probe."""
 
     name = "containerd"
+    _instances = 0
 
     def __init__(self, handler: str = "runc", *, bundle: Any = None, shim: str | None = None,
                  containerd: Any = None) -> None:
@@ -64,6 +65,8 @@ class ContainerdDriver(SandboxDriver):
         self.runtime_args: list[str] = []
         self.run_id = runid.current_run_id()
         self._counter = 0
+        ContainerdDriver._instances += 1
+        self.instance = ContainerdDriver._instances  # runc's state dir is per namespace, shared by containerds
         self.last_seconds: float | None = None
 
     # availability --------------------------------------------------------------------------------------
@@ -108,7 +111,7 @@ class ContainerdDriver(SandboxDriver):
             self.ctd.ctr("images", "import", str(tar))
         self.image = name
         # a long-lived container of the same kind, so that the host-side view has something to read
-        self.holder = f"{self.run_id}-hold-{os.getpid()}"
+        self.holder = f"{self.run_id}-hold-{os.getpid()}-{self.instance}"
         self.ctd.ctr("run", "-d", "--runtime", self.runtime, *self.runtime_args, self.image, self.holder,
                      "sleep", "3600", timeout=120)
 
@@ -132,7 +135,7 @@ class ContainerdDriver(SandboxDriver):
                        "devices) were not attempted")
             workload = dataclasses.replace(workload, writes=False)
         self._counter += 1
-        cid = f"{self.run_id}-probe-{os.getpid()}-{self._counter}"
+        cid = f"{self.run_id}-probe-{os.getpid()}-{self.instance}-{self._counter}"
         args = ["run", "--rm", "--runtime", self.runtime, *self.runtime_args]
         if workload.privileged:
             args.append("--privileged")
@@ -173,7 +176,7 @@ class ContainerdDriver(SandboxDriver):
                 continue
             exe = Path(argv[0].decode(errors="replace")).name if argv and argv[0] else ""
             joined = b" ".join(argv).decode(errors="replace")
-            if self.holder and self.holder in joined or (self.ctd and str(self.ctd.socket) in joined):
+            if self.holder and self.holder in joined and int(pid_dir.name) not in {p.pid for p in processes}:
                 role = "vmm" if exe.startswith(VMM_NAMES) else "virtiofsd" if "virtiofsd" in exe else "shim"
                 try:
                     processes.append(HostProcess.read(int(pid_dir.name), role))
