@@ -46,8 +46,18 @@ def current_run_id() -> str:
     return run_id
 
 
+def _start_time(pid: int) -> str | None:
+    """The process start time (clock ticks since boot): a reused pid has another one."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
 def register(run_id: str, pid: int | None = None) -> None:
-    (state_dir() / f"{run_id}.pid").write_text(f"{pid or os.getpid()}\n")
+    pid = pid or os.getpid()
+    (state_dir() / f"{run_id}.pid").write_text(f"{pid} {_start_time(pid) or ''}\n")
 
 
 def unregister(run_id: str) -> None:
@@ -58,7 +68,8 @@ def is_alive(run_id: str) -> bool:
     """Whether the process that owns ``run_id`` still runs (unknown ids count as dead)."""
     pidfile = state_dir() / f"{run_id}.pid"
     try:
-        pid = int(pidfile.read_text().split()[0])
+        fields = pidfile.read_text().split()
+        pid = int(fields[0])
     except (OSError, ValueError, IndexError):
         return False
     try:
@@ -66,8 +77,9 @@ def is_alive(run_id: str) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    recorded = fields[1] if len(fields) > 1 else None
+    return recorded is None or recorded == _start_time(pid)  # same pid, other process: the run is dead
 
 
 def run_id_of(name: str) -> str | None:
