@@ -83,11 +83,12 @@ class Verdict:
     def table(self, width: int = 100) -> str:
         """The human verdict table printed at the end of a run."""
         rows = sorted(self.results, key=lambda r: (r.status not in BLOCKING, -severity_rank(r.severity), r.id))
-        lines = [f"{'status':<13} {'severity':<9} {'id':<28} title", "-" * min(width, 100)]
+        id_width = min(max((len(r.id) for r in rows), default=2), 52)
+        lines = [f"{'status':<13} {'severity':<9} {'id':<{id_width}} title", "-" * min(width, 120)]
         for r in rows:
-            lines.append(f"{r.status:<13} {r.severity:<9} {r.id[:28]:<28} {r.title}"[:width])
+            lines.append(f"{r.status:<13} {r.severity:<9} {r.id[:id_width]:<{id_width}} {r.title}"[:max(width, 60)])
         t = self.totals
-        lines.append("-" * min(width, 100))
+        lines.append("-" * min(width, 120))
         lines.append("totals: " + ", ".join(f"{k} {v}" for k, v in t.items() if v))
         version = self.candidate.get("version") or "unknown version"
         lines.append(f"VERDICT: {self.verdict.upper()}  candidate {self.candidate.get('path')} ({version}), "
