@@ -353,21 +353,27 @@ def test_minimal_guest_is_hardened(minimal_guest) -> None:
     assert "Package: busybox-static" in _debugfs(spec, "cat /var/lib/dpkg/status").stdout
 
 
-def _boot(args: list[str]) -> dict[str, str]:
-    """Boot with qemu under pexpect; return what the guest said about itself."""
+def _boot(args: list[str], probe: str = "true") -> dict[str, str]:
+    """Boot with qemu under pexpect; return what the guest said about itself (and ``probe``'s output)."""
     child = pexpect.spawn("qemu-system-x86_64", args, encoding="utf-8", timeout=180, codec_errors="replace")
     try:
-        child.expect(r"KATA-GUEST-READY ([^\r\n]+)\r\n")
+        child.expect(r"KATA-GUEST-READY ([^\r\n]+)[\r\n]")
         ready = child.match.group(1)
         child.expect("kata-guest# ")
-        child.sendline("kata-agent --version; touch /probe 2>/dev/null || echo RO-$((40+2))")
-        child.expect(r"RO-42|kata-guest# ")
-        readonly = child.after == "RO-42"
-        child.expect("kata-guest# ")
+        child.sendline("kata-agent --version; echo VERSION-END-$((40+2))")
+        child.expect("VERSION-END-42")  # the echoed command line shows $((40+2)), only the output shows 42
         version = child.before
+        child.expect("kata-guest# ")
+        child.sendline("touch /probe 2>/dev/null && echo ROOT-RW-$((1+1)) || echo ROOT-RO-$((1+1))")
+        readonly = child.expect(["ROOT-RO-2", "ROOT-RW-2"]) == 0
+        child.expect("kata-guest# ")
+        child.sendline(f"{probe}; echo PROBE-END-$((50+2))")
+        child.expect("PROBE-END-52")
+        probed = child.before
+        child.expect("kata-guest# ")
         child.sendline("poweroff -f")
         child.expect(pexpect.EOF, timeout=30)
-        return {"ready": ready, "readonly": str(readonly), "version": version}
+        return {"ready": ready, "readonly": str(readonly), "version": version, "probe": probed}
     finally:
         child.close(force=True)
 
@@ -392,3 +398,79 @@ def test_tcg_boot_image_mode_read_only_root(reference_guest) -> None:
     assert "readonly=on" in " ".join(args) and "root=/dev/vda1" in args[-1]
     seen = _boot(args)
     assert "root=ro" in seen["ready"] and seen["readonly"] == "True"
+
+
+def test_tool_errors_keep_the_telling_line() -> None:
+    dpkg_failure = ("Setting up base-files ...\nchown: unknown user/group root:mail\n"
+                    "dpkg: error processing package base-files (--install):\n"
+                    " installed base-files package post-installation script subprocess returned error exit status 1\n"
+                    "Errors were encountered while processing:\n base-files\nE: setup failed: E: env ... failed\n")
+    line = common._telling_line(dpkg_failure)
+    assert "base-files" in line and "post-installation script" in line
+    assert common._telling_line("I: ok\nE: Unable to locate package nope\nE: mmdebstrap failed to run\n") == \
+        "E: Unable to locate package nope"
+
+
+@pytest.mark.slow
+def test_mmdebstrap_unknown_package_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(KataError) as exc:
+        common.mmdebstrap(tmp_path / "rootfs", variant="extract", include=["no-such-package-pytest-kata"])
+    message = str(exc.value)
+    assert "\n" not in message and "no-such-package-pytest-kata" in message
+
+
+@pytest.mark.slow
+def test_prune_removes_only_stale_entries(private_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pytest_kata.cli import main
+    from pytest_kata.images.guest import guest_key, load_recipe, resolve_versions
+
+    recipe = load_recipe("reference")
+    current = guest_key(recipe, resolve_versions(recipe), host_kernel())
+    for key in ("0" * 20, current):
+        entry = private_cache / "guest" / f"reference-{key}"
+        entry.mkdir(parents=True)
+        (entry / "guest.json").write_text(json.dumps({"key": key}))
+    old, new = private_cache / "reference/candidate-hardened-aaa", private_cache / "reference/candidate-hardened-bbb"
+    for i, entry in enumerate((old, new)):
+        entry.mkdir(parents=True)
+        os.utime(entry, (1_000_000 + i, 1_000_000 + i))
+    assert main(["images", "prune", "--dry-run"]) == 0
+    assert (private_cache / "guest" / f"reference-{'0' * 20}").exists()
+    assert main(["images", "prune"]) == 0
+    out = capsys.readouterr().out
+    assert "removed 2 cache entries" in out
+    assert not (private_cache / "guest" / f"reference-{'0' * 20}").exists() and not old.exists()
+    assert (private_cache / "guest" / f"reference-{current}").exists() and new.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_tcg_boot_minimal_is_locked_down(minimal_guest) -> None:
+    from pytest_kata.images.guest import qemu_boot_args
+
+    # "S""YSCTL" and $((1+1)): the echoed command line never matches what the assertions look for
+    probe = ("for k in kernel/modules_disabled kernel/kptr_restrict kernel/yama/ptrace_scope "
+             "kernel/unprivileged_bpf_disabled fs/suid_dumpable; do echo \"S\"\"YSCTL $k=$(cat /proc/sys/$k)\"; "
+             "done; insmod /lib/modules/$(uname -r)/kernel/fs/mbcache.ko 2>/dev/null || echo INSMOD-$((1+1))-NO")
+    seen = _boot(qemu_boot_args(minimal_guest, mode="initrd"), probe)
+    values = dict(line.split(" ", 1)[1].strip().split("=") for line in seen["probe"].splitlines()
+                  if line.startswith("SYSCTL "))
+    assert values == {"kernel/modules_disabled": "1", "kernel/kptr_restrict": "2",
+                      "kernel/yama/ptrace_scope": "3", "kernel/unprivileged_bpf_disabled": "1",
+                      "fs/suid_dumpable": "0"}
+    assert "INSMOD-2-NO" in seen["probe"] and seen["readonly"] == "True"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_safe_rmtree_unmounts_before_deleting(tmp_path: Path) -> None:
+    """A killed mmdebstrap leaves proc/dev mounted in its rootfs: cleaning up must not delete through them."""
+    tree = tmp_path / "rootfs"
+    (tree / "proc").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "kt-test", str(tree / "proc")], check=True)
+    try:
+        (tree / "proc/inside").write_text("x")
+        assert common.mounts_under(tree) == [str(tree / "proc")]
+        common.safe_rmtree(tree)
+        assert not tree.exists() and common.mounts_under(tmp_path) == []
+    finally:
+        subprocess.run(["umount", "-l", str(tree / "proc")], capture_output=True)

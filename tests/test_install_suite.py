@@ -20,17 +20,20 @@ def test_rollback_suite_accepts_a_clean_upgrade_and_rollback(pytester: pytest.Py
     report = pytester.path / "verdict.json"
     result = pytester.runpytest_subprocess(str(REPO / "suites" / "rollback"), "--kata-baseline", str(baseline.root),
                                            "--kata-candidate", str(candidate.root), "--kata-report", str(report),
-                                           "-p", "no:randomly")
+                                           "--kata-host-provider", "local", "-p", "no:randomly")
     assert result.ret == 0, result.stdout.str()
     verdict = json.loads(report.read_text())
     by_id = {r["id"]: r for r in verdict["results"]}
     assert set(by_id) == {"KATA-RB-001", "KATA-RB-002", "KATA-RB-003", "KATA-RB-004", "KATA-RB-005-corrupt-archive",
-                          "KATA-RB-005-killed-containerd", "KATA-RB-006"}
+                          "KATA-RB-005-killed-containerd", "KATA-RB-006", "KATA-RB-007"}
     assert by_id["KATA-RB-003"]["status"] == "pass" and by_id["KATA-RB-003"]["severity"] == "critical"
     evidence = by_id["KATA-RB-003"]["evidence"]
     assert evidence["digest_before"] == evidence["digest_after_rollback"] and evidence["residue"] == []
     assert by_id["KATA-RB-001"]["evidence"]["handlers"] == ["kata-qemu"]
     assert "no previous release" in by_id["KATA-RB-006"]["evidence"]["message"]
+    rollout = by_id["KATA-RB-007"]["evidence"]
+    assert rollout["good"]["result"] == "updated" and rollout["bad"]["result"] == "rolled-back"
+    assert rollout["bad"]["rolled_back"] == ["local-fleet-1", "local-fleet-0"]
     assert verdict["verdict"] == "accept"
 
 
@@ -38,7 +41,8 @@ def test_rollback_suite_without_a_baseline_skips_saying_what_to_pass(pytester: p
                                                                      tmp_path: Path) -> None:
     candidate = make_bundle(tmp_path / "c", "3.31.0")
     result = pytester.runpytest_subprocess(str(REPO / "suites" / "rollback"), "--kata-candidate",
-                                           str(candidate.root), "-rs", "-k", "baseline_installs")
+                                           str(candidate.root), "-rs", "-k", "baseline_installs",
+                                           "--kata-host-provider", "local")
     result.stdout.fnmatch_lines(["*no baseline given: pass --kata-baseline PATH*"])
 
 

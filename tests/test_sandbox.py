@@ -32,7 +32,8 @@ def run_probe(**env: str) -> str:
 
 def test_probe_reports_this_hosts_facts():
     """The probe is real shell: run here, it must describe this very host (no writes: KATA_PROBE_WRITES unset)."""
-    facts = parse_output(run_probe(KATA_PROBE_HOST_PATHS="/etc/hostname /nonexistent-kata", KATA_PROBE_VSOCK_TIMEOUT="1"))
+    facts = parse_output(run_probe(KATA_PROBE_HOST_PATHS="/etc/hostname /nonexistent-kata",
+                                   KATA_PROBE_VSOCK_TIMEOUT="1"))
     assert facts["kernel_release"] == os.uname().release
     assert facts["boot_id"] == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     assert facts["host_paths"] == {"/etc/hostname": True, "/nonexistent-kata": False}
@@ -113,7 +114,7 @@ def test_guest_spec_follows_the_configuration(stand_in, tmp_path):
 
 def test_guest_spec_names_the_config_when_the_kernel_is_missing(stand_in, tmp_path):
     broken = variant_tree(stand_in, tmp_path / "b", {"hypervisor.qemu.kernel": "/opt/kata/share/nope"})
-    with pytest.raises(SandboxError, match="configuration-qemu.toml.*kernel"):
+    with pytest.raises(SandboxError, match=r"configuration-qemu.toml.*kernel"):
         GuestSpec.from_bundle(broken)
 
 
@@ -168,7 +169,8 @@ def test_device_network_vsock_and_memory_checks():
     assert checks.vsock_ports({"vsock": {"2:1026": "reachable"}}).status == "fail"
     assert checks.vsock_ports({"vsock": {"2:1024": "untestable: no socat"}}).status == "notapplicable"
     assert checks.vsock_ports({"vsock": {"2:1024": "unreachable: no AF_VSOCK"}}).status == "pass"
-    assert checks.memory_bounded({"mem_total_kb": 500_000}, HOST, limit_mb=512, is_vm=True, handler="d").status == "pass"
+    assert checks.memory_bounded({"mem_total_kb": 500_000}, HOST, limit_mb=512, is_vm=True,
+                                 handler="d").status == "pass"
     assert checks.memory_bounded({"mem_total_kb": 4_000_000}, HOST, limit_mb=512, is_vm=True,
                                  handler="d").status == "fail"
 

@@ -65,3 +65,35 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_driving_a_hosts_containerd_through_the_host_protocol():
+    """The staging-host path (``host=``): the same driver on a Host's existing containerd. Here the Host is the
+    LocalHost provider and the containerd a private one, so the path runs for real without a VM."""
+    from pytest_kata.hosts.base import LocalHost
+    from pytest_kata.services import start_containerd
+
+    ctd = start_containerd()
+    try:
+        driver = ContainerdDriver("runc", host=LocalHost("staging"), address=str(ctd.socket))
+        driver.start()
+        try:
+            assert Path(driver.remote_tar).is_file()  # the image went over host.put
+            assert driver.probe()["kernel_release"] == os.uname().release
+            assert driver.describe()["host"] == "staging"
+            assert any(p.role == "container" for p in driver.host_view().processes)
+        finally:
+            driver.stop()
+        assert not Path(driver.remote_tar).exists()
+        assert driver.namespace not in ctd.ctr("namespaces", "ls", "-q", check=False).stdout.split()
+    finally:
+        ctd.stop()
+
+
+def test_a_host_without_containerd_is_unavailable():
+    from pytest_kata.hosts.base import LocalHost
+    from pytest_kata.sandbox import SandboxUnavailable
+
+    driver = ContainerdDriver("runc", host=LocalHost("staging"), address="/nonexistent/containerd.sock")
+    with pytest.raises(SandboxUnavailable, match="containerd does not answer"):
+        driver.start()

@@ -2,6 +2,7 @@
 
     pytest-kata images build guest-minimal [--force]     # rebuild a hardened guest image from Debian packages
     pytest-kata images list                              # recipes, cache entries, which one is current
+    pytest-kata images prune [--dry-run]                 # drop cache entries that are no longer current
     pytest-kata images compare guest-baseline guest-minimal   # attack-surface table (pytest_kata.images.surface)
     pytest-kata images rebuild-and-scan guest-minimal --feed F  # the scheduled patch/scan job
 
@@ -15,6 +16,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from pytest_kata.errors import KataError
 
@@ -34,6 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls = isub.add_parser("list", help="list recipes and cached builds (current = matches today's packages)")
     ls.add_argument("--json", action="store_true", help="print as JSON")
     ls.set_defaults(func=_list)
+
+    pr = isub.add_parser("prune", help="delete cached guest builds that are not current (and old reference "
+                                       "bundles)")
+    pr.add_argument("--dry-run", action="store_true", help="only print what would be removed")
+    pr.set_defaults(func=_prune)
 
     # Attack-surface comparison lives in pytest_kata.images.surface (helper H); wired here when present.
     c = isub.add_parser("compare", help="compare the attack surface of two images (table; --budget gates)")
@@ -86,7 +93,7 @@ def _build(args: argparse.Namespace) -> int:
     for name in args.names:  # every name checked before anything is built
         if not _is_host(name):
             load_recipe(name)
-    results = []
+    results: list[dict[str, Any]] = []
     for n, name in enumerate(args.names, start=1):
         from pytest_kata.progress import step
 
@@ -96,8 +103,9 @@ def _build(args: argparse.Namespace) -> int:
             from pytest_kata.hosts.image import build_host_image
 
             host = build_host_image(force=args.force)
-            results.append({"name": "host", "image": str(host.image), "initrd": str(host.initrd or ""),
-                            "kernel": str(host.kernel), "seconds": round(time.monotonic() - start, 1)})
+            results.append({"name": "host", "key": host.image.parent.name, "image": str(host.image),
+                            "initrd": str(host.initrd or ""), "kernel": str(host.kernel),
+                            "seconds": round(time.monotonic() - start, 1)})
             continue
         guest = build_guest(name, force=args.force)
         results.append({"name": f"guest-{guest.name}", "key": guest.key, "built": guest.built,
@@ -112,7 +120,7 @@ def _build(args: argparse.Namespace) -> int:
         print(f"{r['name']:<18} {state:<6} {r['seconds']:>6.1f}s  key {r.get('key', '-')}")
         for kind in ("image", "initrd", "kernel", "osbuilder"):
             if r.get(kind):
-                print(f"  {kind:<9} {r[kind]}  ({_size(Path(r[kind]))})")
+                print(f"  {kind:<9} {r[kind]}  ({_size(Path(str(r[kind])))})")
     return 0
 
 
@@ -139,12 +147,12 @@ def _list(args: argparse.Namespace) -> int:
     kernel = host_kernel()
     for name in list_recipes():
         recipe = load_recipe(name)
+        current: str | None = None
+        error: str | None = None
         try:
             current = guest_key(recipe, resolve_versions(recipe), kernel)
         except KataError as exc:
-            current, error = None, str(exc)
-        else:
-            error = None
+            error = str(exc)
         entries = []
         for entry in find_cached(name):
             info = json.loads((entry / "guest.json").read_text())
@@ -157,6 +165,9 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    host_recipe = recipes_dir().parent / "host" / "recipe.toml"
+    if host_recipe.exists():
+        print(f"host recipe {host_recipe} (pytest-kata images build host; cached under host/ in the cache)")
     print(f"guest recipes in {recipes_dir()}:")
     for row in rows:
         print(f"  {row['name']:<16} {row['description']}")
@@ -167,4 +178,15 @@ def _list(args: argparse.Namespace) -> int:
         for e in row["cached"]:
             mark = "current" if e["current"] else "stale  "
             print(f"    {mark} {e['key']}  {e['size_mb']:>7.1f} MB  {e['packages']:>4} pkgs  {e['path']}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from pytest_kata.images.guest import prune_cache
+
+    removed = prune_cache(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path in removed:
+        print(f"{verb} {path}")
+    print(f"{verb} {len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'}")
     return 0

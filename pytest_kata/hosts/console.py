@@ -25,9 +25,10 @@ KEEP_IN_MEMORY = 4 * 1024 * 1024  # the whole log is on disk; memory keeps the n
 class Console:
     """Read/write the serial console of one libvirt domain; everything read is also logged to ``log_path``."""
 
-    def __init__(self, conn: Any, dom: Any, log_path: Path) -> None:
-        self._conn = conn
-        self._dom = dom
+    def __init__(self, uri: str, dom: Any, log_path: Path) -> None:
+        self._uri = uri
+        self._dom_uuid = dom.UUIDString()
+        self._dom_name = dom.name()
         self.log_path = log_path
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in close()
@@ -40,35 +41,50 @@ class Console:
         self.reopen()
 
     def reopen(self) -> None:
-        """Attach a fresh console stream (needed after a revert, which kills the old one)."""
+        """Attach a fresh console stream (needed after a revert, which kills the old one).
+
+        Each stream gets its own libvirt connection: a stream blocked in ``recv`` stalls ``openConsole`` of
+        another domain on the same connection (seen with two hosts on one connection, libvirt 9.0).
+        """
         import libvirt
 
         self._abort_stream()
-        stream = self._conn.newStream(0)
-        self._dom.openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        conn = libvirt.open(self._uri)
+        try:
+            stream = conn.newStream(0)
+            conn.lookupByUUIDString(self._dom_uuid).openConsole(None, stream, libvirt.VIR_DOMAIN_CONSOLE_FORCE)
+        except BaseException:
+            conn.close()
+            raise
         self._stream = stream
-        threading.Thread(target=self._pump, args=(stream,), daemon=True,
-                         name=f"console-{self._dom.name()}").start()
+        threading.Thread(target=self._pump, args=(conn, stream), daemon=True,
+                         name=f"console-{self._dom_name}").start()
 
-    def _pump(self, stream: Any) -> None:
+    def _pump(self, conn: Any, stream: Any) -> None:
         import libvirt
 
-        while not self._closed and stream is self._stream:
+        try:
+            while not self._closed and stream is self._stream:
+                try:
+                    data = stream.recv(65536)
+                except libvirt.libvirtError as exc:
+                    self._record(f"\n[console stream closed: {exc.get_error_message()}]\n".encode())
+                    return
+                if data == -2:  # would block
+                    time.sleep(0.02)
+                    continue
+                if not data:
+                    return
+                self._record(data)
+                try:
+                    os.write(self._write_fd, data)
+                except OSError:
+                    return
+        finally:
             try:
-                data = stream.recv(65536)
-            except libvirt.libvirtError as exc:
-                self._record(f"\n[console stream closed: {exc.get_error_message()}]\n".encode())
-                return
-            if data == -2:  # would block
-                time.sleep(0.02)
-                continue
-            if not data:
-                return
-            self._record(data)
-            try:
-                os.write(self._write_fd, data)
-            except OSError:
-                return
+                conn.close()
+            except Exception:
+                pass
 
     def _record(self, data: bytes) -> None:
         with self._lock:

@@ -98,10 +98,13 @@ class HostSpec:
         return replace(self, **changes)
 
 
-def domain_xml(name: str, spec: HostSpec, overlay: Path, run_id: str) -> str:
+def domain_xml(name: str, spec: HostSpec, overlay: Path, run_id: str, serial_log: Path | None = None) -> str:
     virt_type = "kvm" if spec.accel == "kvm" else "qemu"
     cpu = "<cpu mode='host-passthrough'/>" if spec.accel == "kvm" else "<cpu mode='maximum'/>"
     initrd = f"<initrd>{escape(str(spec.initrd))}</initrd>" if spec.initrd else ""
+    # qemu's own copy of the serial output (via virtlogd), from power-on: complete even before the console
+    # stream is attached and during reverts
+    log = f"<log file='{escape(str(serial_log))}' append='on'/>" if serial_log else ""
     return f"""<domain type='{virt_type}'>
   <name>{name}</name>
   <description>pytest-kata host of run {run_id}; removed by the run, or swept when the run is dead</description>
@@ -127,7 +130,7 @@ def domain_xml(name: str, spec: HostSpec, overlay: Path, run_id: str) -> str:
       <target dev='vda' bus='virtio'/>
     </disk>
     <controller type='scsi' index='0' model='virtio-scsi'/>
-    <serial type='pty'><target port='0'/></serial>
+    <serial type='pty'>{log}<target port='0'/></serial>
     <console type='pty'><target type='serial' port='0'/></console>
     <memballoon model='none'/>{spec.extra_devices}
   </devices>
@@ -168,11 +171,12 @@ class LibvirtHost:
             _live[host.name] = host
         try:
             host._create_overlay()
-            host.dom = host.conn.defineXML(domain_xml(host.name, spec, host.overlay_path, host.run_id))
+            serial_log = host.workdir / "serial.log" if _is_local(uri) else None
+            host.dom = host.conn.defineXML(domain_xml(host.name, spec, host.overlay_path, host.run_id, serial_log))
             step(AREA, f"booting {host.name} ({spec.accel.upper()}, {spec.vcpus} vCPU, {spec.memory_mib} MiB)")
             start = time.monotonic()
             host.dom.create()
-            host.console = Console(host.conn, host.dom, host.console_log_path)
+            host.console = Console(uri, host.dom, host.console_log_path)
             host._wait_ready(spec.boot_timeout, start)
             host.boot_seconds = time.monotonic() - start
             step(AREA, f"{host.name} ready in {host.boot_seconds:.1f}s")
@@ -234,10 +238,15 @@ class LibvirtHost:
 
     def _unreachable(self, seconds: float, why: str = "") -> HostError:
         tail = self.console.tail(12) if self.console else ""
+        if not tail:  # the stream saw nothing: qemu's serial log has everything since power-on
+            self._collect_serial_log()
+            lines = [ln.strip() for ln in strip_ansi(self._read(self.serial_log_path)).splitlines() if ln.strip()]
+            tail = " | ".join(lines[-12:])
         reason = f" ({why})" if why else ""
         error = HostError(f"host {self.name} unreachable after {seconds:.0f} s{reason}, last console lines: "
                           f"{tail or '(nothing printed)'}", hint=f"full console log: {self.console_log_path}")
         error.console_log_path = self.console_log_path  # type: ignore[attr-defined]  # attached to the test
+        error.serial_log_path = self.serial_log_path  # type: ignore[attr-defined]
         return error
 
     def close(self) -> None:
@@ -266,6 +275,7 @@ class LibvirtHost:
                     except libvirt.libvirtError:
                         pass
                 if _is_local(self.uri):
+                    self._collect_serial_log()
                     shutil.rmtree(self.workdir, ignore_errors=True)
                     self._collect_qemu_log(remove=True)
             with _live_lock:
@@ -573,6 +583,24 @@ class LibvirtHost:
             except OSError:
                 continue
         return ""
+
+    @property
+    def serial_log_path(self) -> Path:
+        """qemu's log of the serial console (local URIs), copied next to the console log."""
+        return self.spec.log_dir / f"{self.name}.serial.log"
+
+    def _collect_serial_log(self) -> None:
+        source = self.workdir / "serial.log"
+        if source.exists():
+            self.serial_log_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, self.serial_log_path)
+
+    @staticmethod
+    def _read(path: Path) -> str:
+        try:
+            return path.read_text(errors="replace")
+        except OSError:
+            return ""
 
     def _collect_qemu_log(self, remove: bool) -> None:
         source = Path("/var/log/libvirt/qemu") / f"{self.name}.log"

@@ -62,9 +62,14 @@ def run_tool(cmd: Sequence[str | Path], *, what: str, path: str | Path | None = 
 
 
 def _telling_line(output: bytes | str) -> str:
+    """The line of a tool's output that says what went wrong (dpkg's and apt's own words first)."""
     text = output.decode(errors="replace") if isinstance(output, bytes) else output
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith(("E:", "error", "Error", "ERROR"))]
+    for i, line in enumerate(lines):
+        if "error processing package" in line:  # dpkg: the package, then the reason on the next line
+            return f"{line} {lines[i + 1] if i + 1 < len(lines) else ''}".strip()[:300]
+    generic = ("E: setup failed", "E: mmdebstrap failed", "E: run_install() failed")
+    errors = [ln for ln in lines if ln.startswith(("E:", "error", "Error", "ERROR")) and not ln.startswith(generic)]
     return (errors[0] if errors else lines[-1] if lines else "no output")[:300]
 
 
@@ -385,6 +390,41 @@ def content_hash(*parts: object) -> str:
     return h.hexdigest()
 
 
+# ---------------------------------------------------------------------------------------------- cleanup
+def mounts_under(path: Path) -> list[str]:
+    """Mount points at or below ``path`` (mmdebstrap mounts proc/sys/dev inside a rootfs while it installs)."""
+    prefix = os.path.realpath(path)
+    found = []
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 4:
+            point = fields[4].replace("\\040", " ")
+            if point == prefix or point.startswith(prefix + "/"):
+                found.append(point)
+    return found
+
+
+def safe_rmtree(path: Path) -> None:
+    """Remove a build tree, first unmounting anything a killed mmdebstrap left mounted inside it.
+
+    ``shutil.rmtree`` would otherwise walk into a leftover ``/proc`` or ``/dev`` bind mount; if a mount cannot
+    be removed, the tree is left alone rather than risk deleting through it.
+    """
+    if not os.path.lexists(path):
+        return
+    for point in sorted(mounts_under(path), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+    left = mounts_under(path)
+    if left:
+        step(AREA, f"not removing {path}: still mounted inside ({left[0]})")
+        return
+    shutil.rmtree(path, ignore_errors=True)
+
+
 # ---------------------------------------------------------------------------------------------- cache
 def cached(kind: str, key: str, build_fn: Callable[[Path], object], *, force: bool = False) -> Path:
     """``cache_dir()/<kind>/<key>``, built by ``build_fn(tmpdir)`` once and reused by content hash.
@@ -406,17 +446,17 @@ def cached(kind: str, key: str, build_fn: Callable[[Path], object], *, force: bo
             return final  # another builder finished while we waited
         _sweep_stale_temps(base)
         tmp = base / f".tmp-{key}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        safe_rmtree(tmp)
         tmp.mkdir()
         try:
             build_fn(tmp)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            safe_rmtree(tmp)
             raise
         if final.exists():
             trash = base / f".old-{key}-{os.getpid()}"
             os.rename(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            safe_rmtree(trash)
         os.rename(tmp, final)
     return final
 
@@ -430,7 +470,7 @@ def _sweep_stale_temps(base: Path) -> None:
         try:
             os.kill(int(m.group(1)), 0)
         except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)
+            safe_rmtree(entry)
         except PermissionError:
             pass
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -39,6 +40,7 @@ from pytest_kata.images.common import (
     make_initrd,
     mmdebstrap,
     run_tool,
+    safe_rmtree,
     tree_manifest,
 )
 from pytest_kata.progress import step, timed
@@ -146,7 +148,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         if not isinstance(value, kind):
             raise ConfigError(f"recipe key {key!r} must be a {kind.__name__}, not {type(value).__name__}",
                               path=path)
-        if kind is list and not all(isinstance(v, str) for v in value):
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             raise ConfigError(f"recipe key {key!r} must be a list of strings", path=path)
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ConfigError(f"recipe key {key!r} = {value!r}; expected one of {sorted(_CHOICES[key])}",
@@ -325,15 +327,45 @@ def find_cached(recipe_name: str) -> list[Path]:
     return sorted(entries, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
+def prune_cache(*, dry_run: bool = False) -> list[Path]:
+    """Remove guest builds that are no longer current and all but the newest reference bundle of each kind.
+
+    A guest entry is current when its key is what the recipe resolves to today; reference bundles
+    (``fixtures/reference.py``) are keyed by a script outside the package, so the newest one per
+    ``<which>-<variant>`` is kept. Returns what was (or, with ``dry_run``, would be) removed.
+    """
+    removed: list[Path] = []
+    kernel = host_kernel()
+    for name in list_recipes():
+        recipe = load_recipe(name)
+        current = guest_key(recipe, resolve_versions(recipe), kernel)
+        removed += [p for p in find_cached(name) if not p.name.endswith(f"-{current}")]
+    reference = cache_dir() / "reference"
+    if reference.is_dir():
+        newest: dict[str, list[Path]] = {}
+        for entry in reference.iterdir():
+            if entry.is_dir() and not entry.name.startswith("."):
+                newest.setdefault(entry.name.rsplit("-", 1)[0], []).append(entry)
+        for entries in newest.values():
+            entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+            removed += entries[1:]
+    if not dry_run:
+        for path in removed:
+            safe_rmtree(path)
+    return removed
+
+
 # ---------------------------------------------------------------------------------------------- the build
 def _build_into(recipe: Recipe, key: str, versions: dict[str, str], kernel: HostKernel, out: Path) -> None:
     rootfs = out / "rootfs"
-    total = 7
+    total = 6
     n = iter(range(1, total + 1))
     say = lambda msg: step(AREA, f"guest-{recipe.name} [{next(n)}/{total}] {msg}")  # noqa: E731
     try:
         say(f"mmdebstrap --variant={recipe.variant} ({len(recipe.packages)} packages)")
-        hooks = ["--extract-hook=chroot \"$1\" /bin/busybox --install -s"] if recipe.busybox_links else []
+        hook = guest_files_dir() / "busybox-extract-hook"
+        # run through sh: an installed wheel may not keep the file's executable bit
+        hooks = [f'--extract-hook=sh {shlex.quote(str(hook))} "$1"'] if recipe.busybox_links else []
         mmdebstrap(rootfs, suite=recipe.suite, variant=recipe.variant, include=recipe.packages,
                    extra_args=hooks, label=f"guest-{recipe.name}")
         say(f"purging {len(recipe.purge)} packages, adding {len(recipe.kernel_modules)} kernel modules")
@@ -371,7 +403,7 @@ def _build_into(recipe: Recipe, key: str, versions: dict[str, str], kernel: Host
         (out / "recipe.toml").write_bytes(recipe.path.read_bytes())
         (out / "guest.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     finally:
-        shutil.rmtree(rootfs, ignore_errors=True)
+        safe_rmtree(rootfs)
 
 
 def _sha256(path: Path) -> str:

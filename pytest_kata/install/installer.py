@@ -152,6 +152,10 @@ class SystemdContainerd:
     def handlers(self) -> dict[str, dict[str, str]]:
         return _dump_handlers(self.host, self.config)
 
+    def kill(self) -> None:
+        """Fault injection: containerd dies and stays down (a crash loop systemd gave up on)."""
+        self.host.run("systemctl kill -s SIGKILL containerd; systemctl stop containerd", timeout=60)
+
 
 class SysrootContainerd:
     """A private containerd whose configuration is ``<sysroot>/etc/containerd/config.toml``.

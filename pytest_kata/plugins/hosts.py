@@ -232,10 +232,11 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 def _failure_artefacts(item: pytest.Item, call: pytest.CallInfo[None]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     error = call.excinfo.value if call.excinfo else None
-    boot_log = getattr(error, "console_log_path", None)
-    if isinstance(error, HostError) and boot_log and Path(boot_log).exists():
-        out.append((f"kata host console (boot failure) {Path(boot_log).name}",
-                    Path(boot_log).read_text(errors="replace")[-200_000:]))
+    for attribute, label in (("console_log_path", "console"), ("serial_log_path", "serial log from power-on")):
+        boot_log = getattr(error, attribute, None)
+        if isinstance(error, HostError) and boot_log and Path(boot_log).exists():
+            out.append((f"kata host {label} (boot failure) {Path(boot_log).name}",
+                        Path(boot_log).read_text(errors="replace")[-200_000:]))
     for use in item.stash.get(USES, []):
         host, name = use.host, use.host.name
         if not hasattr(host, "dom"):

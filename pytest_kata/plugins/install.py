@@ -1,42 +1,71 @@
-"""Install fixtures: a maker of fresh install targets (an Installer on a host), used by ``suites/rollback``.
+"""Install fixtures: makers of install targets (an Installer on a host), used by ``suites/rollback``.
 
-Targets are scratch sysroots of this machine, each with a private containerd (when containerd is installed
-and we are root), so that the real installer, a real containerd and real files are exercised without
-touching the machine's own ``/opt`` or ``/etc``. (Libvirt hosts plug in through the same Installer with
-``SystemdContainerd``; the suite does not boot them yet.)
+With ``--kata-host-provider libvirt`` (the default) a target is a pool host (``make_kata_host``) reverted to
+its clean snapshot, driven as a real host: ``/`` with its systemd containerd. With ``local`` a target is a
+scratch sysroot of this machine with a private containerd (when containerd is installed and we are root), so
+that the real installer, a real containerd and real files are exercised without touching the machine's own
+``/opt`` or ``/etc``.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from pytest_kata.hosts.base import LocalHost
-from pytest_kata.install.installer import Installer, NoContainerd, SysrootContainerd
+from pytest_kata.install.installer import Installer, NoContainerd, SysrootContainerd, SystemdContainerd
 
 
-@pytest.fixture(scope="session")
-def make_kata_install_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Installer]]:
-    """``make(name, layout="versioned") -> Installer`` on a fresh sysroot; every containerd stopped at the end."""
-    started: list[SysrootContainerd] = []
+class InstallTargets:
+    """``targets.one(name)`` / ``targets.many(n, name)``: fresh install targets for a test."""
 
-    def make(name: str = "target", *, layout: str = "versioned") -> Installer:
-        sysroot = tmp_path_factory.mktemp(f"sysroot-{name}")
+    def __init__(self, request: pytest.FixtureRequest, settings: Any, tmp: pytest.TempPathFactory) -> None:
+        self.provider = "libvirt" if settings.host_provider == "libvirt" else "local"
+        self.pool = request.getfixturevalue("make_kata_host") if self.provider == "libvirt" else None
+        self.tmp = tmp
+        self.started: list[SysrootContainerd] = []
+
+    def one(self, name: str = "target", *, layout: str = "versioned") -> Installer:
+        return self.many(1, name, layout=layout)[0]
+
+    def many(self, count: int, name: str = "target", *, layout: str = "versioned") -> list[Installer]:
+        """``count`` targets; on libvirt the pool's first ``count`` hosts, each reverted to clean."""
+        if self.pool is not None:
+            return [self._describe(Installer(h, "/", containerd=SystemdContainerd(h), layout=layout),
+                                   f"libvirt host {h.name}") for h in self.pool.checkout(count)]
+        return [self._sysroot(f"{name}-{i}" if count > 1 else name, layout) for i in range(count)]
+
+    def _sysroot(self, name: str, layout: str) -> Installer:
+        sysroot = self.tmp.mktemp(f"sysroot-{name}")
         containerd: Any
         if shutil.which("containerd") and os.geteuid() == 0:
             containerd = SysrootContainerd.prepare(sysroot)
             containerd.start()
-            started.append(containerd)
+            self.started.append(containerd)
         else:
             containerd = NoContainerd("containerd is not installed here or we are not root")
         installer = Installer(LocalHost(f"local-{name}"), str(sysroot), containerd=containerd, layout=layout)
-        installer.target_description = f"local sysroot {sysroot} ({containerd.description})"  # type: ignore
+        return self._describe(installer, f"local sysroot {sysroot} ({containerd.description})")
+
+    @staticmethod
+    def _describe(installer: Installer, text: str) -> Installer:
+        installer.target_description = text  # type: ignore[attr-defined]
         return installer
 
-    yield make
-    for service in started:
-        service.stop()
+    def close(self) -> None:
+        for service in self.started:
+            service.stop()
+        self.started.clear()
+
+
+@pytest.fixture(scope="session")
+def make_kata_install_target(request: pytest.FixtureRequest, kata_settings: Any,
+                             tmp_path_factory: pytest.TempPathFactory) -> Iterator[InstallTargets]:
+    """Install targets for this session (libvirt pool hosts or local sysroots); all stopped at the end."""
+    targets = InstallTargets(request, kata_settings, tmp_path_factory)
+    yield targets
+    targets.close()

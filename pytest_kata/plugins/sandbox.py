@@ -46,7 +46,13 @@ def sandbox_dirs() -> list[str]:
     from pytest_kata.resources import cache_dir
 
     return [os.environ.get("PYTEST_KATA_SANDBOX_DIR", "/var/tmp/pytest-kata"), str(cache_dir()), "/run/netns",
-            "/run/containerd", "/run/pytest-kata"]
+            "/run/containerd", "/run/pytest-kata", "/var/lib/containerd"]
+
+
+def sandbox_shim(settings: Any) -> str | None:
+    """The shim whose configuration the sandbox follows; ``--kata-shim all`` means the default one here
+    (one sandbox per session), while the configuration suites check every shipped configuration."""
+    return None if settings.shim in (None, "", "all") else settings.shim
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +74,7 @@ def kata_sandbox_candidate(request: pytest.FixtureRequest, kata_settings: Any) -
 def kata_sandbox_config(kata_sandbox_candidate: Any, kata_settings: Any) -> Any:
     """The candidate's effective runtime configuration (None without a candidate: static checks skip)."""
     try:
-        return candidate_config(kata_sandbox_candidate, kata_settings.shim)
+        return candidate_config(kata_sandbox_candidate, sandbox_shim(kata_settings))
     except KataError as exc:
         raise pytest.UsageError(str(exc)) from None
 
@@ -79,55 +85,58 @@ def kata_sandbox_version(kata_sandbox_candidate: Any) -> str | None:
 
 
 @pytest.fixture(scope="session")
-def kata_host_marker() -> Iterator[str]:
-    """A file that exists only on the host: its visibility from inside is an isolation failure."""
-    base = Path(os.environ.get("PYTEST_KATA_SANDBOX_DIR", "/var/tmp/pytest-kata"))
-    base.mkdir(parents=True, exist_ok=True)
-    marker = base / f"{runid.current_run_id()}-host-marker-{os.getpid()}"
-    marker.write_text("host only\n")
-    yield str(marker)
-    marker.unlink(missing_ok=True)
+def kata_sandbox_host(request: pytest.FixtureRequest, kata_settings: Any) -> Any:
+    """Where the sandbox runs: None for this machine; a fresh libvirt staging host (helper E's pool) when
+    ``--kata-host-provider libvirt`` is given explicitly with the containerd driver."""
+    explicit = kata_settings.sources.get("host_provider") not in (None, "default")
+    wants_containerd = bool(kata_settings.runtime) or kata_settings.driver == "containerd"
+    if not (explicit and kata_settings.host_provider == "libvirt" and wants_containerd):
+        return None
+    pool = request.getfixturevalue("make_kata_host")
+    return pool.fresh()
+
+
+def _remote(host: Any) -> bool:
+    return host is not None
 
 
 @pytest.fixture(scope="session")
-def kata_host_facts() -> dict[str, Any]:
-    """The host's own identity, devices and addresses (what no workload may see)."""
+def kata_host_marker(kata_sandbox_host: Any) -> Iterator[str]:
+    """A file that exists only on the host: its visibility from inside is an isolation failure."""
+    base = os.environ.get("PYTEST_KATA_SANDBOX_DIR", "/var/tmp/pytest-kata")
+    marker = f"{base}/{runid.current_run_id()}-host-marker-{os.getpid()}"
+    if _remote(kata_sandbox_host):
+        kata_sandbox_host.run(f"mkdir -p {base} && echo 'host only' > {marker}", timeout=60, check=True)
+        yield marker
+        kata_sandbox_host.run(["rm", "-f", marker], timeout=60)
+        return
+    Path(base).mkdir(parents=True, exist_ok=True)
+    Path(marker).write_text("host only\n")
+    yield marker
+    Path(marker).unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def kata_host_facts(kata_sandbox_host: Any) -> dict[str, Any]:
+    """The host's own identity, processes, devices and addresses (what no workload may see), read by running
+    the probe on the host itself."""
     from pytest_kata.sandbox.base import host_facts
 
-    facts = dict(host_facts())
-    comms = set()
-    for pid in Path("/proc").iterdir():
-        if not pid.name.isdigit():
-            continue
-        try:
-            if not (pid / "cmdline").read_bytes():
-                continue  # kernel thread: the guest has the same names
-            comms.add((pid / "comm").read_text().strip())
-        except OSError:
-            continue
-    facts["process_comms"] = sorted(comms - COMMON_COMMS)
-    blocks = []
-    for dev in Path("/sys/class/block").iterdir():
-        try:
-            blocks.append({"name": dev.name, "dev": (dev / "dev").read_text().strip(),
-                           "size": int((dev / "size").read_text().strip() or 0)})
-        except OSError:
-            continue
-    facts["block_devices"] = blocks
-    facts["dev_nodes"] = sorted(os.listdir("/dev"))
-    proc = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, timeout=30)
-    facts["addresses"] = sorted({line.split()[3].split("/")[0] for line in proc.stdout.splitlines()
-                                 if len(line.split()) > 3})
-    meminfo = Path("/proc/meminfo").read_text().split()
-    facts["mem_total_kb"] = int(meminfo[meminfo.index("MemTotal:") + 1])
+    try:
+        facts = host_facts(kata_sandbox_host)
+    except SandboxError as exc:
+        pytest.fail(f"cannot read the host's own facts: {exc}", pytrace=False)
+    facts["process_comms"] = sorted(set(facts["user_processes"]) - COMMON_COMMS)
     return facts
 
 
 @pytest.fixture(scope="session")
-def kata_host_baseline(kata_sandbox_candidate: Any, kata_sandbox_config: Any) -> HostInvariants:
-    """Host invariants before any sandbox starts: the candidate's image/kernel/hypervisor hashes, mounts, knobs."""
-    files: list[Path] = []
-    if kata_sandbox_config is not None:
+def kata_host_baseline(kata_sandbox_candidate: Any, kata_sandbox_config: Any, kata_sandbox_host: Any
+                       ) -> HostInvariants:
+    """Host invariants before any sandbox starts: the candidate's image/kernel/hypervisor hashes, the runtime
+    binaries, the mount table and kernel knobs (on the sandbox's host)."""
+    files: list[str] = []
+    if kata_sandbox_config is not None and not _remote(kata_sandbox_host):
         from pytest_kata.sandbox.direct import map_path, tree_root
 
         root = Path(kata_sandbox_candidate.root) if hasattr(kata_sandbox_candidate, "root") else \
@@ -135,24 +144,28 @@ def kata_host_baseline(kata_sandbox_candidate: Any, kata_sandbox_config: Any) ->
         for key in ("image", "initrd", "kernel", "path"):
             value = kata_sandbox_config.get(f"hypervisor.*.{key}", "")
             if value:
-                files.append(map_path(root, str(value)).resolve())
-    for tool in ("runc", "containerd-shim-runc-v2", "/usr/bin/qemu-system-x86_64"):
-        path = tool if tool.startswith("/") else subprocess.run(["sh", "-c", f"command -v {tool}"],
-                                                                capture_output=True, text=True).stdout.strip()
-        if path and Path(path).is_file():
-            files.append(Path(path).resolve())
-    return HostInvariants.capture(files, exclude=sandbox_dirs())
+                files.append(str(map_path(root, str(value)).resolve()))
+    runner = kata_sandbox_host
+    if runner is None:
+        from pytest_kata.hosts.base import LocalHost
+
+        runner = LocalHost()
+    for tool in ("runc", "containerd-shim-runc-v2", "qemu-system-x86_64", "containerd-shim-kata-v2"):
+        found = runner.run(f"readlink -f \"$(command -v {tool})\"", timeout=60).stdout.strip()
+        if found:
+            files.append(found)
+    return HostInvariants.capture(files, exclude=sandbox_dirs(), host=kata_sandbox_host)
 
 
 @pytest.fixture(scope="session")
-def kata_sandbox(kata_settings: Any, kata_sandbox_candidate: Any, kata_host_baseline: HostInvariants
-                 ) -> Iterator[SandboxDriver]:
+def kata_sandbox(kata_settings: Any, kata_sandbox_candidate: Any, kata_host_baseline: HostInvariants,
+                 kata_sandbox_host: Any) -> Iterator[SandboxDriver]:
     """The session's sandbox (started once; stopped at the end of the session, or kept with
     ``--kata-keep-on-failure`` when something failed)."""
     try:
         driver = choose_driver(kata_settings.driver or "auto", kata_settings.runtime, kata_sandbox_candidate,
-                               shim=kata_settings.shim, accel=kata_settings.accel or "auto",
-                               boot_timeout=float(kata_settings.boot_timeout or 240))
+                               shim=sandbox_shim(kata_settings), accel=kata_settings.accel or "auto",
+                               boot_timeout=float(kata_settings.boot_timeout or 240), host=kata_sandbox_host)
     except SandboxUnavailable as exc:
         pytest.skip(f"sandbox unavailable: {exc}")
     except KataError as exc:

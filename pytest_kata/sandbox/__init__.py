@@ -33,7 +33,8 @@ def _has_shim(candidate: Any, shim: str | None) -> bool:
 
 
 def choose_driver(driver: str = "auto", runtime: str | None = None, candidate: Any = None, *,
-                  shim: str | None = None, accel: str = "auto", boot_timeout: float = 240.0) -> SandboxDriver:
+                  shim: str | None = None, accel: str = "auto", boot_timeout: float = 240.0,
+                  host: Any = None) -> SandboxDriver:
     """The driver the options ask for; :class:`SandboxUnavailable` (a skip) when it cannot run here."""
     from pytest_kata.sandbox.containerd import ContainerdDriver
     from pytest_kata.sandbox.direct import DirectDriver, GuestSpec
@@ -44,7 +45,11 @@ def choose_driver(driver: str = "auto", runtime: str | None = None, candidate: A
     if runtime or driver == "containerd" or (driver == "auto" and candidate is not None
                                              and _has_shim(candidate, shim) and Path("/dev/vhost-vsock").exists()):
         handler = runtime or f"kata-{shim or getattr(candidate, 'default_shim', None) or 'qemu'}"
-        return ContainerdDriver(handler, bundle=candidate if handler.startswith("kata") else None, shim=shim)
+        return ContainerdDriver(handler, bundle=candidate if handler.startswith("kata") else None, shim=shim,
+                                host=host)
+    if host is not None:
+        raise KataError("the direct driver boots the guest on this machine; a staging host needs --kata-driver "
+                        "containerd (with --kata-runtime)", path="--kata-host-provider")
     if candidate is None:
         raise SandboxUnavailable("no candidate given: pass --kata-candidate PATH (or --kata-runtime runc for the "
                                  "negative control)", path="--kata-candidate")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,46 +180,85 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def host_mounts(exclude: Iterable[str] = ()) -> list[str]:
+def _run(host: Any, command: str, *, stdin: bytes | None = None) -> str:
+    result = host.run(command, timeout=120, stdin=stdin)
+    return str(result.stdout)
+
+
+def _host(host: Any) -> Any:
+    if host is None:
+        from pytest_kata.hosts.base import LocalHost
+
+        return LocalHost()
+    return host
+
+
+def host_mounts(exclude: Iterable[str] = (), host: Any = None) -> list[str]:
     """The host mount table as "mountpoint fstype source" lines, minus mounts under ``exclude`` prefixes."""
+    from pytest_kata.runid import RUN_ID_RE, current_run_id
+
+    text = Path("/proc/self/mountinfo").read_text() if host is None else _run(host, "cat /proc/self/mountinfo")
     prefixes = tuple(p.rstrip("/") + "/" for p in exclude)
+    own = current_run_id()
     lines = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+    for line in text.splitlines():
         fields = line.split()
+        if "-" not in fields:
+            continue
         sep = fields.index("-")
         point, fstype, source = fields[4], fields[sep + 1], fields[sep + 2]
         if prefixes and (point + "/").startswith(prefixes):
             continue
+        if any(rid != own for rid in RUN_ID_RE.findall(point)):
+            continue  # another run's resource (a concurrent run on the same machine), not this sandbox's doing
         lines.append(f"{point} {fstype} {source}")
     return sorted(lines)
 
 
 @dataclass
 class HostInvariants:
-    """A snapshot of host state a sandbox must never change: file hashes, mount table, sysctls, markers."""
+    """A snapshot of host state a sandbox must never change: file hashes, mount table, sysctls, markers.
+
+    ``host`` is any Host (None: this machine), so the same invariants hold for a remote staging host.
+    """
 
     files: dict[str, str]
     mounts: list[str]
     sysctls: dict[str, str]
     exclude: tuple[str, ...] = ()
+    host: Any = None
 
     SYSCTLS = ("/proc/sys/kernel/core_pattern", "/sys/kernel/uevent_helper", "/proc/sys/kernel/hostname")
 
     @classmethod
-    def capture(cls, files: Iterable[str | Path] = (), exclude: Iterable[str] = ()) -> HostInvariants:
+    def capture(cls, files: Iterable[str | Path] = (), exclude: Iterable[str] = (), host: Any = None
+                ) -> HostInvariants:
         exclude = tuple(exclude)
-        hashes = {str(p): sha256_file(p) for p in files if Path(p).is_file()}
-        sysctls = {}
-        for path in cls.SYSCTLS:
-            try:
-                sysctls[path] = Path(path).read_text().strip()
-            except OSError:
-                continue
-        return cls(hashes, host_mounts(exclude), sysctls, exclude)
+        paths = [str(p) for p in files]
+        sysctls: dict[str, str] = {}
+        hashes: dict[str, str] = {}
+        if host is None:
+            hashes = {p: sha256_file(p) for p in paths if Path(p).is_file()}
+            for path in cls.SYSCTLS:
+                try:
+                    sysctls[path] = Path(path).read_text().strip()
+                except OSError:
+                    continue
+        else:
+            quoted = " ".join(f"'{p}'" for p in paths)
+            if paths:
+                for line in _run(host, f"sha256sum {quoted} 2>/dev/null").splitlines():
+                    digest, _, name = line.partition("  ")
+                    hashes[name.strip()] = digest
+            for path in cls.SYSCTLS:
+                result = host.run(f"cat {path}", timeout=60)
+                if result.rc == 0:
+                    sysctls[path] = result.stdout.strip()
+        return cls(hashes, host_mounts(exclude, host), sysctls, exclude, host)
 
     def diff(self, after: HostInvariants | None = None) -> dict[str, Any]:
         """What changed since this snapshot (empty dict: nothing)."""
-        after = after or HostInvariants.capture(self.files, self.exclude)
+        after = after or HostInvariants.capture(self.files, self.exclude, self.host)
         changes: dict[str, Any] = {}
         files = {p: [h, after.files.get(p)] for p, h in self.files.items() if after.files.get(p) != h}
         if files:
@@ -234,13 +273,18 @@ class HostInvariants:
         return changes
 
 
-def host_facts() -> Mapping[str, Any]:
-    """The host's own identity, to compare with what the workload sees."""
-    def read(path: str) -> str:
-        try:
-            return Path(path).read_text().strip()
-        except OSError:
-            return ""
-    return {"kernel_release": os.uname().release, "boot_id": read("/proc/sys/kernel/random/boot_id"),
-            "hostname": os.uname().nodename, "machine_id": read("/etc/machine-id"),
-            "mounts": [line.split()[1] for line in read("/proc/self/mounts").splitlines() if line.split()]}
+def host_facts(host: Any = None) -> dict[str, Any]:
+    """The host's own identity, processes, devices and addresses, read by running the probe *on the host*
+    (this machine, or a staging host through the Host protocol): what no workload may see."""
+    from pytest_kata.sandbox.probe import parse_output, script_text
+
+    target = _host(host)
+    result = target.run("cd / && KATA_PROBE_VSOCK_TIMEOUT=1 sh -s", stdin=script_text().encode(), timeout=180)
+    facts = parse_output(result.stdout, source=f"{getattr(target, 'name', 'host')}: host probe")
+    mounts = [line.split()[1] for line in facts.get("mounts", []) if len(line.split()) > 1]
+    addresses = sorted({a.split()[1].split("/")[0] for a in facts.get("addresses", []) if len(a.split()) > 1})
+    return {"kernel_release": facts.get("kernel_release"), "boot_id": facts.get("boot_id"),
+            "hostname": facts.get("hostname"), "machine_id": facts.get("machine_id"), "mounts": mounts,
+            "user_processes": facts.get("user_processes", []), "block_devices": facts.get("block_devices", []),
+            "dev_nodes": facts.get("devices", []), "addresses": addresses, "mem_total_kb": facts.get("mem_total_kb"),
+            "host": getattr(target, "name", "local")}

@@ -170,14 +170,14 @@ class GuestSpec:
                 notes.append(f"the guest kernel has virtio_blk/ext4 as modules: booting the bundle's {loader.name} "
                              "as a loader for the image (the reference candidate's documented image mode)")
         qemu = asset("path")
-        qemu_data = root / "share" / "kata-qemu" / "qemu"
+        qemu_data: Path | None = root / "share" / "kata-qemu" / "qemu"
         accel_name, reason = detect_accel(accel)
         usable, why = qemu_runs(qemu, accel_name)
         if not usable:
             notes.append(f"the bundle's hypervisor {qemu} cannot run here ({why}); using the host's {HOST_QEMU}")
             qemu, qemu_data = Path(HOST_QEMU), None
         params = str(config.get("hypervisor.*.kernel_params", "") or "")
-        if image is not None and initrd is not None:
+        if image is not None and initrd is not None and asset("initrd") is not None:
             notes.append("image and initrd both set: booting the initrd as a loader for the image")
         nvdimm = not bool(config.get("hypervisor.*.disable_image_nvdimm", False))
         attach = "nvdimm" if nvdimm and image is not None else "virtio-blk"
@@ -506,7 +506,7 @@ class DirectDriver(SandboxDriver):
             command = (f"if setpriv --help 2>&1 | grep -q reuid; then setpriv --reuid=65534 --regid=65534 "
                        f"--clear-groups --inh-caps=-all --bounding-set=-all sh -c {inner}; "
                        f"else su -s /bin/sh nobody -c {inner}; fi")
-        rc, out = self.run(command, timeout=180)
+        _rc, out = self.run(command, timeout=180)
         facts = parse_output(out, source=f"{self.vm_name} console")
         facts.driver, facts.workload = self.name, workload
         if not workload.privileged and facts.get("uid") == 0:

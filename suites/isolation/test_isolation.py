@@ -23,6 +23,8 @@ def test_kernel_is_the_guest_kernel(kata_sandbox, kata_probe, kata_host_facts, k
     """uname -r is the candidate's guest kernel and the boot id is not the host's."""
     facts = kata_probe(privileged=False)
     kata_result.record(sandbox=kata_sandbox.describe())
+    if hasattr(kata_sandbox, "console_log"):
+        kata_result.attach("guest console", kata_sandbox.console_log())
     checks.kernel_identity(facts, kata_host_facts, expected=kata_sandbox.guest_kernel_release(),
                            is_vm=kata_sandbox.is_vm, handler=handler_of(kata_sandbox)).apply(kata_result)
 

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from pytest_kata.install.installer import Installer, InstallError, NoContainerd
-from pytest_kata.install.rollout import handlers_gate
+from pytest_kata.install.rollout import handlers_gate, rolling_update, target_name
 from pytest_kata.install.state import State
+from pytest_kata.plugins.install import InstallTargets
 from pytest_kata.recorder import CheckRecorder
 
 
@@ -46,9 +47,9 @@ class Scenario:
 
 
 @pytest.fixture(scope="module")
-def upgrade(kata_baseline: Any, kata_candidate: Any, make_kata_install_target: Callable[..., Installer]) -> Scenario:
+def upgrade(kata_baseline: Any, kata_candidate: Any, make_kata_install_target: InstallTargets) -> Scenario:
     """The whole upgrade-and-rollback sequence, once."""
-    scenario = Scenario(make_kata_install_target("upgrade"))
+    scenario = Scenario(make_kata_install_target.one("upgrade"))
     inst = scenario.installer
     scenario.run("baseline", lambda: inst.install(kata_baseline))
     scenario.run("state-before", inst.capture)
@@ -129,9 +130,9 @@ def _kill_containerd(step: str, installer: Installer) -> None:
 
 @pytest.mark.parametrize("fault", ["corrupt-archive", "killed-containerd"])
 def test_failed_install_rolls_back_by_itself(fault: str, kata_baseline: Any, kata_candidate: Any,
-                                             make_kata_install_target: Callable[..., Installer],
+                                             make_kata_install_target: InstallTargets,
                                              kata_result: CheckRecorder) -> None:
-    inst = make_kata_install_target(f"fault-{fault}")
+    inst = make_kata_install_target.one(f"fault-{fault}")
     _identity(kata_result, f"KATA-RB-005-{fault}", "high", f"an install that fails mid-way ({fault}) leaves "
               "the host as it was", inst)
     if fault == "killed-containerd" and isinstance(inst.containerd, NoContainerd):
@@ -157,9 +158,9 @@ def test_failed_install_rolls_back_by_itself(fault: str, kata_baseline: Any, kat
 
 
 def test_rollback_without_a_previous_release_says_so(kata_candidate: Any,
-                                                     make_kata_install_target: Callable[..., Installer],
+                                                     make_kata_install_target: InstallTargets,
                                                      kata_result: CheckRecorder) -> None:
-    inst = make_kata_install_target("first-install")
+    inst = make_kata_install_target.one("first-install")
     _identity(kata_result, "KATA-RB-006", "medium", "rollback without a previous release says so", inst)
     inst.install(kata_candidate)
     try:
@@ -172,3 +173,42 @@ def test_rollback_without_a_previous_release_says_so(kata_candidate: Any,
     if "no previous release" not in message:
         kata_result.conclude("fail", f"unexpected error: {message}")
     kata_result.conclude("pass", message)
+
+
+def test_rolling_update_is_gated_and_a_failing_gate_rolls_every_updated_host_back(
+        kata_baseline: Any, kata_candidate: Any, kata_settings: Any, make_kata_install_target: InstallTargets,
+        kata_result: CheckRecorder) -> None:
+    """Across ``--kata-hosts`` hosts (at least 2 local sysroots): all gates pass -> updated; then the same
+    rollout with the gate failing on the last host -> every updated host is rolled back, digests equal."""
+    count = int(kata_settings.hosts or 1)
+    if make_kata_install_target.provider == "local":
+        count = max(count, 2)  # sysroots are cheap
+    targets = make_kata_install_target.many(count, "fleet") if count >= 2 else []
+    _identity(kata_result, "KATA-RB-007", "high", "a rolling update is gated, and a failing gate rolls every "
+              "updated host back", targets[0] if targets else make_kata_install_target.one("fleet"))
+    if count < 2:
+        kata_result.conclude("notapplicable", "a rolling update needs 2 or more hosts: pass --kata-hosts 2")
+    for target in targets:
+        target.install(kata_baseline)
+    baseline_digests = [t.capture().digest for t in targets]
+    good = rolling_update(targets, kata_candidate, gate=handlers_gate)
+    for target in targets:  # back to the baseline for the second rollout
+        target.rollback()
+    last = target_name(targets[-1])
+
+    def failing_last(name: str, target: Any, report: Any) -> Any:
+        return (False, "injected: smoke failed") if name == last else handlers_gate(name, target, report)
+
+    bad = rolling_update(targets, kata_candidate, gate=failing_last)
+    digests = [t.capture().digest for t in targets]
+    kata_result.record(good=good, bad=bad, hosts=count)
+    if good["result"] != "updated":
+        kata_result.conclude("fail", f"the rollout with passing gates did not complete: {good['failed']}")
+    if bad["result"] != "rolled-back" or bad["rolled_back"] != [target_name(t) for t in reversed(targets)]:
+        kata_result.conclude("fail", f"a failing gate on {last} did not roll back every updated host: "
+                             f"{bad['result']}, rolled back {bad['rolled_back']}")
+    if digests != baseline_digests:
+        changed = [target_name(t) for t, a, b in zip(targets, digests, baseline_digests, strict=True) if a != b]
+        kata_result.conclude("fail", f"hosts not restored after the gated rollback: {', '.join(changed)}")
+    kata_result.conclude("pass", f"{count} hosts: gated rollout completed; a failing gate on {last} rolled "
+                         f"{', '.join(bad['rolled_back'])} back, every digest equal to the baseline's")

@@ -56,6 +56,8 @@ key cmdline; jstr "$(rd /proc/cmdline)"
 key hypervisor_flag; jbool grep -qw hypervisor /proc/cpuinfo
 key dmi_sys_vendor; jstr "$(rd /sys/class/dmi/id/sys_vendor)"
 key processes; for d in /proc/[0-9]*; do echo "${d#/proc/} $(rd "$d/comm")"; done | jarr
+key user_processes  # processes with a command line: kernel threads excluded (every kernel has those)
+for d in /proc/[0-9]*; do [ "$(head -c 1 "$d/cmdline" 2>/dev/null | wc -c)" -gt 0 ] && rd "$d/comm"; done | sort -u | jarr
 key mounts; rd /proc/self/mounts | jarr
 key root_writable; jbool sh -c "t=/.kata-probe-w-\$\$; : > \$t && rm -f \$t"
 key devices; ls -1A /dev 2>/dev/null | jarr
