@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Per-test reset of a host: revert to the clean snapshot vs a fresh boot of the same host, in one run.
 
-    python bench/bench_hosts.py [--resets 3] [--workers]
+    python bench/bench_hosts.py [--reverts 3] [--boots 1] [--workers]
 
 Boots one libvirt host from the cached host image (TCG here), takes the ``clean`` snapshot, then for each
 round dirties the host and resets it both ways: ``revert('clean')`` (what ``kata_host`` does) and
@@ -25,7 +25,8 @@ from pathlib import Path
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--resets", type=int, default=2, help="rounds of each reset kind (default 2)")
+    parser.add_argument("--reverts", type=int, default=3, help="resets by revert (default 3)")
+    parser.add_argument("--boots", type=int, default=1, help="resets by fresh boot (default 1: ~40-60 s each)")
     parser.add_argument("--workers", action="store_true", help="also time pytest -n 1 vs -n 2 on two hosts")
     args = parser.parse_args()
     os.environ.setdefault("PYTEST_KATA_QUIET", "1")
@@ -49,13 +50,13 @@ def main() -> int:
         rows += [("boot to ready (first host)", first_boot), ("snapshot 'clean' (running, RAM+disk)",
                                                                time.monotonic() - start)]
         reverts, boots = [], []
-        for round_ in range(args.resets):
+        for round_ in range(args.reverts):
             host.run(f"touch /root/dirty-{round_}", check=True)
             start = time.monotonic()
             host.revert("clean")
             reverts.append(time.monotonic() - start)
             assert host.run(f"test -e /root/dirty-{round_}").rc == 1, "revert did not reset the host"
-        for _ in range(args.resets):
+        for _ in range(args.boots):
             start = time.monotonic()
             host.close()
             host = pool.boot()

@@ -385,6 +385,7 @@ def test_tcg_boot_initrd_mode(reference_guest) -> None:
 
     seen = _boot(qemu_boot_args(reference_guest, mode="initrd"))
     assert "init=kata-agent" in seen["ready"] and host_kernel().release in seen["ready"]
+    assert "root=ro" in seen["ready"]
     assert "kata-agent placeholder: pytest-kata reference candidate, no real agent" in seen["version"]
     assert seen["readonly"] == "True"  # read_only_root = true remounts the initramfs read-only
 
@@ -458,7 +459,7 @@ def test_tcg_boot_minimal_is_locked_down(minimal_guest) -> None:
     assert values == {"kernel/modules_disabled": "1", "kernel/kptr_restrict": "2",
                       "kernel/yama/ptrace_scope": "3", "kernel/unprivileged_bpf_disabled": "1",
                       "fs/suid_dumpable": "0"}
-    assert "INSMOD-2-NO" in seen["probe"] and seen["readonly"] == "True"
+    assert "INSMOD-2-NO" in seen["probe"] and seen["readonly"] == "True" and "root=ro" in seen["ready"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")

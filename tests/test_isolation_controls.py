@@ -150,3 +150,23 @@ def test_older_version_is_flagged_by_the_version_gates(pytester, stand_in, tmp_p
                                 suites=("escape_regression",))
         assert {r["id"]: r["status"] for r in verdict["results"]} == {"KATA-ESC-012": expected,
                                                                      "KATA-ESC-014": expected}
+
+
+@pytest.mark.slow
+def test_runc_control_on_a_libvirt_staging_host(pytester):
+    """The containerd driver on a real staging host (helper E's libvirt pool): the workload's kernel is the
+    *staging host's*, and the suite says runc is no VM there too. One host boot, one probe."""
+    needs_runc()
+    if not shutil.which("virsh"):
+        pytest.skip("libvirt is not installed")
+    result, verdict = run_suites(pytester, "--kata-runtime", "runc", "--kata-host-provider", "libvirt",
+                                 "-k", "kernel_is_the_guest_kernel")
+    kernel = by_nodeid(verdict, "test_kernel_is_the_guest_kernel")
+    if not kernel or kernel[0]["status"] == "error":
+        pytest.skip(f"no staging host could be booted: {result.stdout.str()[-500:]}")
+    evidence = kernel[0]["evidence"]
+    assert kernel[0]["status"] == "fail"
+    assert evidence["sandbox"]["host"] != "local" and evidence["sandbox"]["handler"] == "runc"
+    assert evidence["workload_boot_id"] == evidence["host_boot_id"]  # the staging host's boot, not ours
+    assert evidence["host_boot_id"] != Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    result.stdout.fnmatch_lines(["runc is no VM: the workload runs on the host kernel (*)*"])

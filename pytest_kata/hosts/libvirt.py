@@ -505,10 +505,12 @@ class LibvirtHost:
             except libvirt.libvirtError as exc:
                 raise HostError(f"cannot attach a NIC on {network.label}: {exc.get_error_message()}",
                                 path=self.name) from None
-            found = self.run(f"for i in $(seq {int(timeout * 5)}); do d=$(ip -o link | awk -F': ' '/{mac}/ "
-                             "{print $2}'); [ -n \"$d\" ] && break; sleep 0.2; done; [ -n \"$d\" ] && "
+            # find the NIC by its MAC, let udev finish renaming it (eth0 -> ens4), then look again
+            by_mac = f"ip -o link | awk -F': ' '/{mac}/ {{print $2}}'"
+            found = self.run(f"for i in $(seq {int(timeout * 5)}); do d=$({by_mac}); [ -n \"$d\" ] && break; "
+                             f"sleep 0.2; done; udevadm settle -t 30; d=$({by_mac}); [ -n \"$d\" ] && "
                              f"ip addr add {ip}/{network.prefixlen} dev $d && ip link set $d up && echo $d",
-                             timeout=timeout + 30)
+                             timeout=timeout + 60)
             if not found.ok:
                 raise HostError(f"the NIC on {network.label} did not come up: {found.stderr.strip()}",
                                 path=self.name)

@@ -48,7 +48,7 @@ from pytest_kata.resources import cache_dir, vm_images_dir
 
 AREA = "image"
 CACHE_KIND = "guest"
-# Bump when the builder changes what it writes for the same recipe (part of every cache key).
+# Part of every cache key, with the source of this module and of common.py: any builder change rebuilds.
 BUILDER_VERSION = "1"
 AGENT_PATH = "usr/bin/kata-agent"
 MINBASE_VARIANTS = {"minbase", "essential", "apt", "required", "important", "standard", "buildd",
@@ -262,8 +262,9 @@ def _kernel_identity(kernel: HostKernel) -> dict[str, str]:
 
 
 def guest_key(recipe: Recipe, versions: dict[str, str], kernel: HostKernel) -> str:
-    """The cache key: recipe settings, guest files, builder version, kernel, resolved package versions."""
-    return content_hash(BUILDER_VERSION, recipe.name, recipe.settings, guest_files_dir(), versions,
+    """The cache key: recipe settings, guest files, the builder's code, kernel, resolved package versions."""
+    builder = [Path(__file__), Path(__file__).with_name("common.py")]
+    return content_hash(BUILDER_VERSION, recipe.name, recipe.settings, guest_files_dir(), *builder, versions,
                         _kernel_identity(kernel))[:20]
 
 
@@ -307,6 +308,9 @@ def build_guest(recipe_name: str | Path, *, force: bool = False) -> GuestImage:
     if final.is_dir() and not force:
         step(AREA, f"guest-{recipe.name}: cached ({final})")
         return GuestImage.from_dir(recipe, final)
+    if os.geteuid() != 0:
+        raise KataError(f"building guest-{recipe.name} needs root (mmdebstrap in root mode, chroot, dpkg --root)",
+                        path=recipe.path, hint="run as root, or use an image built on another machine")
     built = False
 
     def build(out: Path) -> None:
@@ -417,7 +421,11 @@ def _sha256(path: Path) -> str:
 
 
 def _purge(rootfs: Path, recipe: Recipe) -> None:
-    """Remove packages with dpkg itself, so the status file stays the truth about what is installed."""
+    """Remove packages with dpkg itself, so the status file stays the truth about what is installed.
+
+    The commands they took with them (tar, awk, dpkg...) are not replaced by busybox applets on purpose:
+    the guest's init needs only sh, mount, insmod, sysctl and setsid.
+    """
     if not recipe.purge:
         return
     present = set(_installed_packages(rootfs))

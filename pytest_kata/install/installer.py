@@ -59,6 +59,7 @@ from pytest_kata.install.state import (
 
 DROPIN_DIR = "/etc/containerd/conf.d"
 DROPIN_NAME = "kata-runtimes.toml"
+STAGED = "bundle.tar.gz"
 INSTALL_STEPS = ("capture-before", "stage", "unpack", "switch", "containerd-config", "containerd-restart",
                  "verify-handlers")
 SHIM_GO = "bin/containerd-shim-kata-v2"
@@ -484,17 +485,20 @@ class Installer:
                 "prefix_before": None if prefix is None else prefix.kind}
 
     def _pack(self, bundle: Any) -> Path:
+        """The bundle as a gzip tarball (gzip -1: cheap, and everything a host has can read it; small bundles
+        then fit a console transfer)."""
         tmp = Path(tempfile.mkdtemp(prefix="pytest-kata-stage-"))
-        archive = tmp / "bundle.tar"
-        proc = subprocess.run(["tar", "-C", str(bundle.root), "--numeric-owner", "--owner=0", "--group=0",
-                               "--sort=name", "-cf", str(archive), "."], capture_output=True, text=True)
+        archive = tmp / STAGED
+        proc = subprocess.run(f"tar -C {shlex.quote(str(bundle.root))} --numeric-owner --owner=0 --group=0 "
+                              f"--sort=name -cf - . | gzip -1 > {shlex.quote(str(archive))}",
+                              shell=True, capture_output=True, text=True)
         if proc.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             raise InstallError(f"cannot pack the bundle: {proc.stderr.strip()[-200:]}", path=str(bundle.root))
         return archive
 
     def _step_stage(self, tx: str, bundle: Any) -> dict[str, Any]:
-        staged = f"{self.journal.tx_dir(tx)}/bundle.tar"
+        staged = f"{self.journal.tx_dir(tx)}/{STAGED}"
         archive = self._pack(bundle)
         try:
             self.run(f"mkdir -p {shlex.quote(self.journal.tx_dir(tx))}")
@@ -506,7 +510,7 @@ class Installer:
     def _cleanup_stage(self, tx: str) -> None:
         keep = self.layout == "in-place"  # in-place rollback re-extracts the previous release from it
         if not keep:
-            self.host.run(f"rm -f {shlex.quote(self.journal.tx_dir(tx) + '/bundle.tar')}")
+            self.host.run(f"rm -f {shlex.quote(self.journal.tx_dir(tx) + '/' + STAGED)}")
 
     def _step_unpack(self, tx: str, release: str, data: dict[str, dict[str, Any]]) -> dict[str, Any]:
         staged = shlex.quote(data["stage"]["staged"])
@@ -536,7 +540,7 @@ class Installer:
         for old in reversed(self.journal.transactions()):
             if old.id != tx and old.kind == "install" and old.status == "committed" \
                     and old.data.get("layout") == "in-place":
-                return f"{self.journal.tx_dir(old.id)}/bundle.tar"
+                return f"{self.journal.tx_dir(old.id)}/{STAGED}"
         return None
 
     def _step_switch(self, tx: str, release: str) -> dict[str, Any]:
@@ -780,7 +784,7 @@ class Installer:
         restored = expected_digest is None or expected_digest == after_digest
         self.journal.write(rb, "rollback", "tx", "done", restored=restored, digest_after=after_digest,
                            residue=left[:50])
-        self.host.run(f"rm -f {shlex.quote(self.journal.tx_dir(tx.id) + '/bundle.tar')}"
+        self.host.run(f"rm -f {shlex.quote(self.journal.tx_dir(tx.id) + '/' + STAGED)}"
                       if self.layout != "in-place" else "true")
         message = (f"rolled back {tx.id}: state digest equals the one before the install" if restored else
                    f"rolled back {tx.id} but the state differs from before the install "
@@ -793,7 +797,7 @@ class Installer:
 
     def _undo_stage(self, tx: Transaction, data: dict[str, Any]) -> None:
         if self.layout != "in-place":
-            self.host.run(f"rm -f {shlex.quote(self.journal.tx_dir(tx.id) + '/bundle.tar')}")
+            self.host.run(f"rm -f {shlex.quote(self.journal.tx_dir(tx.id) + '/' + STAGED)}")
 
     def _undo_unpack(self, tx: Transaction, data: dict[str, Any]) -> None:
         if self.layout == "in-place" or "prefix_existed" in data:
