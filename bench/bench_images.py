@@ -3,8 +3,9 @@
     python bench/bench_images.py [RECIPE]     # default: reference (~20 s cold)
 
 Runs in a private cache directory (removed afterwards) so the machine's cache is neither used nor touched.
-Prints one table: cold build, cache hit with the apt answer memoised (what every later test run pays), and
-cache hit after the apt lists changed (re-resolving package versions), with the ratios.
+Prints one table: cold build, cache hit with the apt answer memoised (what every later test run pays), cache
+hit after the apt lists changed (re-resolving package versions), and a forced rebuild, which must give
+bit-identical outputs (same package versions -> same bytes; exit status 1 otherwise).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def main() -> int:
         resolve_s = time.perf_counter() - start
         assert not again.built and again.key == cold.key
         size = sum(p.stat().st_size for p in cold.dir.iterdir() if p.is_file()) / 1e6
+        digests = [_sha256(p) for p in (cold.image, cold.initrd) if p]
+        start = time.perf_counter()
+        forced = build_guest(recipe, force=True)  # same package versions: must give the same bytes
+        forced_s = time.perf_counter() - start
+        identical = digests == [_sha256(p) for p in (forced.image, forced.initrd) if p]
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     print(f"guest-{recipe} image build ({size:.0f} MB of outputs)")
@@ -52,7 +58,19 @@ def main() -> int:
     print(f"{'cold build (mmdebstrap, ext4 disk, initrd)':<44} {cold_s:>9.2f} {1:>9.0f}x")
     print(f"{'cache hit (apt answer memoised)':<44} {hit_s:>9.3f} {cold_s / hit_s:>9.0f}x")
     print(f"{'cache hit after apt lists changed':<44} {resolve_s:>9.2f} {cold_s / resolve_s:>9.0f}x")
-    return 0
+    print(f"{'forced rebuild, same package versions':<44} {forced_s:>9.2f} {cold_s / forced_s:>9.1f}x  "
+          f"bit-identical image+initrd: {'yes' if identical else 'NO'}")
+    return 0 if identical else 1
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 if __name__ == "__main__":

@@ -195,7 +195,11 @@ PYTESTER_CONFTEST = textwrap.dedent("""
             self.on_ready(host)
         return host
 
+    _original_boot = provision.HostPool.boot
     provision.HostPool.boot = _boot
+
+    def pytest_unconfigure(config):
+        provision.HostPool.boot = _original_boot  # in-process runs share the module with the outer session
 
     @pytest.fixture(scope="session")
     def kata_libvirtd():
@@ -291,3 +295,26 @@ def test_header_reports_accel(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_x(): pass")
     result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--kata-accel=tcg")
     result.stdout.fnmatch_lines(["kata hosts: libvirt qemu:///system, accel TCG (forced by --kata-accel)*"])
+
+
+def test_prebuilt_host_image_missing_and_formats(tmp_path: Path) -> None:
+    from pytest_kata.errors import KataError
+    from pytest_kata.hosts.image import prebuilt_host_image
+
+    if not list(Path("/boot").glob("vmlinuz-*")):
+        pytest.skip("no Debian kernel in /boot")
+    with pytest.raises(KataError, match=r"host.qcow2: host image not found \(build one with"):
+        prebuilt_host_image(tmp_path / "host.qcow2")
+    (tmp_path / "host.qcow2").write_bytes(b"QFI\xfb" + b"\0" * 100)
+    (tmp_path / "host.img").write_bytes(b"\0" * 100)
+    assert prebuilt_host_image(tmp_path / "host.qcow2").image_format == "qcow2"
+    assert prebuilt_host_image(tmp_path / "host.img").image_format == "raw"
+
+
+def test_ssh_provider_is_reported_as_missing(tmp_path: Path) -> None:
+    from pytest_kata.hosts.base import HostError
+
+    with pytest.raises(HostError, match="ssh is not implemented"):
+        HostPool(PoolSettings(provider="ssh", log_dir=tmp_path)).boot()
+    local = HostPool(PoolSettings(provider="local", log_dir=tmp_path)).checkout(1)[0]
+    assert local.run("echo hi").stdout == "hi\n"

@@ -475,3 +475,19 @@ def test_safe_rmtree_unmounts_before_deleting(tmp_path: Path) -> None:
         assert not tree.exists() and common.mounts_under(tmp_path) == []
     finally:
         subprocess.run(["umount", "-l", str(tree / "proc")], capture_output=True)
+
+
+@pytest.mark.slow
+def test_guest_image_fixture(pytester: pytest.Pytester, reference_guest) -> None:
+    pytester.makepyfile("""
+        def test_built(kata_guest_image):
+            g = kata_guest_image("guest-reference")
+            assert g.image.exists() and g.initrd.exists()
+            assert kata_guest_image("reference") is g
+
+        def test_unknown(kata_guest_image):
+            kata_guest_image("guest-nosuch")
+    """)
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*no guest image recipe 'nosuch'; known: guest-baseline*"])

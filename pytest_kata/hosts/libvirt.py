@@ -560,7 +560,12 @@ class LibvirtHost:
             con.mark("reboot")
             start = time.monotonic()
             con.sendline("systemctl reboot")
-            self._wait_ready(timeout or self.spec.boot_timeout, start)
+            budget = timeout or self.spec.boot_timeout
+            try:  # the shell prints a prompt before going down: wait for the new kernel first
+                con.expect(rb"Linux version", timeout=budget)
+            except pexpect.TIMEOUT:
+                raise self._unreachable(time.monotonic() - start, "no reboot seen") from None
+            self._wait_ready(budget, start)
 
     # ------------------------------------------------------------------------------------------ logs
     def console_log(self) -> str:
