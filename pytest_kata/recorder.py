@@ -56,6 +56,9 @@ class CheckRecorder:
                   if getattr(item, "obj", None) is not None and item.obj.__doc__ else item.name)
         if mark is not None:
             rec.id = str(mark.args[0])
+            callspec = getattr(item, "callspec", None)
+            if callspec is not None:  # one marker on a parametrized test: each variant is its own result
+                rec.id = f"{rec.id}[{callspec.id}]"
             rec.severity = mark.kwargs.get("severity", "medium")
             rec.title = mark.kwargs.get("title") or rec.title
         advisory = item.get_closest_marker("kata_advisory")

@@ -86,7 +86,7 @@ class Verdict:
         id_width = min(max((len(r.id) for r in rows), default=2), 52)
         lines = [f"{'status':<13} {'severity':<9} {'id':<{id_width}} title", "-" * min(width, 120)]
         for r in rows:
-            lines.append(f"{r.status:<13} {r.severity:<9} {r.id[:id_width]:<{id_width}} {r.title}"[:max(width, 60)])
+            lines.append(f"{r.status:<13} {r.severity:<9} {r.id[:id_width]:<{id_width}} {r.title}")
         t = self.totals
         lines.append("-" * min(width, 120))
         lines.append("totals: " + ", ".join(f"{k} {v}" for k, v in t.items() if v))

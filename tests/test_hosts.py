@@ -86,9 +86,11 @@ def test_domain_xml_tcg_and_kvm() -> None:
 
 
 def test_panic_scan() -> None:
-    text = "ok line\n[  3.1] Kernel panic - not syncing: VFS\n[ 4.0] BUG: kernel NULL pointer\nCall Trace:\nfine"
+    text = "ok\n[  3.1] Kernel panic - not syncing: VFS\n[ 4.0] BUG: kernel NULL pointer\n[ 4.1]  Call Trace:\nfine"
     assert len(scan_for_panics(text)) == 3
     assert scan_for_panics("systemd[1]: Started containerd.\nkt-host# ") == []
+    assert scan_for_panics("grep output: BUG: in a file\n") == [], "command output is not a kernel message"
+    assert scan_for_panics("grep output: BUG: in a file\n", kernel_lines_only=False)
 
 
 def test_recipe_is_valid() -> None:
@@ -258,8 +260,12 @@ def test_failure_attaches_artefacts_and_keeps_host(fake_hosts_dir: pytest.Pytest
         def test_next_gets_another_host(kata_host):
             assert kata_host.name != "fake-h1"
     """))
-    result = fake_hosts_dir.runpytest_inprocess("-p", "no:cacheprovider", "-rA", "--kata-keep-on-failure")
+    alluredir = fake_hosts_dir.path / "allure"
+    result = fake_hosts_dir.runpytest_inprocess("-p", "no:cacheprovider", "-rA", "--kata-keep-on-failure",
+                                                f"--alluredir={alluredir}")
     result.assert_outcomes(passed=1, failed=1)
+    attachments = [p.read_text() for p in alluredir.glob("*-attachment.txt")]
+    assert any("something the test caused" in text for text in attachments), "console attached to allure"
     out = result.stdout.str()
     assert "console since test start" in out and "something the test caused" in out
     assert "journal since test start" in out and "qemu log" in out

@@ -125,3 +125,15 @@ def test_custom_hooks_are_called(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_checks=CHECKS)
     result = pytester.runpytest("-s")
     result.stdout.fnmatch_lines(["*HOOK-VERDICT accept*KATA-T-HIGH*"])
+
+
+def test_parametrized_check_variants_get_distinct_ids(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_p=(
+        "import pytest\n"
+        "@pytest.mark.kata_check('KATA-P-1', severity='high')\n"
+        "@pytest.mark.parametrize('mode', ['static', 'dynamic'])\n"
+        "def test_p(mode):\n    assert mode == 'static'\n"))
+    result = pytester.runpytest("--kata-report", "v.json")
+    data = json.loads((pytester.path / "v.json").read_text())
+    assert {r["id"]: r["status"] for r in data["results"]} == {"KATA-P-1[static]": "pass", "KATA-P-1[dynamic]": "fail"}
+    assert result.ret == 1

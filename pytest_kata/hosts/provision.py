@@ -72,6 +72,7 @@ class HostPool:
             image = prebuilt_host_image(Path(s.host_image)) if s.host_image else build_host_image()
             self._conn = connect(s.uri)
             self.accel, self.accel_reason = detect_accel(s.accel, self._conn, s.uri)
+            step(AREA, f"hosts on {s.uri} use {self.accel.upper()}: {self.accel_reason}")
             self._spec = HostSpec(image=image.image, kernel=image.kernel, initrd=image.initrd,
                                   cmdline=image.cmdline, prompt=image.prompt, image_format=image.image_format,
                                   memory_mib=s.memory_mib or image.memory_mib, vcpus=s.vcpus or image.vcpus,

@@ -255,7 +255,7 @@ def _failure_artefacts(item: pytest.Item, call: pytest.CallInfo[None]) -> list[t
             out.append((f"kata host {name}: qemu log", qemu[-50_000:]))
         out.append((f"kata host {name}: how to look", f"console log: {getattr(host, 'console_log_path', '?')}"
                     + (" | kept running: virsh -c "
-                       f"{host.uri} console {name}" if getattr(host, "kept", False) else "")))
+                       f"{getattr(host, 'uri', '')} console {name}" if getattr(host, "kept", False) else "")))
     pool = item.config.stash.get(POOL, None)
     daemon_log = getattr(getattr(pool, "daemon", None), "log", None)
     if out and daemon_log and Path(daemon_log).exists():

@@ -9,9 +9,9 @@ targets of their own.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -115,12 +115,14 @@ def test_second_rollback_is_a_noop(upgrade: Scenario, kata_result: CheckRecorder
 
 
 def _corrupt_archive(step: str, installer: Installer) -> None:
+    """Truncate the staged archive on the host and append garbage (works on any host, through ``run``)."""
     if step == "unpack":
         last = installer.journal.last("install")
-        staged = Path(last.step("stage").data["staged"]) if last and last.step("stage") else None
-        if staged and staged.is_file():
-            data = staged.read_bytes()
-            staged.write_bytes(data[: len(data) // 2] + b"\xff" * 4096)
+        stage = last.step("stage") if last else None
+        if stage is not None:
+            staged = shlex.quote(stage.data["staged"])
+            installer.host.run(f"size=$(stat -c %s {staged}) && truncate -s $((size / 2)) {staged} && "
+                               f"head -c 4096 /dev/zero | tr '\\0' '\\377' >> {staged}", check=True)
 
 
 def _kill_containerd(step: str, installer: Installer) -> None:
