@@ -159,7 +159,7 @@ def test_failed_install_rolls_back_by_itself(fault: str, kata_baseline: Any, kat
     kata_result.conclude("pass", f"install failed ({message[:120]}...) and the state is unchanged")
 
 
-def test_rollback_without_a_previous_release_says_so(kata_candidate: Any,
+def test_rollback_without_a_previous_release_says_so(kata_baseline: Any, kata_candidate: Any,
                                                      make_kata_install_target: InstallTargets,
                                                      kata_result: CheckRecorder) -> None:
     inst = make_kata_install_target.one("first-install")
