@@ -47,6 +47,7 @@ from typing import Any, BinaryIO
 
 from pytest_kata import progress
 from pytest_kata.errors import BundleError, KataError
+from pytest_kata.hashing import sha256_file as _sha256_file
 from pytest_kata.kataconfig import KataConfig, load_config
 from pytest_kata.resources import cache_dir
 
@@ -900,14 +901,6 @@ def _open_directory(source: Path, store: _Store, run_binaries: bool) -> _Part:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return part
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- merging

@@ -7,12 +7,12 @@ nothing).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_kata.hashing import sha256_file
 from pytest_kata.options import SEVERITIES, severity_rank
 
 STATUSES = ("pass", "fail", "error", "notapplicable", "waived", "skipped")
@@ -98,12 +98,6 @@ class Verdict:
         return "\n".join(lines)
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 __all__ = ["BLOCKING", "SEVERITIES", "STATUSES", "Result", "Verdict", "sha256_file"]

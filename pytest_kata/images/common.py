@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pytest_kata.errors import KataError
+from pytest_kata.hashing import sha256_file as _sha256_file
 from pytest_kata.progress import step
 from pytest_kata.resources import cache_dir
 
@@ -170,14 +171,6 @@ def tree_size(root: Path) -> tuple[int, int]:
         count += 1
         total += 4096 if not stat.S_ISREG(st.st_mode) else -(-st.st_size // 4096) * 4096
     return total, count
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- ext4

@@ -30,6 +30,7 @@ import yaml
 
 from pytest_kata import __version__
 from pytest_kata.errors import ConfigError, KataError
+from pytest_kata.hashing import sha256_file as _sha256
 from pytest_kata.images.common import (
     SOURCE_DATE_EPOCH,
     HostKernel,
@@ -408,16 +409,6 @@ def _build_into(recipe: Recipe, key: str, versions: dict[str, str], kernel: Host
         (out / "guest.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     finally:
         safe_rmtree(rootfs)
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _purge(rootfs: Path, recipe: Recipe) -> None:

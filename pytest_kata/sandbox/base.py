@@ -8,7 +8,6 @@ is where escape-regression tests look for proof that nothing crossed the boundar
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata.errors import KataError
+from pytest_kata.hashing import sha256_file
 
 
 class SandboxError(KataError):
@@ -170,14 +170,6 @@ class SandboxDriver:
 
 
 # ---- host-side invariants: what must be unchanged after a hostile workload -------------------------------
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _run(host: Any, command: str, *, stdin: bytes | None = None) -> str:
