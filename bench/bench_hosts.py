@@ -33,11 +33,12 @@ def main() -> int:
 
     from pytest_kata import runid, services
     from pytest_kata.hosts.provision import HostPool, PoolSettings
+    from pytest_kata.resources import cache_dir
     from pytest_kata.sweep import sweep
 
     run_id = runid.current_run_id()
     daemon = services.ensure_libvirtd(run_id)
-    log_dir = Path(tempfile.mkdtemp(prefix=f"{run_id}-bench-"))
+    log_dir = cache_dir() / "runs" / run_id / "logs"  # removed by the sweep at the end
     pool = HostPool(PoolSettings(log_dir=log_dir))
     rows: list[tuple[str, float]] = []
     try:

@@ -20,6 +20,7 @@ from pytest_kata.hosts.base import HostError
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.vm,
+    pytest.mark.xdist_group("kata-hosts"),  # one worker, one session host (with -n 2 --dist loadgroup)
     pytest.mark.skipif(os.geteuid() != 0, reason="libvirt's system URI and image builds need root"),
     pytest.mark.skipif(not shutil.which("libvirtd") or not shutil.which("mmdebstrap"),
                        reason="libvirtd/mmdebstrap not installed (scripts/setup installs them)"),

@@ -25,17 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _boot(args: argparse.Namespace) -> int:
-    import tempfile
-    from pathlib import Path
-
     from pytest_kata import runid, services
     from pytest_kata.hosts.provision import HostPool, PoolSettings
+    from pytest_kata.resources import cache_dir
 
     run_id = runid.current_run_id()
     daemon = services.ensure_libvirtd(run_id, uri=args.uri)
     pool = HostPool(PoolSettings(uri=args.uri, accel=args.accel, host_image=args.image,
                                  boot_timeout=args.boot_timeout,
-                                 log_dir=Path(tempfile.gettempdir()) / f"{run_id}-hosts"))
+                                 log_dir=cache_dir() / "runs" / run_id / "logs"))  # swept at the end
     try:
         host = pool.boot()
         print(f"{host.name} is up ({pool.describe()}); console: virsh -c {args.uri} console {host.name}")
@@ -45,7 +43,10 @@ def _boot(args: argparse.Namespace) -> int:
         except (EOFError, KeyboardInterrupt):
             print()
     finally:
+        from pytest_kata.sweep import sweep
+
         pool.close()
+        sweep(dead_only=False, run_id=run_id)  # the run's scratch and state directories
         daemon.stop()
         runid.unregister(run_id)
     return 0
