@@ -181,9 +181,12 @@ def test_ensure_libvirtd_starts_and_stops_by_pid_or_uses_the_running_one(kata_ru
         assert not any(r.matches() for r in daemon.records)
 
 
-def test_a_libvirtd_another_live_run_uses_is_handed_over_not_stopped(kata_run_id: str) -> None:
+def test_a_libvirtd_another_live_run_uses_is_handed_over_not_stopped() -> None:
     """One libvirtd serves the machine: when its owner ends while another run relies on it, that run
-    inherits it (and stops it at its own end). A `sleep` stands in for libvirtd."""
+    inherits it (and stops it at its own end). A `sleep` stands in for libvirtd. The owner is a private run
+    id, not this session's: another xdist worker may have real daemons recorded under the session's id."""
+    kata_run_id = runid.new_run_id()
+    runid.register(kata_run_id)
     user = runid.new_run_id()
     runid.register(user)
     proc, logd = _sleeper(), _sleeper()
@@ -207,8 +210,9 @@ def test_a_libvirtd_another_live_run_uses_is_handed_over_not_stopped(kata_run_id
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        runid.unregister(user)
-        shutil.rmtree(runid.state_dir() / user, ignore_errors=True)
+        for rid in (user, kata_run_id):
+            runid.unregister(rid)
+            shutil.rmtree(runid.state_dir() / rid, ignore_errors=True)
 
 
 @root_only
