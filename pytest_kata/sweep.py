@@ -277,9 +277,10 @@ def _clean_libvirt(rid: str, conn: Any, report: SweepReport) -> set[str]:
                     continue
                 try:
                     if not report.dry_run:
+                        persistent = obj.isPersistent()  # ask first: a transient object vanishes on destroy
                         if obj.isActive():
                             obj.destroy()
-                        if obj.isPersistent():
+                        if persistent:
                             obj.undefine()
                     report.add(rid, f"libvirt {kind} {obj.name()}")
                 except libvirt.libvirtError as exc:

@@ -21,6 +21,7 @@ from tests.test_install import make_bundle
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.vm,
+    pytest.mark.xdist_group("kata-hosts"),  # share the worker (and its booted hosts) with tests/test_hosts_libvirt.py
     pytest.mark.skipif(os.geteuid() != 0, reason="libvirt's system URI and image builds need root"),
     pytest.mark.skipif(not shutil.which("libvirtd") or not shutil.which("mmdebstrap"),
                        reason="libvirtd/mmdebstrap not installed (scripts/setup installs them)"),

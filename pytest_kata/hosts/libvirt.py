@@ -38,6 +38,7 @@ from xml.sax.saxutils import escape
 import pexpect
 
 from pytest_kata import runid
+from pytest_kata.hashing import sha256_file as _sha256
 from pytest_kata.hosts.base import HostError, RunResult, as_command
 from pytest_kata.hosts.console import Console, strip_ansi
 from pytest_kata.progress import step
@@ -672,12 +673,6 @@ def _is_local(uri: str) -> bool:
     return is_local_uri(uri)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _same_fs(a: Path, b: Path) -> bool:
