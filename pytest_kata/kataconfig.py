@@ -126,6 +126,6 @@ def load_config(path: str | Path, *, dropins: bool = True) -> KataConfig:
 
 def dumps(data: dict[str, Any]) -> str:
     """Serialise a configuration back to TOML (for attachments and mutated copies)."""
-    import tomli_w  # type: ignore[import-not-found]
+    import tomli_w
 
     return str(tomli_w.dumps(data))

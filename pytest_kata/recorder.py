@@ -51,9 +51,11 @@ class CheckRecorder:
         suite = _suite_of(item)
         if mark is None and suite is None:
             return None
-        rec = cls(id=item.name, suite=suite or item.module.__name__.rsplit(".", 1)[-1] if hasattr(item, "module")
-                  else "tests", title=(item.obj.__doc__ or "").strip().splitlines()[0]
-                  if getattr(item, "obj", None) is not None and item.obj.__doc__ else item.name)
+        module = getattr(item, "module", None)
+        doc = (getattr(getattr(item, "obj", None), "__doc__", None) or "").strip()
+        rec = cls(id=item.name,
+                  suite=suite or (module.__name__.rsplit(".", 1)[-1] if module is not None else "tests"),
+                  title=doc.splitlines()[0] if doc else item.name)
         if mark is not None:
             rec.id = str(mark.args[0])
             callspec = getattr(item, "callspec", None)
@@ -166,7 +168,7 @@ def status_for_report(report: pytest.TestReport, recorder: CheckRecorder) -> str
 def result_from_report(report: pytest.TestReport) -> Result | None:
     for key, value in report.user_properties:
         if key == "kata_result":
-            data = json.loads(value) if isinstance(value, str) else value
+            data: dict[str, Any] = json.loads(value) if isinstance(value, str) else dict(value)  # type: ignore[call-overload]
             return Result(id=data["id"], suite=data["suite"], status=data["status"], severity=data["severity"],
                           title=data["title"], evidence=data.get("evidence", {}), nodeid=report.nodeid)
     return None
