@@ -317,10 +317,10 @@ def test_prebuilt_host_image_missing_and_formats(tmp_path: Path) -> None:
     assert prebuilt_host_image(tmp_path / "host.img").image_format == "raw"
 
 
-def test_ssh_provider_is_reported_as_missing(tmp_path: Path) -> None:
+def test_ssh_provider_without_hosts_is_a_one_line_error(tmp_path: Path) -> None:
     from pytest_kata.hosts.base import HostError
 
-    with pytest.raises(HostError, match="ssh is not implemented"):
+    with pytest.raises(HostError, match="needs --kata-ssh-hosts"):
         HostPool(PoolSettings(provider="ssh", log_dir=tmp_path)).boot()
     local = HostPool(PoolSettings(provider="local", log_dir=tmp_path)).checkout(1)[0]
     assert local.run("echo hi").stdout == "hi\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ from pytest_kata.hosts.base import Host, LocalHost
 
 def add_host_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="local", metavar="HOST",
-                   help="where to act: 'local' (this machine; default). Remote providers come through the "
-                        "library's Host protocol (e.g. LibvirtHost)")
+                   help="where to act: 'local' (this machine; default), or a staging host over SSH: "
+                        "ssh://[user@]host[:port] or user@host (system ssh, BatchMode; $PYTEST_KATA_SSH_CONFIG "
+                        "names an ssh_config for keys/known_hosts)")
     p.add_argument("--sysroot", default="/", metavar="DIR",
                    help="act below DIR instead of / (a scratch root: nothing outside it is touched)")
     p.add_argument("--containerd", choices=("auto", "systemd", "private", "none"), default="auto",
@@ -29,10 +31,22 @@ def add_host_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_host(spec: str) -> Host:
+    """``local``, or an :class:`SshHost` for ``ssh://[user@]host[:port]``/``user@host``.
+
+    A libvirt URI is refused with the reason: it names a hypervisor, not a host, and a LibvirtHost owns the
+    domain it boots (closing one destroys it), so it cannot attach to a staging host that already exists.
+    """
     if spec in ("local", "localhost"):
         return LocalHost()
-    raise KataError(f"no command-line provider for host {spec!r}: use --host local (optionally with --sysroot), "
-                    "or drive remote hosts through the library (Installer(LibvirtHost(...)))")
+    if spec.startswith(("qemu:", "qemu+", "libvirt:")):
+        raise KataError(f"--host {spec}: a libvirt URI names a hypervisor, not a host; reach the staging host "
+                        "behind it with --host ssh://[user@]host[:port], or let pytest boot hosts there with "
+                        "`pytest --kata-host-provider libvirt --kata-libvirt-uri URI`")
+    if spec.startswith("ssh://") or "@" in spec:
+        from pytest_kata.hosts.ssh import SshHost
+
+        return SshHost(spec)
+    raise KataError(f"--host {spec!r}: not a host; use local, ssh://[user@]host[:port] or user@host")
 
 
 def containerd_for(args: argparse.Namespace, host: Host) -> Any:
@@ -61,9 +75,10 @@ def installer_for(args: argparse.Namespace, *, layout: str = "versioned") -> Any
     from pytest_kata.install.installer import Installer
 
     sysroot = Path(args.sysroot)
-    if str(args.sysroot) != "/" and not sysroot.is_dir():
-        raise KataError("no such sysroot directory", path=sysroot)
     host = resolve_host(args.host)
+    if str(args.sysroot) != "/" and not host.run(f"test -d {shlex.quote(str(sysroot))}", timeout=60).ok:
+        raise KataError("no such sysroot directory",
+                        path=sysroot if isinstance(host, LocalHost) else f"{host.name}:{sysroot}")
     return Installer(host, str(args.sysroot), containerd=containerd_for(args, host), layout=layout)
 
 
@@ -71,6 +86,7 @@ def stop_private(installer: Any) -> None:
     stop = getattr(installer.containerd, "stop", None)
     if stop is not None:
         stop()
+    installer.host.close()  # an SshHost ends its shared connection
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -32,6 +32,7 @@ def _state(args: argparse.Namespace) -> int:
         stop = getattr(containerd, "stop", None)
         if stop is not None:
             stop()
+        host.close()  # ends an SSH control connection at once instead of at its idle limit
     if args.compare:
         try:
             with open(args.compare, encoding="utf-8") as fh:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_kata.hosts.base import Host, HostError, LocalHost
+from pytest_kata.hosts.base import Host, LocalHost
 from pytest_kata.progress import step, timed
 
 CLEAN = "clean"
@@ -36,13 +36,15 @@ class PoolSettings:
     log_dir: Path = Path("/tmp/pytest-kata-hosts")
     memory_mib: int | None = None
     vcpus: int | None = None
+    ssh_hosts: str | None = None  # --kata-ssh-hosts, for provider ssh
 
     @classmethod
     def from_settings(cls, settings: Any, log_dir: Path) -> PoolSettings:
         return cls(provider=settings.host_provider or "libvirt", uri=settings.libvirt_uri or "qemu:///system",
                    host_image=settings.host_image, accel=settings.accel or "auto",
                    boot_timeout=float(settings.boot_timeout or 240.0),
-                   keep_on_failure=bool(settings.keep_on_failure), log_dir=log_dir)
+                   keep_on_failure=bool(settings.keep_on_failure), log_dir=log_dir,
+                   ssh_hosts=getattr(settings, "ssh_hosts", None))
 
 
 @dataclass
@@ -85,8 +87,9 @@ class HostPool:
         if provider == "local":
             host: Host = LocalHost()
         elif provider == "ssh":
-            raise HostError("--kata-host-provider ssh is not implemented yet",
-                            hint="use libvirt (default) or local")
+            from pytest_kata.hosts.ssh import next_ssh_host
+
+            host = next_ssh_host(self.settings.ssh_hosts, taken=len(self.hosts) + len(self._fresh))
         else:
             from pytest_kata.hosts.libvirt import LibvirtHost
 
@@ -105,7 +108,7 @@ class HostPool:
         """Clean host number ``index`` (booting the missing ones); not reverted: see :meth:`checkout`."""
         while len(self.hosts) <= index:
             host = self.boot()
-            if isinstance(host, LocalHost):
+            if isinstance(host, LocalHost) or self.settings.provider == "ssh":  # no snapshots: used as they are
                 self.hosts.append(host)
                 continue
             with timed(AREA, f"snapshot {CLEAN!r} of {host.name}"):
@@ -127,7 +130,7 @@ class HostPool:
 
     def reset(self, host: Host) -> None:
         """Revert a used host to ``clean`` (a host nobody touched since its snapshot is left as it is)."""
-        if host.name not in self.used or isinstance(host, LocalHost):
+        if host.name not in self.used or isinstance(host, LocalHost) or self.settings.provider == "ssh":
             return
         start = time.monotonic()
         host.revert(CLEAN)
