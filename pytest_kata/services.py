@@ -262,7 +262,9 @@ def ensure_libvirtd(run_id: str | None = None, *, uri: str = DEFAULT_URI, timeou
                                "started by the harness would bring them up (bridge, NAT, dnsmasq) in the root "
                                "network namespace", path=LIBVIRT_AUTOSTART_NETWORKS,
                                hint=f"virsh net-autostart --disable {autostart[0]}, or start libvirtd yourself")
-        log = runid.run_dir(run_id) / "libvirtd.log"
+        # Not in the run's directory: a libvirtd can outlive its run (handed over to another live run), and it
+        # opens this log again for every child it spawns (qemu-img, qemu); one libvirtd per machine, one log.
+        log = runid.state_dir() / "libvirtd.log"
         env = {**os.environ, "LIBVIRT_LOG_OUTPUTS": f"3:file:{log}"}
         records: list[DaemonRecord] = []
         virtlogd = _pid_from(VIRTLOGD_PIDFILE, "virtlogd")

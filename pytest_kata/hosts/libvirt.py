@@ -458,7 +458,9 @@ class LibvirtHost:
             Path(tmp).chmod(0o755)  # libvirt's qemu user opens the image in it
             tree = Path(tmp, "tree")
             tree.mkdir()
-            os.link(local, tree / "payload") if _same_fs(local, tree) else shutil.copyfile(local, tree / "payload")
+            # a copy, never a hard link: the image builder normalises the tree's mtimes, and a link would
+            # change the caller's file (and a symlinked path would arrive as the link itself)
+            shutil.copyfile(local.resolve(), tree / "payload")
             image = Path(tmp, f"{tag}.img")
             make_ext4_fs(tree, image, label=tag)
             xml, device = self._transfer_disk(image, tag)
@@ -674,9 +676,6 @@ def _is_local(uri: str) -> bool:
 
 
 
-
-def _same_fs(a: Path, b: Path) -> bool:
-    return a.stat().st_dev == b.stat().st_dev
 
 
 def _image_virtual_size(image: Path, fmt: str) -> int:
