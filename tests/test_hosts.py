@@ -261,8 +261,16 @@ def test_failure_attaches_artefacts_and_keeps_host(fake_hosts_dir: pytest.Pytest
             assert kata_host.name != "fake-h1"
     """))
     alluredir = fake_hosts_dir.path / "allure"
-    result = fake_hosts_dir.runpytest_inprocess("-p", "no:cacheprovider", "-rA", "--kata-keep-on-failure",
-                                                f"--alluredir={alluredir}")
+    from pytest_kata import runid
+    from pytest_kata.sweep import sweep
+
+    before = set(runid.state_dir().glob("kt-*/kept"))
+    try:
+        result = fake_hosts_dir.runpytest_inprocess("-p", "no:cacheprovider", "-rA", "--kata-keep-on-failure",
+                                                    f"--alluredir={alluredir}")
+    finally:  # the inner run is kept on purpose: remove it, so this test leaves nothing behind
+        for kept in set(runid.state_dir().glob("kt-*/kept")) - before:
+            sweep(dead_only=False, run_id=kept.parent.name)
     result.assert_outcomes(passed=1, failed=1)
     attachments = [p.read_text() for p in alluredir.glob("*-attachment.txt")]
     assert any("something the test caused" in text for text in attachments), "console attached to allure"
