@@ -79,14 +79,7 @@ class KataConfig:
 
     def get(self, keypath: str, default: Any = MISSING) -> Any:
         """Value at a dotted path; ``*`` in the hypervisor position means this file's hypervisor."""
-        node: Any = self.data
-        for part in keypath.split("."):
-            if part == "*" and isinstance(node, dict) and node:
-                part = next(iter(node))
-            if not isinstance(node, dict) or part not in node:
-                return default
-            node = node[part]
-        return node
+        return lookup(self.data, keypath, default)
 
     def with_changes(self, changes: dict[str, Any]) -> KataConfig:
         """A copy with dotted keys set (or removed when the value is MISSING): how tests mutate configs."""
@@ -104,6 +97,18 @@ class KataConfig:
             else:
                 node[parts[-1]] = value
         return KataConfig(self.path, data, list(self.dropins), self.base_data)
+
+
+def lookup(data: dict[str, Any], keypath: str, default: Any = MISSING) -> Any:
+    """The value at a dotted path in nested tables; ``*`` takes the first (for Kata: the only) sub-table."""
+    node: Any = data
+    for part in keypath.split("."):
+        if part == "*" and isinstance(node, dict) and node:
+            part = next(iter(node))
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
 
 
 def dropin_dir(path: Path) -> Path:

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pytest_kata.kataconfig import lookup
 from pytest_kata.rules.model import Check, Rule
 from pytest_kata.rules.operators import OPERATORS, describe
 
@@ -40,14 +41,7 @@ class Facts:
             return default if value is ABSENT else value
         if key in self.data:
             return self.data[key]
-        node: Any = self.data
-        for part in key.split("."):
-            if part == "*" and isinstance(node, dict) and node:
-                part = next(iter(node))
-            if not isinstance(node, dict) or part not in node:
-                return default
-            node = node[part]
-        return node
+        return lookup(self.data, key, default)
 
 
 @dataclass
