@@ -17,7 +17,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ os.environ.setdefault("PYTEST_KATA_QUIET", "1")
 
 from pytest_kata.images.read import parse_dpkg_status
 from pytest_kata.vuln import scan
+from pytest_kata.vuln.debsecan import run_debsecan
 
 RELEASES = ("bullseye", "bookworm", "trixie", "sid")
 
@@ -98,18 +98,6 @@ def generate(status: Path, n_sources: int, out: Path, seed: int = 42) -> tuple[P
     return tracker_path, feed_dir, cve_n
 
 
-def run_debsecan(status: Path, feed_dir: Path) -> set[tuple[str, str]]:
-    proc = subprocess.run(["debsecan", "--suite", "bookworm", "--source", f"file://{feed_dir}/", "--status",
-                           str(status), "--format", "detail"], capture_output=True, text=True, check=True)
-    pairs, current = set(), None
-    for line in proc.stdout.splitlines():
-        m = re.match(r"^(CVE-\d+-\d+)(?:\s|$)", line)
-        if m:
-            current = m.group(1)
-        m = re.match(r"^\s+installed: (\S+) ", line)
-        if m and current:
-            pairs.add((current, m.group(1)))
-    return pairs
 
 
 def best_of(fn, repeat: int) -> tuple[float, object]:

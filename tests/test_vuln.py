@@ -5,9 +5,7 @@ real kernel configs; plus synthetic edge cases of each feed format (labelled syn
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import subprocess
 import zipfile
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 from pytest_kata.errors import FeedError
 from pytest_kata.images.common import make_ext4_disk
 from pytest_kata.images.read import InstalledPackage
-from pytest_kata.vuln import scan
+from pytest_kata.vuln import debsecan, scan
 from pytest_kata.vuln.feeds import FeedSet, Release, load_feed
 from pytest_kata.vuln.kernel import evaluate_kernel, load_kbuild_map, read_kconfig
 from pytest_kata.vuln.match import match_packages
@@ -38,17 +36,7 @@ def run_debsecan(status: Path = STATUS, feed_dir: Path = DEBSECAN_FEED_DIR) -> s
     """(CVE, binary package) pairs reported by the real debsecan, offline."""
     if shutil.which("debsecan") is None:
         pytest.skip("debsecan is not installed (apt-get install debsecan)")
-    proc = subprocess.run(["debsecan", "--suite", "bookworm", "--source", f"file://{feed_dir}/", "--status",
-                           str(status), "--format", "detail"], capture_output=True, text=True, check=True)
-    pairs, current = set(), None
-    for line in proc.stdout.splitlines():
-        m = re.match(r"^(CVE-\d+-\d+|TEMP-\S+)(?:\s|$)", line)
-        if m:
-            current = m.group(1)
-        m = re.match(r"^\s+installed: (\S+) ", line)
-        if m and current:
-            pairs.add((current, m.group(1)))
-    return pairs
+    return debsecan.run_debsecan(status, feed_dir)
 
 
 @pytest.fixture(scope="module")
