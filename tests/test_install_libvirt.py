@@ -2,7 +2,8 @@
 
 The rollback is checked two ways in one test: the state digest against the one captured before the upgrade,
 and a libvirt snapshot taken before the upgrade — after the rollback the state is captured, the host is
-reverted to the snapshot, captured again, and the two must not differ. Then two hosts: a health gate
+reverted to the snapshot, captured again, and the two must not differ. A runc workload planted on the
+baseline starts again, from the same container record, after the rollback. Then two hosts: a health gate
 failing on host 2 rolls back hosts 2 and 1.
 """
 
@@ -16,6 +17,7 @@ import pytest
 
 from pytest_kata.install import Installer, SystemdContainerd, diff_states
 from pytest_kata.install.rollout import handlers_gate, rolling_update
+from pytest_kata.install.workloads import WorkloadProbe
 from tests.test_install import make_bundle
 
 pytestmark = [
@@ -53,6 +55,9 @@ def test_upgrade_rollback_on_a_libvirt_host_digest_and_snapshot_agree(kata_host:
     installer = host_installer(kata_host)
     installer.install(baseline)
     assert "kata-qemu" in installer.containerd.handlers(), "the host's containerd reports the handler"
+    workloads = WorkloadProbe(installer)
+    planted = {w.handler: w for w in workloads.plant().planted}
+    assert planted["runc"].ran_before, planted["runc"].before
     before = installer.capture()
     kata_host.snapshot("kt-before-upgrade")
     upgrade = installer.install(candidate)
@@ -60,6 +65,9 @@ def test_upgrade_rollback_on_a_libvirt_host_digest_and_snapshot_agree(kata_host:
     assert kata_host.run("readlink /opt/kata").stdout.strip() == f"kata-releases/{upgrade.release}"
     report = installer.rollback()
     assert report.restored, report.difference()  # way 1: the digest
+    results = {r.handler: r for r in workloads.verify().results}  # and what ran before runs again
+    assert results["runc"].status == "pass" and "KATA-WORKLOAD again" in results["runc"].detail, results
+    assert results["kata-qemu"].status == "notrun"
     rolled_back = capture_wide(kata_host)
     kata_host.revert("kt-before-upgrade")
     snapshot = capture_wide(kata_host)

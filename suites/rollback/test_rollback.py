@@ -19,6 +19,7 @@ import pytest
 from pytest_kata.install.installer import Installer, InstallError, NoContainerd
 from pytest_kata.install.rollout import handlers_gate, rolling_update, target_name
 from pytest_kata.install.state import State
+from pytest_kata.install.workloads import WorkloadProbe
 from pytest_kata.plugins.install import InstallTargets
 from pytest_kata.recorder import CheckRecorder
 
@@ -27,16 +28,21 @@ from pytest_kata.recorder import CheckRecorder
 class Scenario:
     installer: Installer
     results: dict[str, Any] = field(default_factory=dict)
+    workloads: WorkloadProbe | None = None
     errors: dict[str, str] = field(default_factory=dict)
+    blocking: list[str] = field(default_factory=list)
 
-    def run(self, name: str, action: Callable[[], Any]) -> Any:
-        if self.errors:  # a step after a failed one proves nothing
-            self.errors.setdefault(name, f"not run: {next(iter(self.errors))} failed")
+    def run(self, name: str, action: Callable[[], Any], *, blocks: bool = True) -> Any:
+        """Run one step; after a failed blocking step the rest is not run (it would prove nothing)."""
+        if self.blocking:
+            self.errors.setdefault(name, f"not run: {self.blocking[0]} failed")
             return None
         try:
             self.results[name] = action()
         except Exception as exc:
             self.errors[name] = f"{type(exc).__name__}: {exc}"
+            if blocks:
+                self.blocking.append(name)
         return self.results.get(name)
 
     def need(self, kata_result: CheckRecorder, *names: str) -> list[Any]:
@@ -51,13 +57,23 @@ def upgrade(kata_baseline: Any, kata_candidate: Any, make_kata_install_target: I
     """The whole upgrade-and-rollback sequence, once."""
     scenario = Scenario(make_kata_install_target.one("upgrade"))
     inst = scenario.installer
+    workloads = WorkloadProbe(inst)
     scenario.run("baseline", lambda: inst.install(kata_baseline))
+    if workloads.unavailable is None:  # workloads are extra evidence: their failure does not stop the upgrade
+        scenario.run("workloads-planted", workloads.plant, blocks=False)
     scenario.run("state-before", inst.capture)
     candidate = scenario.run("candidate", lambda: inst.install(kata_candidate))
     scenario.run("smoke", lambda: handlers_gate(inst.host.name, inst, candidate))
     scenario.run("rollback", inst.rollback)
+    if "workloads-planted" in scenario.results:
+        scenario.run("workloads-after", workloads.verify, blocks=False)
     scenario.run("second-rollback", inst.rollback)
     scenario.run("state-after", inst.capture)
+    scenario.workloads = workloads
+    try:
+        workloads.cleanup()
+    except Exception as exc:  # a pool host is reverted anyway; a staging host keeps a note
+        scenario.errors["workloads-cleanup"] = f"{type(exc).__name__}: {exc}"
     return scenario
 
 
@@ -112,6 +128,32 @@ def test_second_rollback_is_a_noop(upgrade: Scenario, kata_result: CheckRecorder
     if not second.noop or after.digest != before.digest:
         kata_result.conclude("fail", f"second rollback was not a no-op: {second.message}")
     kata_result.conclude("pass", second.message)
+
+
+def test_workloads_that_ran_before_start_again_after_rollback(upgrade: Scenario,
+                                                             kata_result: CheckRecorder) -> None:
+    _identity(kata_result, "KATA-RB-008", "high", "workloads that ran before the upgrade start again after the "
+              "rollback", upgrade.installer)
+    probe = upgrade.workloads
+    if probe is None or probe.unavailable is not None:
+        reason = probe.unavailable if probe is not None else "the scenario did not run"
+        kata_result.conclude("notapplicable", f"no containerd to run workloads with: {reason}")
+    report, _ = upgrade.need(kata_result, "workloads-planted", "workloads-after")
+    kata_result.record(workloads=report.to_json())
+    kata_result.attach("workloads before the upgrade and after the rollback",
+                       "\n".join(f"{w.handler:12} {w.container}\n  before: {w.before}" for w in report.planted)
+                       + "\n" + "\n".join(f"{r.handler:12} {r.status}: {r.detail}" for r in report.results),
+                       "text/plain")
+    if report.failed:
+        kata_result.conclude("fail", "; ".join(f"{r.handler}: {r.detail}" for r in report.failed))
+    if not report.passed:
+        kata_result.conclude("notapplicable", "no workload could run before the upgrade: "
+                             + "; ".join(f"{r.handler}: {r.detail}" for r in report.results))
+    not_run = [r for r in report.results if r.status == "notrun"]
+    kata_result.conclude("pass", f"{', '.join(r.handler for r in report.passed)} started again from the same "
+                         "record after the rollback"
+                         + (f"; not run before the upgrade: {'; '.join(f'{r.handler}: {r.detail}' for r in not_run)}"
+                            if not_run else ""))
 
 
 def _corrupt_archive(step: str, installer: Installer) -> None:

@@ -1,0 +1,273 @@
+"""Workloads that ran before an upgrade must start again after its rollback.
+
+Why a check of its own: the state digest proves that the files an install touches are back; it does not
+prove that containerd can still run what it ran. Container records, images and snapshots live in containerd's
+root (outside the Kata prefix), and a rollback can restore every byte of the configuration while a container
+record still points at a shim path or configuration that is gone or different.
+
+So, after the baseline install, :meth:`WorkloadProbe.plant` creates one container per runtime handler that
+containerd reports (``kata-*`` handlers pinned to the handler's ``runtime_path`` and ``ConfigPath``, exactly
+as CRI would run them, plus ``runc`` as a control when the host has it) and starts each once. Each workload
+writes a marker into its own writable layer, so that a later start can tell "the same container again" from
+"a fresh one". After the rollback, :meth:`WorkloadProbe.verify` starts every container that ran before from
+the same record and requires the marker, and checks that every ``kata-*`` handler still resolves to the same
+shim and the same configuration bytes as before the upgrade. A workload that did not run before the upgrade
+(here: no Kata shim exists on these machines) is reported as not run, with containerd's own error, never as
+passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pytest_kata import progress, runid
+from pytest_kata.errors import KataError
+
+MARKER = "KATA-WORKLOAD"
+# first start: leave a marker in the container's own writable layer; any later start: find it
+WORKLOAD_SCRIPT = (f"if test -e /var/ran-before; then echo {MARKER} again $(cat /var/ran-before); "
+                   f"else mkdir -p /var && echo $$ > /var/ran-before && echo {MARKER} first; fi")
+CONTROL_RUNTIMES = {"runc": ("io.containerd.runc.v2", ("runc", "containerd-shim-runc-v2"))}
+SYSTEM_SOCKET = "/run/containerd/containerd.sock"
+
+
+@dataclass
+class Workload:
+    """One container record planted before the upgrade."""
+
+    container: str
+    handler: str
+    runtime: str  # what the container record pins: a runtime type or the shim's absolute path
+    config_path: str | None = None
+    config_sha256: str | None = None
+    ran_before: bool = False
+    before: str = ""  # output of the first start, or why it did not run
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class WorkloadResult:
+    container: str
+    handler: str
+    status: str  # pass | fail | notrun
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class WorkloadReport:
+    planted: list[Workload] = field(default_factory=list)
+    results: list[WorkloadResult] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[WorkloadResult]:
+        return [r for r in self.results if r.status == "fail"]
+
+    @property
+    def passed(self) -> list[WorkloadResult]:
+        return [r for r in self.results if r.status == "pass"]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"planted": [w.to_json() for w in self.planted], "results": [r.to_json() for r in self.results]}
+
+
+def containerd_address(containerd: Any) -> str | None:
+    """The socket of an installer's containerd service: private (sysroot) or the host's own."""
+    socket = getattr(containerd, "socket", None)
+    if callable(socket):
+        return str(socket())
+    if getattr(containerd, "unavailable", lambda: "none")() is None:
+        return SYSTEM_SOCKET
+    return None
+
+
+class WorkloadProbe:
+    """Plant workloads through an :class:`~pytest_kata.install.installer.Installer`'s containerd, then verify."""
+
+    def __init__(self, installer: Any, *, tag: str | None = None) -> None:
+        self.installer = installer
+        self.host = installer.host
+        self.address = containerd_address(installer.containerd)
+        self.namespace = runid.current_run_id()  # a sweep finds containerd cgroups by the run id
+        where = f"{self.host.name}:{installer.sysroot}"
+        # runc's state directory is per namespace and shared by every containerd: ids must be unique per target
+        self.tag = tag or hashlib.sha256(f"{where}:{os.getpid()}".encode()).hexdigest()[:8]
+        self.image = ""
+        self.image_was_present = False
+        self.remote_tar = ""
+        self.report = WorkloadReport()
+
+    @property
+    def unavailable(self) -> str | None:
+        reason = self.installer.containerd.unavailable()
+        if reason:
+            return reason
+        if self.address is None:
+            return "no containerd socket to drive"
+        return None
+
+    def ctr(self, *args: str, timeout: float = 180.0) -> Any:
+        assert self.address is not None
+        return self.host.run(["ctr", "-a", self.address, "-n", self.namespace, *args], timeout=timeout)
+
+    # -------------------------------------------------------------------------------------------- plant
+
+    def plant(self) -> WorkloadReport:
+        """Create and start once one workload per handler containerd reports (and a runc control)."""
+        reason = self.unavailable
+        if reason:
+            raise KataError(f"no workloads can be planted: {reason}", path=self.host.name)
+        self._import_image()
+        handlers = self.installer.containerd.handlers()
+        for handler, spec in sorted(handlers.items()):
+            if not handler.startswith("kata"):
+                continue
+            runtime = spec.get("runtime_path") or spec.get("runtime_type", "")
+            config = spec.get("config_path")
+            self._plant_one(handler, runtime, config)
+        for handler, (runtime, tools) in CONTROL_RUNTIMES.items():
+            missing = [t for t in tools if not self.host.run(f"command -v {t}", timeout=30).ok]
+            if missing:
+                self.report.planted.append(Workload(self._id(handler), handler, runtime,
+                                                    before=f"not planted: {', '.join(missing)} not installed"))
+                continue
+            self._plant_one(handler, runtime, None)
+        ran = [w.handler for w in self.report.planted if w.ran_before]
+        progress.step("workloads", f"{self.host.name}: planted {len(self.report.planted)} workloads; ran before "
+                                   f"the upgrade: {', '.join(ran) or 'none'}")
+        return self.report
+
+    def _id(self, handler: str) -> str:
+        return f"{self.namespace}-wl-{self.tag}-{handler}"
+
+    def _import_image(self) -> None:
+        from pytest_kata.hosts.base import LocalHost
+        from pytest_kata.sandbox.probe import build_oci_image
+
+        tar, self.image = build_oci_image()
+        listed = self.ctr("images", "ls", "-q", timeout=60)
+        self.image_was_present = listed.ok and self.image in listed.stdout.split()
+        source = str(tar)
+        if not isinstance(self.host, LocalHost):
+            source = self.remote_tar = f"/var/tmp/{self.namespace}-workload-{self.tag}.tar"
+            self.host.put(tar, source)
+        result = self.ctr("images", "import", source)
+        if not result.ok:
+            raise KataError(f"containerd could not import the workload image: {_tail(result)}",
+                            path=f"{self.host.name}:{self.address}")
+
+    def _config_digest(self, path: str | None) -> str | None:
+        if not path:
+            return None
+        result = self.host.run(f"sha256sum {shlex.quote(path)}", timeout=60)
+        return result.stdout.split()[0] if result.ok and result.stdout.split() else None
+
+    def _plant_one(self, handler: str, runtime: str, config: str | None) -> None:
+        workload = Workload(self._id(handler), handler, runtime, config, self._config_digest(config))
+        self.report.planted.append(workload)
+        args = ["containers", "create", "--runtime", runtime]
+        if config:
+            args += ["--runtime-config-path", config]
+        created = self.ctr(*args, self.image, workload.container, "--", "sh", "-c", WORKLOAD_SCRIPT)
+        if not created.ok:
+            workload.before = f"not created: {_tail(created)}"
+            return
+        started = self.ctr("tasks", "start", workload.container, timeout=300)
+        output = started.stdout.strip()
+        workload.ran_before = started.ok and f"{MARKER} first" in output
+        workload.before = output if workload.ran_before else f"did not run before the upgrade: {_tail(started)}"
+
+    # ------------------------------------------------------------------------------------------- verify
+
+    def verify(self) -> WorkloadReport:
+        """Start every workload that ran before again, from the same record; re-resolve every handler."""
+        reason = self.unavailable
+        results: list[WorkloadResult] = []
+        handlers = self.installer.containerd.handlers() if reason is None else {}
+        for workload in self.report.planted:
+            results.append(self._verify_one(workload, handlers, reason))
+        self.report.results = results
+        bad = [r.handler for r in results if r.status == "fail"]
+        progress.step("workloads", f"{self.host.name}: {sum(r.status == 'pass' for r in results)} workloads start "
+                                   f"again" + (f"; FAILED: {', '.join(bad)}" if bad else ""))
+        return self.report
+
+    def _verify_one(self, workload: Workload, handlers: dict[str, dict[str, str]], reason: str | None
+                    ) -> WorkloadResult:
+        def result(status: str, detail: str) -> WorkloadResult:
+            return WorkloadResult(workload.container, workload.handler, status, detail)
+
+        if reason:
+            return result("fail", f"containerd is unavailable after the rollback: {reason}")
+        problems = []
+        if workload.handler.startswith("kata"):
+            problems += self._resolution_problems(workload, handlers.get(workload.handler))
+        if not workload.ran_before:
+            if problems:
+                return result("fail", "; ".join(problems))
+            return result("notrun", f"{workload.before} (handler still resolves to the same shim path and "
+                                    "configuration bytes)" if workload.handler.startswith("kata")
+                          else workload.before)
+        info = self.ctr("containers", "info", workload.container, timeout=60)
+        if not info.ok:
+            problems.append(f"the container record is gone after the rollback: {_tail(info)}")
+            return result("fail", "; ".join(problems))
+        started = self.ctr("tasks", "start", workload.container, timeout=300)
+        output = started.stdout.strip()
+        if not started.ok:
+            problems.append(f"does not start again: {_tail(started)}")
+        elif f"{MARKER} again" not in output:
+            problems.append(f"started, but not as the same container (its writable layer lost the marker): "
+                            f"{output[-200:]!r}")
+        if problems:
+            return result("fail", "; ".join(problems))
+        return result("pass", f"started again from the same record through {workload.runtime}: {output[-120:]}")
+
+    def _resolution_problems(self, workload: Workload, spec: dict[str, str] | None) -> list[str]:
+        if spec is None:
+            return [f"containerd no longer reports handler {workload.handler}"]
+        problems = []
+        runtime = spec.get("runtime_path") or spec.get("runtime_type", "")
+        if runtime != workload.runtime:
+            problems.append(f"handler {workload.handler} now runs {runtime}, before the upgrade {workload.runtime}")
+        if spec.get("config_path") != workload.config_path:
+            problems.append(f"handler {workload.handler} ConfigPath is now {spec.get('config_path')}, before "
+                            f"the upgrade {workload.config_path}")
+        if workload.config_path:
+            digest = self._config_digest(workload.config_path)
+            if digest is None:
+                problems.append(f"ConfigPath {workload.config_path} is missing after the rollback")
+            elif workload.config_sha256 and digest != workload.config_sha256:
+                problems.append(f"ConfigPath {workload.config_path} differs from before the upgrade "
+                                f"(sha256 {workload.config_sha256[:12]} -> {digest[:12]})")
+        return problems
+
+    # ------------------------------------------------------------------------------------------ cleanup
+
+    def cleanup(self) -> None:
+        """Remove the planted containers and the image (a pool host is reverted anyway; a staging host is not)."""
+        if self.address is None or self.installer.containerd.unavailable():
+            return
+        for workload in self.report.planted:
+            self.ctr("tasks", "delete", "-f", workload.container, timeout=60)
+            self.ctr("containers", "delete", workload.container, timeout=60)
+        if self.image and not self.image_was_present:
+            self.ctr("images", "rm", self.image, timeout=60)
+        if self.remote_tar:
+            self.host.run(f"rm -f {shlex.quote(self.remote_tar)}", timeout=60)
+
+
+def _tail(result: Any) -> str:
+    text = (result.stderr or result.stdout or "").strip()
+    return " | ".join(text.splitlines()[-2:])[-300:] or f"exit {result.rc}"
+
+
+__all__ = ["MARKER", "Workload", "WorkloadProbe", "WorkloadReport", "WorkloadResult", "containerd_address"]
