@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,35 @@ def test_negative_control_handler_configuration_changed_by_the_rollback_is_caugh
     assert results["runc"].status == "pass"
     config.unlink()
     assert "is missing after the rollback" in by_handler(probe.verify())["kata-qemu"].detail
+
+
+@pytest.mark.parametrize("lose_state", [False, True], ids=["restored", "containerd-state-lost"])
+def test_cli_install_plants_workloads_and_rollback_proves_they_start_again(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], lose_state: bool) -> None:
+    """The CLI path a staging user takes: install (plants on the release it replaces), rollback (verifies)."""
+    from pytest_kata.cli import main
+
+    sysroot = tmp_path / "root"
+    SysrootContainerd.prepare(sysroot)  # its config only: each CLI call starts and stops it (--containerd private)
+    common = ["--sysroot", str(sysroot), "--containerd", "private"]
+    baseline = make_bundle(tmp_path / "baseline", "3.30.0")
+    candidate = make_bundle(tmp_path / "candidate", "3.31.0", shims=("qemu", "clh"))
+    assert main(["install", *common, "--bundle", str(baseline.root)]) == 0
+    assert "workloads: no previous Kata release" in capsys.readouterr().out
+    assert main(["install", *common, "--bundle", str(candidate.root)]) == 0
+    assert "workloads: planted 2 workloads (ran on the previous release: runc)" in capsys.readouterr().out
+    if lose_state:  # containerd forgets its containers while the candidate runs (a reinstall, a wiped disk)
+        (sysroot / "var/lib/containerd/root/io.containerd.metadata.v1.bolt/meta.db").unlink()
+    code = main(["rollback", *common])
+    out = capsys.readouterr().out
+    assert "state digest equals the one before the install" in out, "the Kata files are restored either way"
+    if lose_state:
+        assert code == 1 and "workload runc: FAIL the container record is gone after the rollback" in out
+    else:
+        assert code == 0 and "workload runc: PASS started again from the same record" in out
+        assert "workload kata-qemu: NOTRUN did not run before the upgrade" in out
+    with SysrootContainerd(sysroot) as service:  # the rollback removed what the install planted
+        service.start()
+        left = subprocess.run(["ctr", "-a", service.socket(), "-n", "pytest-kata-workloads", "containers", "ls",
+                               "-q"], capture_output=True, text=True, check=True).stdout.split()
+    assert left == []

@@ -101,24 +101,76 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layout", choices=("versioned", "in-place"), default="versioned",
                    help="in-place extracts over /opt/kata like upstream (its rollback leaves residue)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted install from the journal")
+    p.add_argument("--no-workloads", action="store_true",
+                   help="do not plant workloads on the previous release (by default, when Kata and containerd "
+                        "are already there, one stopped container per handler is created and started once, so "
+                        "that a rollback can prove they start again; the rollback removes them)")
     add_host_arguments(p)
     p.set_defaults(func=_install)
 
 
+def workloads_path(installer: Any, tx: str) -> str:
+    from pytest_kata.install.workloads import WORKLOADS_FILE
+
+    return f"{installer.journal.tx_dir(tx)}/{WORKLOADS_FILE}"
+
+
+def plant_workloads(installer: Any) -> tuple[Any, str]:
+    """Workloads on the release being replaced (None and the reason when there is nothing to plant on)."""
+    from pytest_kata.install.state import PREFIX
+    from pytest_kata.install.workloads import CLI_NAMESPACE, WorkloadProbe
+
+    last = installer.journal.last("install")
+    if last is not None and last.status == "committed":  # the previous install's workloads are superseded
+        old = WorkloadProbe.load(installer, workloads_path(installer, last.id))
+        if old is not None:
+            old.cleanup()
+            installer.host.run(f"rm -f {shlex.quote(workloads_path(installer, last.id))}", timeout=60)
+    if not installer.exists(installer.p(PREFIX)):
+        return None, f"no previous Kata release under {installer.p(PREFIX)}: no workloads to keep"
+    probe = WorkloadProbe(installer, namespace=CLI_NAMESPACE)
+    if probe.unavailable:
+        return None, f"no workloads planted: {probe.unavailable}"
+    try:
+        probe.plant()
+    except KataError as exc:
+        probe.cleanup()
+        return None, f"no workloads planted: {exc}"
+    ran = [w.handler for w in probe.report.planted if w.ran_before]
+    return probe, f"planted {len(probe.report.planted)} workloads (ran on the previous release: {', '.join(ran) or 'none'})"
+
+
+def print_workloads(report: Any, *, indent: str = "  ") -> None:
+    for result in report.results:
+        print(f"{indent}workload {result.handler}: {result.status.upper()} {result.detail}")
+
+
 def _install(args: argparse.Namespace) -> int:
     from pytest_kata.bundle import open_bundle
+    from pytest_kata.install.installer import InstallError
 
     if not args.bundle:
         raise KataError("--bundle is required (a kata-static tarball or an /opt/kata tree)")
     bundle = open_bundle(args.bundle)
     installer = installer_for(args, layout=args.layout)
+    probe, planted = None, "workload check off (--no-workloads)"
     try:
-        report = installer.resume(bundle, shims=args.shim) if args.resume else \
-            installer.install(bundle, shims=args.shim)
+        if not args.no_workloads and not args.resume:
+            probe, planted = plant_workloads(installer)
+        try:
+            report = installer.resume(bundle, shims=args.shim) if args.resume else \
+                installer.install(bundle, shims=args.shim)
+        except InstallError:
+            if probe is not None:  # rolled back by itself: what ran before must run again, now
+                print_workloads(probe.verify())
+                probe.cleanup()
+            raise
+        if probe is not None:
+            probe.save(workloads_path(installer, report.tx))
     finally:
         stop_private(installer)
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        print(json.dumps({**report.to_json(), "workloads": probe.to_json() if probe else planted}, indent=2))
         return 0
     print(f"installed {report.release} on {report.host} (sysroot {installer.sysroot}, {report.layout}); "
           f"transaction {report.tx}")
@@ -126,5 +178,6 @@ def _install(args: argparse.Namespace) -> int:
     print(f"  state digest before {report.digest_before[:16]}, after {report.digest_after[:16]}")
     for note in report.notes:
         print(f"  note: {note}")
+    print(f"  workloads: {planted}")
     print(f"  journal: {installer.journal.path}; undo with: pytest-kata rollback --sysroot {installer.sysroot}")
     return 0

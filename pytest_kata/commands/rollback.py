@@ -1,8 +1,9 @@
 """``pytest-kata rollback``: undo the last install on a host from its journal, and prove the state is restored.
 
-Exit status: 0 restored (digest equal to before the install) or nothing to do (a second rollback); 1 rolled
-back but the state differs (the exact difference and any residue are printed); 2 bad input, or no previous
-release to roll back to (pass --uninstall to remove a first install).
+Exit status: 0 restored (digest equal to before the install, and the workloads ``pytest-kata install`` planted
+on the previous release start again) or nothing to do (a second rollback); 1 rolled back but the state differs
+or a workload does not start again (the exact difference, any residue and each workload are printed); 2 bad
+input, or no previous release to roll back to (pass --uninstall to remove a first install).
 """
 
 from __future__ import annotations
@@ -10,7 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from pytest_kata.commands.install import add_host_arguments, installer_for, stop_private
+from pytest_kata.commands.install import (
+    add_host_arguments,
+    installer_for,
+    print_workloads,
+    stop_private,
+    workloads_path,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,13 +33,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _rollback(args: argparse.Namespace) -> int:
+    from pytest_kata.install.workloads import WorkloadProbe
+
     installer = installer_for(args, layout=args.layout)
+    workloads = None
     try:
+        last = installer.journal.last("install")
+        probe = WorkloadProbe.load(installer, workloads_path(installer, last.id)) \
+            if last is not None and last.status == "committed" else None
         report = installer.rollback(uninstall=args.uninstall)
+        if probe is not None and not report.noop:
+            workloads = probe.verify()
+            probe.cleanup()
+            installer.host.run(f"rm -f {workloads_path(installer, last.id)}", timeout=60)  # type: ignore[union-attr]
     finally:
         stop_private(installer)
+    failed = bool(workloads and workloads.failed)
     if args.json:
-        print(json.dumps(report.to_json(), indent=2))
+        print(json.dumps({**report.to_json(), "workloads": workloads.to_json() if workloads else None}, indent=2))
     else:
         print(report.message)
         if not report.noop:
@@ -44,4 +62,6 @@ def _rollback(args: argparse.Namespace) -> int:
             print(f"  residue left by the candidate ({len(report.residue)}):")
             for line in report.residue[:50]:
                 print(f"    {line}")
-    return 0 if report.restored else 1
+        if workloads is not None:
+            print_workloads(workloads)
+    return 0 if report.restored and not failed else 1

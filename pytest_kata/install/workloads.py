@@ -19,6 +19,7 @@ passed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 from dataclasses import asdict, dataclass, field
@@ -92,11 +93,12 @@ def containerd_address(containerd: Any) -> str | None:
 class WorkloadProbe:
     """Plant workloads through an :class:`~pytest_kata.install.installer.Installer`'s containerd, then verify."""
 
-    def __init__(self, installer: Any, *, tag: str | None = None) -> None:
+    def __init__(self, installer: Any, *, tag: str | None = None, namespace: str | None = None) -> None:
         self.installer = installer
         self.host = installer.host
         self.address = containerd_address(installer.containerd)
-        self.namespace = runid.current_run_id()  # a sweep finds containerd cgroups by the run id
+        # in a test run: the run id (a sweep finds containerd cgroups by it); the CLI passes a stable name
+        self.namespace = namespace or runid.current_run_id()
         where = f"{self.host.name}:{installer.sysroot}"
         # runc's state directory is per namespace and shared by every containerd: ids must be unique per target
         self.tag = tag or hashlib.sha256(f"{where}:{os.getpid()}".encode()).hexdigest()[:8]
@@ -160,6 +162,8 @@ class WorkloadProbe:
             source = self.remote_tar = f"/var/tmp/{self.namespace}-workload-{self.tag}.tar"
             self.host.put(tar, source)
         result = self.ctr("images", "import", source)
+        if self.remote_tar:
+            self.host.run(f"rm -f {shlex.quote(self.remote_tar)}", timeout=60)
         if not result.ok:
             raise KataError(f"containerd could not import the workload image: {_tail(result)}",
                             path=f"{self.host.name}:{self.address}")
@@ -250,6 +254,37 @@ class WorkloadProbe:
                                 f"(sha256 {workload.config_sha256[:12]} -> {digest[:12]})")
         return problems
 
+    # ---------------------------------------------------------------------------------------- persistence
+
+    def to_json(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "tag": self.tag, "image": self.image,
+                "image_was_present": self.image_was_present, "remote_tar": self.remote_tar,
+                "planted": [w.to_json() for w in self.report.planted]}
+
+    def save(self, path: str) -> None:
+        """Keep the planted workloads on the host (next to the install journal) for a later rollback."""
+        result = self.host.run(f"mkdir -p {shlex.quote(os.path.dirname(path))} && cat > {shlex.quote(path)}",
+                               stdin=json.dumps(self.to_json(), indent=1).encode(), timeout=60)
+        if not result.ok:
+            raise KataError(f"cannot record the planted workloads: {_tail(result)}", path=f"{self.host.name}:{path}")
+
+    @classmethod
+    def load(cls, installer: Any, path: str) -> WorkloadProbe | None:
+        """The workloads saved at ``path`` on the installer's host, or None when there are none."""
+        result = installer.host.run(f"cat {shlex.quote(path)}", timeout=60)
+        if not result.ok:
+            return None
+        try:
+            data = json.loads(result.stdout)
+            probe = cls(installer, tag=data["tag"], namespace=data["namespace"])
+            probe.image, probe.remote_tar = data["image"], data["remote_tar"]
+            probe.image_was_present = bool(data["image_was_present"])
+            probe.report.planted = [Workload(**w) for w in data["planted"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KataError(f"unreadable workload record ({exc}); delete it to roll back without the workload "
+                            "check", path=f"{installer.host.name}:{path}") from None
+        return probe
+
     # ------------------------------------------------------------------------------------------ cleanup
 
     def cleanup(self) -> None:
@@ -261,8 +296,6 @@ class WorkloadProbe:
             self.ctr("containers", "delete", workload.container, timeout=60)
         if self.image and not self.image_was_present:
             self.ctr("images", "rm", self.image, timeout=60)
-        if self.remote_tar:
-            self.host.run(f"rm -f {shlex.quote(self.remote_tar)}", timeout=60)
 
 
 def _tail(result: Any) -> str:
@@ -270,4 +303,7 @@ def _tail(result: Any) -> str:
     return " | ".join(text.splitlines()[-2:])[-300:] or f"exit {result.rc}"
 
 
-__all__ = ["MARKER", "Workload", "WorkloadProbe", "WorkloadReport", "WorkloadResult", "containerd_address"]
+CLI_NAMESPACE = "pytest-kata-workloads"  # workloads planted by ``pytest-kata install`` live until its rollback
+WORKLOADS_FILE = "workloads.json"
+
+__all__ = ["CLI_NAMESPACE", "MARKER", "WORKLOADS_FILE", "Workload", "WorkloadProbe", "WorkloadReport", "WorkloadResult", "containerd_address"]
