@@ -6,8 +6,10 @@ URIs) and the CLI end to end: install, state, rollback of a .tar.zst bundle over
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,13 +18,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from pytest_kata.cli import main
 from pytest_kata.commands.install import resolve_host
 from pytest_kata.errors import KataError
+from pytest_kata.hosts.accel import detect_local
 from pytest_kata.hosts.base import Host, HostError, LocalHost, UnsupportedOperation
+from pytest_kata.hosts.hypervisor import parse_libvirt_uri
 from pytest_kata.hosts.ssh import CONFIG_ENV, SshHost, close_all_ssh_hosts, next_ssh_host, parse_ssh_target
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +61,14 @@ class Sshd:
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
     """A loopback-only sshd: listens on 127.0.0.1 only and admits root only from 127.0.0.1, key only."""
-    tmp = tmp_path_factory.mktemp("sshd")
+    with running_sshd(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_sshd(tmp: Path, *, wrap: tuple[str, ...] = ()) -> Iterator[Sshd]:
+    """Start the loopback sshd (``wrap``: a command prefix, e.g. to run it in a UTS namespace), stop it after."""
+    tmp.mkdir(parents=True, exist_ok=True)
     for key in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"pytest-kata-{key}",
                         "-f", str(tmp / key)], check=True)
@@ -89,7 +101,7 @@ SetEnv SHLVL=1
     subprocess.run([SSHD, "-t", "-f", str(config)], check=True)
     log = tmp / "sshd.log"
     with open(log, "wb") as err:
-        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([*wrap, SSHD, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 15
@@ -164,10 +176,6 @@ def test_resolve_host_providers() -> None:
     remote = resolve_host("ssh://root@stage-1:2222")
     assert isinstance(remote, SshHost) and isinstance(remote, Host) and remote.name == "root@stage-1:2222"
     remote.close()
-    for uri in ("qemu+ssh://stage-1/system", "qemu:///system#stage-1"):
-        with pytest.raises(KataError, match=r"a libvirt URI names a hypervisor, not a host.*ssh://") as info:
-            resolve_host(uri)
-        assert "\n" not in str(info.value)
     with pytest.raises(KataError, match="not a host"):
         resolve_host("stage-1")
     with pytest.raises(KataError, match="needs --kata-ssh-hosts"):
@@ -337,3 +345,84 @@ def test_pytest_host_provider_ssh(sshd: Sshd, pytester: pytest.Pytester, monkeyp
                                 "--kata-ssh-hosts", f"root@127.0.0.1:{sshd.port}")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*--kata-ssh-hosts lists 1 host(s) and this run needs 2*"])
+
+
+# ------------------------------------------------------------------------------------------------ libvirt URIs
+@pytest.mark.parametrize(("uri", "message"), [
+    ("qemu:///session", "a Kata install needs root on the host; use the /system hypervisor"),
+    ("qemu+ssh://stage-1/session", "a Kata install needs root on the host"),
+    ("qemu+tcp://stage-1/system", "the tcp transport carries libvirt's API but no shell"),
+    ("qemu://stage-1/system", "the tls transport carries libvirt's API but no shell"),
+    ("qemu+ssh:///system", "an ssh URI names no host"),
+    ("qemu+ssh://stage-1:http/system", "the port is not a number"),
+    ("qemu+ext://stage-1/system", "unknown libvirt transport 'ext'"),
+])
+def test_libvirt_uris_that_cannot_be_kata_hosts_are_one_line(uri: str, message: str) -> None:
+    with pytest.raises(KataError, match=re.escape(message)) as info:
+        resolve_host(uri)
+    assert "\n" not in str(info.value) and uri in str(info.value)
+
+
+def test_parse_libvirt_uri() -> None:
+    target = parse_libvirt_uri("qemu+ssh://kata@stage-1:2222/system?keyfile=/k/id&no_verify=1")
+    assert (target.transport, target.user, target.hostname, target.port) == ("ssh", "kata", "stage-1", 2222)
+    assert target.ssh_target == "ssh://kata@stage-1:2222" and target.params["keyfile"] == "/k/id"
+    local = parse_libvirt_uri("qemu:///system")
+    assert local.transport == "" and local.hostname is None
+
+
+@pytest.fixture
+def libvirt_over_ssh(sshd: Sshd, tmp_path: Path, kata_libvirtd: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A qemu+ssh:// URI that reaches this machine's libvirtd through the loopback sshd (libvirt's own ssh
+    transport and virt-ssh-helper), with the test's keys and known_hosts (never root's ~/.ssh)."""
+    if not shutil.which("virt-ssh-helper"):
+        pytest.skip("virt-ssh-helper (libvirt-daemon) is not installed")
+    monkeypatch.setenv(CONFIG_ENV, str(sshd.ssh_config))
+    wrapper = tmp_path / "ssh-for-libvirt"
+    wrapper.write_text(f'#!/bin/sh\nexec ssh -F {sshd.ssh_config} -o StrictHostKeyChecking=accept-new "$@"\n')
+    wrapper.chmod(0o755)
+    return f"qemu+ssh://root@127.0.0.1:{sshd.port}/system?keyfile={sshd.client_key}&command={wrapper}"
+
+
+def test_cli_install_rollback_on_a_kvm_host_named_by_its_libvirt_uri(
+        libvirt_over_ssh: str, sshd: Sshd, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``pytest-kata install --host qemu+ssh://...``: the hypervisor's machine, reached over SSH as libvirt
+    reaches it, checked to be the same machine libvirt answers for, its KVM state said before installing."""
+    sysroot = tmp_path / "root"
+    sysroot.mkdir()
+    bundle = make_bundle_tarball(tmp_path / "bundle", "3.31.0")
+    target = ["--host", libvirt_over_ssh, "--sysroot", str(sysroot), "--containerd", "none"]
+    assert main(["install", *target, "--bundle", str(bundle)]) == 0
+    captured = capsys.readouterr()
+    assert f"on root@127.0.0.1:{sshd.port}" in captured.out
+    expected_kvm = "KVM usable" if detect_local()[0] == "kvm" else "NO usable KVM"
+    assert "qemu " in captured.err and f"via {libvirt_over_ssh}; {expected_kvm}" in captured.err
+    assert (sysroot / "opt/kata/VERSION").read_text() == "3.31.0\n"
+    assert main(["rollback", *target, "--uninstall"]) == 0
+    assert "state digest equals" in capsys.readouterr().out and not (sysroot / "opt/kata").exists()
+
+
+def test_libvirt_uri_and_shell_on_different_machines_are_refused(kata_libvirtd: Any, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: an sshd in its own UTS namespace (hostname 'elsewhere') answers the shell, while
+    libvirt behind the same URI answers with this machine's name — as a port forward to the wrong machine
+    would. Refused before anything is installed, in one line."""
+    if not shutil.which("unshare") or not shutil.which("virt-ssh-helper"):
+        pytest.skip("needs unshare (util-linux) and virt-ssh-helper (libvirt-daemon)")
+    wrap = ("unshare", "--uts", "sh", "-c", 'hostname elsewhere && exec "$0" "$@"')
+    with running_sshd(tmp_path / "sshd", wrap=wrap) as other:
+        monkeypatch.setenv(CONFIG_ENV, str(other.ssh_config))
+        wrapper = tmp_path / "ssh-for-libvirt"
+        wrapper.write_text(f'#!/bin/sh\nexec ssh -F {other.ssh_config} -o StrictHostKeyChecking=accept-new "$@"\n')
+        wrapper.chmod(0o755)
+        uri = f"qemu+ssh://root@127.0.0.1:{other.port}/system?keyfile={other.client_key}&command={wrapper}"
+        sysroot = tmp_path / "root"
+        sysroot.mkdir()
+        assert main(["install", "--host", uri, "--sysroot", str(sysroot), "--bundle",
+                     str(make_bundle_tarball(tmp_path / "bundle", "3.31.0"))]) == 2
+    err = capsys.readouterr().err
+    assert f"the libvirt URI reaches '{socket.gethostname().split('.')[0]}" in err
+    errors = [line for line in err.splitlines() if not line.startswith("[kata")]  # progress lines aside
+    assert len(errors) == 1 and "but the shell reaches 'elsewhere': not the same machine" in errors[0]
+    assert not (sysroot / "opt").exists()

@@ -479,5 +479,5 @@ def test_cli_state_install_rollback(sysroot: Path, bundles: tuple[Any, Any], tmp
     assert "no-op" in capsys.readouterr().out
     assert main(["install", "--sysroot", str(sysroot), "--bundle", str(bundles[1].root), "--shim", "nope"]) == 2
     assert "no shim nope in the bundle" in capsys.readouterr().err
-    assert main(["install", "--host", "qemu+ssh://stage-1/system", "--bundle", str(bundles[1].root)]) == 2
+    assert main(["install", "--host", "qemu+tcp://stage-1/system", "--bundle", str(bundles[1].root)]) == 2
     assert capsys.readouterr().err.count("\n") == 1

@@ -18,9 +18,11 @@ from pytest_kata.hosts.base import Host, LocalHost
 
 def add_host_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="local", metavar="HOST",
-                   help="where to act: 'local' (this machine; default), or a staging host over SSH: "
+                   help="where to act: 'local' (this machine; default), a staging host over SSH: "
                         "ssh://[user@]host[:port] or user@host (system ssh, BatchMode; $PYTEST_KATA_SSH_CONFIG "
-                        "names an ssh_config for keys/known_hosts)")
+                        "names an ssh_config for keys/known_hosts), or a KVM host by its libvirt URI: "
+                        "qemu+ssh://[user@]host[:port]/system[?keyfile=K] (reached over SSH like libvirt does; "
+                        "libvirt there is checked to be the same machine) or qemu:///system (this machine)")
     p.add_argument("--sysroot", default="/", metavar="DIR",
                    help="act below DIR instead of / (a scratch root: nothing outside it is touched)")
     p.add_argument("--containerd", choices=("auto", "systemd", "private", "none"), default="auto",
@@ -31,22 +33,22 @@ def add_host_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_host(spec: str) -> Host:
-    """``local``, or an :class:`SshHost` for ``ssh://[user@]host[:port]``/``user@host``.
+    """``local``; an :class:`SshHost` for ``ssh://[user@]host[:port]``/``user@host``; or, for a libvirt URI
+    (``qemu+ssh://[user@]host[:port]/system``, ``qemu:///system``), the machine that hypervisor runs on, after
+    checking that libvirt there is the same machine and saying whether it has usable KVM
+    (:mod:`pytest_kata.hosts.hypervisor`)."""
+    from pytest_kata.hosts.hypervisor import is_libvirt_uri, open_hypervisor_host
 
-    A libvirt URI is refused with the reason: it names a hypervisor, not a host, and a LibvirtHost owns the
-    domain it boots (closing one destroys it), so it cannot attach to a staging host that already exists.
-    """
     if spec in ("local", "localhost"):
         return LocalHost()
-    if spec.startswith(("qemu:", "qemu+", "libvirt:")):
-        raise KataError(f"--host {spec}: a libvirt URI names a hypervisor, not a host; reach the staging host "
-                        "behind it with --host ssh://[user@]host[:port], or let pytest boot hosts there with "
-                        "`pytest --kata-host-provider libvirt --kata-libvirt-uri URI`")
+    if is_libvirt_uri(spec):
+        return open_hypervisor_host(spec)
     if spec.startswith("ssh://") or "@" in spec:
         from pytest_kata.hosts.ssh import SshHost
 
         return SshHost(spec)
-    raise KataError(f"--host {spec!r}: not a host; use local, ssh://[user@]host[:port] or user@host")
+    raise KataError(f"--host {spec!r}: not a host; use local, ssh://[user@]host[:port], user@host or a libvirt "
+                    "URI qemu+ssh://[user@]host[:port]/system")
 
 
 def containerd_for(args: argparse.Namespace, host: Host) -> Any:
@@ -137,7 +139,8 @@ def plant_workloads(installer: Any) -> tuple[Any, str]:
         probe.cleanup()
         return None, f"no workloads planted: {exc}"
     ran = [w.handler for w in probe.report.planted if w.ran_before]
-    return probe, f"planted {len(probe.report.planted)} workloads (ran on the previous release: {', '.join(ran) or 'none'})"
+    count = len(probe.report.planted)
+    return probe, f"planted {count} workloads (ran on the previous release: {', '.join(ran) or 'none'})"
 
 
 def print_workloads(report: Any, *, indent: str = "  ") -> None:
@@ -151,10 +154,10 @@ def _install(args: argparse.Namespace) -> int:
 
     if not args.bundle:
         raise KataError("--bundle is required (a kata-static tarball or an /opt/kata tree)")
-    bundle = open_bundle(args.bundle)
-    installer = installer_for(args, layout=args.layout)
+    installer = installer_for(args, layout=args.layout)  # the host first: a wrong --host fails before unpacking
     probe, planted = None, "workload check off (--no-workloads)"
     try:
+        bundle = open_bundle(args.bundle)
         if not args.no_workloads and not args.resume:
             probe, planted = plant_workloads(installer)
         try:

@@ -45,7 +45,7 @@ def _rollback(args: argparse.Namespace) -> int:
         if probe is not None and not report.noop:
             workloads = probe.verify()
             probe.cleanup()
-            installer.host.run(f"rm -f {workloads_path(installer, last.id)}", timeout=60)  # type: ignore[union-attr]
+            installer.host.run(f"rm -f {workloads_path(installer, last.id)}", timeout=60)
     finally:
         stop_private(installer)
     failed = bool(workloads and workloads.failed)

@@ -306,4 +306,5 @@ def _tail(result: Any) -> str:
 CLI_NAMESPACE = "pytest-kata-workloads"  # workloads planted by ``pytest-kata install`` live until its rollback
 WORKLOADS_FILE = "workloads.json"
 
-__all__ = ["CLI_NAMESPACE", "MARKER", "WORKLOADS_FILE", "Workload", "WorkloadProbe", "WorkloadReport", "WorkloadResult", "containerd_address"]
+__all__ = ["CLI_NAMESPACE", "MARKER", "WORKLOADS_FILE", "Workload", "WorkloadProbe", "WorkloadReport",
+           "WorkloadResult", "containerd_address"]
