@@ -29,8 +29,10 @@ needs_containerd = pytest.mark.skipif(not shutil.which("containerd") or os.geteu
 
 
 def make_bundle(root: Path, version: str, *, extra: dict[str, str] | None = None,
-                shims: tuple[str, ...] = ("qemu",)) -> Any:
-    """A small kata-static-layout tree, opened through the real bundle code."""
+                shims: tuple[str, ...] = ("qemu",), shim_binary: bool = True) -> Any:
+    """A small kata-static-layout tree, opened through the real bundle code. Its shim binary is a placeholder
+    script that no containerd can start (a broken shim); ``shim_binary=False`` leaves it out, as the
+    reference candidate does."""
     kata = root / "opt" / "kata"
     (kata / "bin").mkdir(parents=True)
     (kata / "VERSION").write_text(version + "\n")
@@ -39,9 +41,10 @@ def make_bundle(root: Path, version: str, *, extra: dict[str, str] | None = None
     for shim in shims:
         shutil.copy(CONFIGS / f"configuration-{shim}.toml", defaults / f"configuration-{shim}.toml")
     (defaults / "configuration.toml").symlink_to(f"configuration-{shims[0]}.toml")
-    shim_bin = kata / "bin/containerd-shim-kata-v2"
-    shim_bin.write_text(f"#!/bin/sh\necho 'placeholder shim {version}'\n")
-    shim_bin.chmod(0o755)
+    if shim_binary:
+        shim_bin = kata / "bin/containerd-shim-kata-v2"
+        shim_bin.write_text(f"#!/bin/sh\necho 'placeholder shim {version}'\n")
+        shim_bin.chmod(0o755)
     for rel, text in (extra or {}).items():
         path = kata / rel
         path.parent.mkdir(parents=True, exist_ok=True)

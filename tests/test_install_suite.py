@@ -14,9 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_rollback_suite_accepts_a_clean_upgrade_and_rollback(pytester: pytest.Pytester, tmp_path: Path) -> None:
-    baseline = make_bundle(tmp_path / "b", "3.30.0", extra={"share/kata-containers/vmlinuz-6.1-a": "A"})
+    # no shim binary, like the reference candidate (a placeholder shim would fail the smoke gate, rightly)
+    baseline = make_bundle(tmp_path / "b", "3.30.0", extra={"share/kata-containers/vmlinuz-6.1-a": "A"},
+                           shim_binary=False)
     candidate = make_bundle(tmp_path / "c", "3.31.0", shims=("qemu", "clh"),
-                            extra={"share/kata-containers/vmlinuz-6.2-b": "B"})
+                            extra={"share/kata-containers/vmlinuz-6.2-b": "B"}, shim_binary=False)
     report = pytester.path / "verdict.json"
     result = pytester.runpytest_subprocess(str(REPO / "suites" / "rollback"), "--kata-baseline", str(baseline.root),
                                            "--kata-candidate", str(candidate.root), "--kata-report", str(report),

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from pytest_kata import runid
 from pytest_kata.hosts.base import LocalHost
 from pytest_kata.install import Installer, SysrootContainerd
 from pytest_kata.install.workloads import MARKER, WorkloadProbe
@@ -133,3 +134,27 @@ def test_cli_install_plants_workloads_and_rollback_proves_they_start_again(
         left = subprocess.run(["ctr", "-a", service.socket(), "-n", "pytest-kata-workloads", "containers", "ls",
                                "-q"], capture_output=True, text=True, check=True).stdout.split()
     assert left == []
+
+
+@pytest.mark.parametrize("shim", ["absent", "broken"])
+def test_smoke_gate_runs_a_workload_per_handler_and_fails_on_a_broken_shim(tmp_path: Path, shim: str) -> None:
+    """The rollout's default gate. A candidate without a shim (the reference candidate) passes on the runc
+    control and says which handlers have no shim; a shim that is there but cannot start a workload fails it."""
+    from pytest_kata.install.rollout import smoke_gate
+
+    sysroot = tmp_path / "root"
+    sysroot.mkdir()
+    with SysrootContainerd.prepare(sysroot) as service:
+        service.start()
+        installer = Installer(LocalHost(), str(sysroot), containerd=service)
+        report = installer.install(make_bundle(tmp_path / "c", "3.31.0", shim_binary=shim == "broken"))
+        gate = smoke_gate("local", installer, report)
+        left = subprocess.run(["ctr", "-a", service.socket(), "-n", runid.current_run_id(), "containers", "ls", "-q"],
+                              capture_output=True, text=True).stdout
+    if shim == "absent":
+        assert gate.ok, gate.detail
+        assert "smoke ran through runc; no shim on the host for kata-qemu" in gate.detail
+    else:
+        assert not gate.ok
+        assert "smoke failed: kata-qemu does not run a workload: ctr: failed to start shim" in gate.detail
+    assert left.strip() == "", "the smoke workloads are removed"

@@ -62,6 +62,34 @@ def handlers_gate(name: str, target: Any, report: Any) -> GateResult:
     return GateResult(True, f"{sum(1 for h in reported if h.startswith('kata-'))} kata handlers answer")
 
 
+def smoke_gate(name: str, target: Any, report: Any) -> GateResult:
+    """The handlers gate, then a smoke run: one workload through every handler whose shim is on the host
+    (``kata-*``) and through ``runc`` as a control; any of them failing to run fails the gate. Handlers without
+    a shim on the host are named in the detail, not counted as passing."""
+    from pytest_kata.install.workloads import WorkloadProbe
+
+    handlers = handlers_gate(name, target, report)
+    containerd = getattr(target, "containerd", None)
+    if not handlers.ok or containerd is None or containerd.unavailable():
+        return handlers
+    probe = WorkloadProbe(target, tag=f"smoke{int(time.time() * 1000) % 10**8:08d}")
+    try:
+        planted = probe.plant().planted
+    except Exception as exc:
+        return GateResult(False, f"{handlers.detail}; smoke could not start: {exc}")
+    finally:
+        probe.cleanup()
+    broken = probe.report.broken_at_plant()
+    if broken:
+        return GateResult(False, f"{handlers.detail}; smoke failed: "
+                          + "; ".join(f"{w.handler} does not run a workload: "
+                                      f"{w.before.removeprefix('did not run before the upgrade: ')}" for w in broken))
+    ran = [w.handler for w in planted if w.ran_before]
+    absent = [w.handler for w in planted if not w.runnable]
+    return GateResult(True, f"{handlers.detail}; smoke ran through {', '.join(ran) or 'no handler'}"
+                      + (f"; no shim on the host for {', '.join(absent)}" if absent else ""))
+
+
 def rolling_update(targets: Sequence[Any], bundle: Any, *, batch_size: int = 1,
                    gate: Gate | None = None, parallel: bool = False) -> dict[str, Any]:
     """Update ``targets`` in order, ``batch_size`` at a time, gating after each batch.
@@ -72,7 +100,7 @@ def rolling_update(targets: Sequence[Any], bundle: Any, *, batch_size: int = 1,
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    gate = gate or handlers_gate
+    gate = gate or smoke_gate
     names = [target_name(t) for t in targets]
     batches = [list(range(i, min(i + batch_size, len(targets)))) for i in range(0, len(targets), batch_size)]
     report: dict[str, Any] = {"bundle": getattr(bundle, "label", str(bundle)), "batch_size": batch_size,

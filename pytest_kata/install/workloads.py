@@ -47,6 +47,7 @@ class Workload:
     config_sha256: str | None = None
     ran_before: bool = False
     before: str = ""  # output of the first start, or why it did not run
+    runnable: bool = True  # False: its shim is not on the host (a start cannot be expected to work)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +76,10 @@ class WorkloadReport:
     @property
     def passed(self) -> list[WorkloadResult]:
         return [r for r in self.results if r.status == "pass"]
+
+    def broken_at_plant(self) -> list[Workload]:
+        """Workloads whose runtime is on the host yet did not run: a smoke failure."""
+        return [w for w in self.planted if w.runnable and not w.ran_before and not w.before.startswith("not planted")]
 
     def to_json(self) -> dict[str, Any]:
         return {"planted": [w.to_json() for w in self.planted], "results": [r.to_json() for r in self.results]}
@@ -176,6 +181,8 @@ class WorkloadProbe:
 
     def _plant_one(self, handler: str, runtime: str, config: str | None) -> None:
         workload = Workload(self._id(handler), handler, runtime, config, self._config_digest(config))
+        if runtime.startswith("/"):
+            workload.runnable = self.host.run(f"test -x {shlex.quote(runtime)}", timeout=30).ok
         self.report.planted.append(workload)
         args = ["containers", "create", "--runtime", runtime]
         if config:

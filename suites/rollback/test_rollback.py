@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from pytest_kata.install.installer import Installer, InstallError, NoContainerd
-from pytest_kata.install.rollout import handlers_gate, rolling_update, target_name
+from pytest_kata.install.rollout import rolling_update, smoke_gate, target_name
 from pytest_kata.install.state import State
 from pytest_kata.install.workloads import WorkloadProbe
 from pytest_kata.plugins.install import InstallTargets
@@ -63,7 +63,7 @@ def upgrade(kata_baseline: Any, kata_candidate: Any, make_kata_install_target: I
         scenario.run("workloads-planted", workloads.plant, blocks=False)
     scenario.run("state-before", inst.capture)
     candidate = scenario.run("candidate", lambda: inst.install(kata_candidate))
-    scenario.run("smoke", lambda: handlers_gate(inst.host.name, inst, candidate))
+    scenario.run("smoke", lambda: smoke_gate(inst.host.name, inst, candidate))
     scenario.run("rollback", inst.rollback)
     if "workloads-planted" in scenario.results:
         scenario.run("workloads-after", workloads.verify, blocks=False)
@@ -235,13 +235,13 @@ def test_rolling_update_is_gated_and_a_failing_gate_rolls_every_updated_host_bac
     for target in targets:
         target.install(kata_baseline)
     baseline_digests = [t.capture().digest for t in targets]
-    good = rolling_update(targets, kata_candidate, gate=handlers_gate)
+    good = rolling_update(targets, kata_candidate, gate=smoke_gate)
     for target in targets:  # back to the baseline for the second rollout
         target.rollback()
     last = target_name(targets[-1])
 
     def failing_last(name: str, target: Any, report: Any) -> Any:
-        return (False, "injected: smoke failed") if name == last else handlers_gate(name, target, report)
+        return (False, "injected: smoke failed") if name == last else smoke_gate(name, target, report)
 
     bad = rolling_update(targets, kata_candidate, gate=failing_last)
     digests = [t.capture().digest for t in targets]
