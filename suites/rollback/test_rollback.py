@@ -96,7 +96,7 @@ def test_baseline_installs_and_registers_handlers(upgrade: Scenario, kata_result
 def test_candidate_upgrade_is_atomic_and_passes_the_smoke_gate(upgrade: Scenario,
                                                                kata_result: CheckRecorder) -> None:
     _identity(kata_result, "KATA-RB-002", "high", "the candidate replaces the baseline atomically and the "
-              "handlers answer", upgrade.installer)
+              "handlers answer with a smoke workload", upgrade.installer)
     report, gate, before = upgrade.need(kata_result, "candidate", "smoke", "state-before")
     kata_result.record(release=report.release, previous=before.release, gate=gate.detail, notes=report.notes)
     target = report.release
