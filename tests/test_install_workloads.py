@@ -158,3 +158,31 @@ def test_smoke_gate_runs_a_workload_per_handler_and_fails_on_a_broken_shim(tmp_p
         assert not gate.ok
         assert "smoke failed: kata-qemu does not run a workload: ctr: failed to start shim" in gate.detail
     assert left.strip() == "", "the smoke workloads are removed"
+
+
+def test_cli_workloads_of_an_interrupted_install_are_cleared_by_the_next_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``install`` killed after planting (the record is still pending): the next install empties the CLI's
+    namespace first, so nothing planted is left behind or collides."""
+    from pytest_kata.cli import main
+    from pytest_kata.commands.install import plant_workloads, workloads_path
+
+    sysroot = tmp_path / "root"
+    SysrootContainerd.prepare(sysroot)
+    common = ["--sysroot", str(sysroot), "--containerd", "private"]
+    assert main(["install", *common, "--bundle", str(make_bundle(tmp_path / "b", "3.30.0").root)]) == 0
+    with SysrootContainerd(sysroot) as service:  # what an install killed right after planting leaves
+        service.start()
+        installer = Installer(LocalHost(), str(sysroot), containerd=service)
+        probe, _ = plant_workloads(installer)
+        assert probe is not None and Path(workloads_path(installer, None)).is_file()
+        probe.ctr("containers", "create", probe.image, "pytest-kata-workloads-orphan", "--", "true")
+    capsys.readouterr()
+    assert main(["install", *common, "--bundle", str(make_bundle(tmp_path / "c", "3.31.0").root)]) == 0
+    assert "planted 2 workloads (ran on the previous release: runc)" in capsys.readouterr().out
+    with SysrootContainerd(sysroot) as service:
+        service.start()
+        left = subprocess.run(["ctr", "-a", service.socket(), "-n", "pytest-kata-workloads", "containers", "ls",
+                               "-q"], capture_output=True, text=True, check=True).stdout.split()
+    assert len(left) == 2 and "pytest-kata-workloads-orphan" not in left
+    assert not Path(workloads_path(installer, None)).exists(), "the pending record became the install's"

@@ -111,30 +111,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_install)
 
 
-def workloads_path(installer: Any, tx: str) -> str:
+def workloads_path(installer: Any, tx: str | None) -> str:
+    """Where the workloads planted for install ``tx`` are recorded (``None``: planted, install not committed)."""
     from pytest_kata.install.workloads import WORKLOADS_FILE
 
+    if tx is None:
+        return f"{installer.journal.dir}/workloads-pending.json"
     return f"{installer.journal.tx_dir(tx)}/{WORKLOADS_FILE}"
 
 
 def plant_workloads(installer: Any) -> tuple[Any, str]:
-    """Workloads on the release being replaced (None and the reason when there is nothing to plant on)."""
+    """Workloads on the release being replaced (None and the reason when there is nothing to plant on).
+
+    Any workloads of earlier installs go first: a committed install's are superseded, and an interrupted
+    install's were never recorded against a transaction (the namespace is ours alone, so it is emptied)."""
     from pytest_kata.install.state import PREFIX
     from pytest_kata.install.workloads import CLI_NAMESPACE, WorkloadProbe
 
-    last = installer.journal.last("install")
-    if last is not None and last.status == "committed":  # the previous install's workloads are superseded
-        old = WorkloadProbe.load(installer, workloads_path(installer, last.id))
-        if old is not None:
-            old.cleanup()
-            installer.host.run(f"rm -f {shlex.quote(workloads_path(installer, last.id))}", timeout=60)
-    if not installer.exists(installer.p(PREFIX)):
-        return None, f"no previous Kata release under {installer.p(PREFIX)}: no workloads to keep"
     probe = WorkloadProbe(installer, namespace=CLI_NAMESPACE)
     if probe.unavailable:
         return None, f"no workloads planted: {probe.unavailable}"
+    probe.clear_namespace()
+    last = installer.journal.last("install")
+    stale = [workloads_path(installer, None)] + ([workloads_path(installer, last.id)] if last else [])
+    installer.host.run("rm -f " + " ".join(shlex.quote(p) for p in stale), timeout=60)
+    if not installer.exists(installer.p(PREFIX)):
+        return None, f"no previous Kata release under {installer.p(PREFIX)}: no workloads to keep"
     try:
         probe.plant()
+        probe.save(workloads_path(installer, None))
     except KataError as exc:
         probe.cleanup()
         return None, f"no workloads planted: {exc}"
@@ -167,9 +172,11 @@ def _install(args: argparse.Namespace) -> int:
             if probe is not None:  # rolled back by itself: what ran before must run again, now
                 print_workloads(probe.verify())
                 probe.cleanup()
+                installer.host.run(f"rm -f {shlex.quote(workloads_path(installer, None))}", timeout=60)
             raise
         if probe is not None:
-            probe.save(workloads_path(installer, report.tx))
+            pending, final = workloads_path(installer, None), workloads_path(installer, report.tx)
+            installer.run(f"mv -f {shlex.quote(pending)} {shlex.quote(final)}")
     finally:
         stop_private(installer)
     if args.json:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 from pytest_kata.commands.install import (
     add_host_arguments,
@@ -39,13 +40,15 @@ def _rollback(args: argparse.Namespace) -> int:
     workloads = None
     try:
         last = installer.journal.last("install")
-        probe = WorkloadProbe.load(installer, workloads_path(installer, last.id)) \
-            if last is not None and last.status == "committed" else None
+        record = None  # committed: recorded with the transaction; interrupted: still pending
+        if last is not None and last.status in ("committed", "running"):
+            record = workloads_path(installer, last.id if last.status == "committed" else None)
+        probe = WorkloadProbe.load(installer, record) if record else None
         report = installer.rollback(uninstall=args.uninstall)
-        if probe is not None and not report.noop:
+        if probe is not None and record is not None and not report.noop:
             workloads = probe.verify()
             probe.cleanup()
-            installer.host.run(f"rm -f {workloads_path(installer, last.id)}", timeout=60)
+            installer.host.run(f"rm -f {shlex.quote(record)}", timeout=60)
     finally:
         stop_private(installer)
     failed = bool(workloads and workloads.failed)

@@ -294,6 +294,22 @@ class WorkloadProbe:
 
     # ------------------------------------------------------------------------------------------ cleanup
 
+    def clear_namespace(self) -> None:
+        """Remove every container and probe image in this probe's namespace (only for a namespace of ours
+        alone, like the CLI's: what an interrupted run planted there was never recorded)."""
+        from pytest_kata.sandbox.probe import IMAGE_REPO
+
+        if self.unavailable:
+            return
+        listed = self.ctr("containers", "ls", "-q", timeout=60)
+        for container in listed.stdout.split() if listed.ok else []:
+            self.ctr("tasks", "delete", "-f", container, timeout=60)
+            self.ctr("containers", "delete", container, timeout=60)
+        images = self.ctr("images", "ls", "-q", timeout=60)
+        for image in images.stdout.split() if images.ok else []:
+            if image.startswith(IMAGE_REPO + ":"):
+                self.ctr("images", "rm", image, timeout=60)
+
     def cleanup(self) -> None:
         """Remove the planted containers and the image (a pool host is reverted anyway; a staging host is not)."""
         if self.address is None or self.installer.containerd.unavailable():
