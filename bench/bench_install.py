@@ -27,6 +27,7 @@ os.environ.setdefault("PYTEST_KATA_QUIET", "1")
 
 from pytest_kata.hosts.base import LocalHost  # noqa: E402
 from pytest_kata.install.state import capture_state  # noqa: E402
+from pytest_kata.install.workloads import WorkloadProbe  # noqa: E402
 
 
 def make_tree(root: Path, files: int, size: int) -> None:
@@ -127,18 +128,36 @@ def bench_install() -> None:
             t0 = time.perf_counter()
             inst.install(baseline)
             t1 = time.perf_counter()
+            workloads = WorkloadProbe(inst) if service is not None else None
+            workload_line = "  workload check: no containerd here"
+            plant = time.perf_counter()
+            if workloads is not None:
+                workloads.plant()
+            plant = time.perf_counter() - plant
+            t1b = time.perf_counter()
             report = inst.install(candidate)
             t2 = time.perf_counter()
             capture = timed(inst.capture)
             t3 = time.perf_counter()
             rollback = inst.rollback()
             t4 = time.perf_counter()
+            if workloads is not None:
+                verify = time.perf_counter()
+                results = workloads.verify().results
+                verify = time.perf_counter() - verify
+                workloads.cleanup()
+                ran = sum(r.status == "pass" for r in results)
+                total = t4 - t1b + t1 - t0
+                workload_line = (f"  workload check ({len(results)} workloads, {ran} started again): plant "
+                                 f"{plant:.2f}s + verify {verify:.2f}s = {(plant + verify) / total:.2f}x of "
+                                 "install+upgrade+rollback")
             copy = timed(lambda: subprocess.run(["cp", "-a", str(candidate.root), f"{tmp}/plain-copy"],
                                                 check=True) and shutil.rmtree(f"{tmp}/plain-copy"), 1)
-            print(f"  install baseline {t1 - t0:.2f}s, upgrade {t2 - t1:.2f}s (steps {report.timings}), "
+            print(f"  install baseline {t1 - t0:.2f}s, upgrade {t2 - t1b:.2f}s (steps {report.timings}), "
                   f"capture {capture:.2f}s, rollback+verify {t4 - t3:.2f}s (restored={rollback.restored})")
-            print(f"  naive: plain `cp -a` of the tree {copy:.2f}s -> upgrade costs {(t2 - t1) / copy:.1f}x a copy "
+            print(f"  naive: plain `cp -a` of the tree {copy:.2f}s -> upgrade costs {(t2 - t1b) / copy:.1f}x a copy "
                   "(it adds pack+stage, journal, two captures, containerd restart and verification)")
+            print(workload_line)
         finally:
             if service is not None:
                 service.stop()
