@@ -44,6 +44,7 @@ LIBVIRTD_PIDFILE = Path("/run/libvirtd.pid")
 VIRTLOGD_PIDFILE = Path("/run/virtlogd.pid")
 LIBVIRT_AUTOSTART_NETWORKS = Path("/etc/libvirt/qemu/networks/autostart")
 LIBVIRT_USER_MARK = "uses-libvirtd"  # in a run's dir: this run relies on the libvirtd with that pid
+LIBVIRT_USED_MARK = "used-libvirt"  # in a run's dir: this run asked for the local libvirtd (whoever started it)
 DEFAULT_URI = "qemu:///system"
 RUNC_STATE_ROOT = Path("/run/containerd/runc")
 
@@ -245,6 +246,7 @@ def ensure_libvirtd(run_id: str | None = None, *, uri: str = DEFAULT_URI, timeou
     run_id = run_id or runid.current_run_id()
     if not uri.startswith("qemu:///"):
         return Daemon("libvirtd", run_id, external=True, uri=uri)  # remote: never ours to start
+    (runid.run_dir(run_id) / LIBVIRT_USED_MARK).touch()  # the end of the run sweeps libvirt (and only then)
     with _machine_lock("libvirtd"):
         if libvirt_answers(uri):
             pid = _pid_from(LIBVIRTD_PIDFILE, "libvirtd")

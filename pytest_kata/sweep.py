@@ -66,16 +66,17 @@ class SweepReport:
 
 
 def sweep(dead_only: bool = True, run_id: str | None = None, *, dry_run: bool = False,
-          uri: str = services.DEFAULT_URI) -> SweepReport:
+          uri: str = services.DEFAULT_URI, libvirt: bool = True) -> SweepReport:
     """Remove the leftovers of dead runs (or of ``run_id``; ``dead_only=False`` also takes live runs).
 
     A dead run that ``--kata-keep-on-failure`` kept for inspection is skipped unless named by ``run_id`` or
     ``dead_only=False`` (``pytest-kata sweep --run ID`` / ``--all``).
 
     Never raises for a resource it could not remove: the error is in the report, the sweep goes on.
+    ``libvirt=False`` leaves libvirt out (the end of a run that never used it: see :func:`used_libvirt`).
     """
     report = SweepReport(dry_run=dry_run)
-    conn = _libvirt_connection(uri)
+    conn = _libvirt_connection(uri) if libvirt else None
     try:
         found = _discover(conn)
         if run_id is not None:
@@ -132,12 +133,29 @@ def _libvirt_connection(uri: str) -> Any:
         return None
 
 
+def used_libvirt(run_id: str) -> bool:
+    """Whether a run asked for the local libvirtd (:func:`services.ensure_libvirtd` marks it) or started one.
+
+    The end of a run that did not (Ctrl-C included) leaves libvirt out of its clean-up: it must not wait on
+    another run's libvirtd, which TCG hosts in long jobs can make slow to answer."""
+    run_dir = runid.state_dir() / run_id
+    if (run_dir / services.LIBVIRT_USED_MARK).exists() or (run_dir / services.LIBVIRT_USER_MARK).exists():
+        return True
+    return any(r.name == "libvirtd" for r in services.daemon_records(run_id))
+
+
 def _ids_in(text: str) -> set[str]:
     return set(runid.RUN_ID_RE.findall(text))
 
 
 def _domain_run_ids(dom: Any) -> set[str]:
+    """Run ids a domain carries: in its name (every domain we define), else in its title/description/metadata.
+
+    The name comes with the listing; the XML is another call into libvirtd, which a busy daemon (other runs'
+    TCG hosts in long jobs) can make slow, so it is read only for domains whose name carries no id."""
     ids = _ids_in(dom.name())
+    if ids:
+        return ids
     with contextlib.suppress(Exception):
         root = ET.fromstring(dom.XMLDesc(0))
         for tag in ("title", "description", "metadata"):

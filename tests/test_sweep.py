@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces, b
 # A run that builds a network with a peer, registers a fake daemon (a detached `sleep`), creates scratch
 # files, tells the outer test what it made, then waits to be killed or interrupted.
 VICTIM = textwrap.dedent("""
-    import json, os, pathlib, subprocess, time
+    import faulthandler, json, os, pathlib, signal, subprocess, time
     from pytest_kata import services
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the outer test asks where a slow end hangs
     from pytest_kata.resources import cache_dir
 
     def test_victim(kata_network, kata_run_id):
@@ -123,7 +124,14 @@ def test_a_run_cleans_its_own_resources_at_its_end(pytester: pytest.Pytester, ho
     victim, state = _start_victim(pytester, sleep=0 if how == "normal end" else 600)
     if how != "normal end":
         victim.send_signal(signal.SIGINT if how == "SIGINT" else signal.SIGTERM)
-    victim.wait(timeout=120)
+    try:
+        victim.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        victim.send_signal(signal.SIGUSR1)  # every thread's stack into the log, then stop it
+        time.sleep(2)
+        victim.kill()
+        victim.wait()
+        pytest.fail(f"the run did not end within 120 s of {how}; its log and stacks:\n{_log(pytester)}")
     out = _log(pytester)
     assert _leftovers(state) == NOTHING, out
     if how != "normal end":
@@ -348,3 +356,30 @@ def test_a_dead_runs_libvirtd_still_used_by_a_live_run_is_handed_over() -> None:
         for rid in (dead, live):
             runid.unregister(rid)
             sweep(dead_only=True, run_id=rid)
+
+
+@pytest.mark.xdist_group("kata-hosts")  # libvirtd is frozen for a few seconds: not while this worker's hosts run
+def test_ctrl_c_ends_a_run_that_never_used_libvirt_even_when_libvirtd_hangs(pytester: pytest.Pytester,
+                                                                           kata_libvirtd: object) -> None:
+    """A frozen libvirtd (SIGSTOP: it accepts connections and never answers, as an overloaded one can) must
+    not keep a run that never used libvirt from ending on Ctrl-C; its own resources are still removed."""
+    pid = services.serving_libvirtd_pid()
+    if pid is None:
+        pytest.skip("no libvirtd pid file to freeze")
+    victim, state = _start_victim(pytester)
+    assert not (runid.state_dir() / state["run_id"] / services.LIBVIRT_USED_MARK).exists()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        victim.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        try:
+            victim.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            victim.kill()
+            victim.wait()
+            pytest.fail(f"the run waited on the frozen libvirtd instead of ending:\n{_log(pytester)}")
+        seconds = time.monotonic() - start
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert _leftovers(state) == NOTHING, _log(pytester)
+    assert seconds < 30

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from pytest_kata import runid
-from pytest_kata.sweep import SweepReport, sweep
+from pytest_kata.sweep import SweepReport, sweep, used_libvirt
 
 RUN = pytest.StashKey["RunLifecycle"]()
 
@@ -80,7 +80,7 @@ class RunLifecycle:
                 step("lifecycle", f"--kata-keep-on-failure: {self.run_id}'s hosts, networks and daemons are kept "
                      f"(later runs leave them alone); remove them with `pytest-kata sweep --run {self.run_id}`")
             else:
-                self.end_report = sweep(dead_only=False, run_id=self.run_id)
+                self.end_report = sweep(dead_only=False, run_id=self.run_id, libvirt=used_libvirt(self.run_id))
         finally:
             runid.unregister(self.run_id)
             if self.previous_env is None:
