@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -121,16 +122,33 @@ def clean_run(run_id: str, *, dry_run: bool = False) -> SweepReport:
 # Discovery
 
 
-def _libvirt_connection(uri: str) -> Any:
-    """A connection to the local libvirtd if one answers (the sweep must work without libvirt too)."""
-    try:
-        if not services.libvirt_answers(uri):
-            return None
-        import libvirt
+LIBVIRT_TIMEOUT = 20.0  # seconds a sweep waits for libvirtd to accept a connection
 
-        return libvirt.open(uri)
-    except Exception:
+
+def _libvirt_connection(uri: str) -> Any:
+    """A connection to the local libvirtd if one answers in time (the sweep must work without libvirt too).
+
+    A frozen or overloaded libvirtd accepts the socket and never answers; libvirt has no connect timeout, so
+    the connection is made in a daemon thread and given up after :data:`LIBVIRT_TIMEOUT` (said as progress)."""
+    box: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            if services.libvirt_answers(uri):
+                import libvirt
+
+                box["conn"] = libvirt.open(uri)
+        except Exception:
+            pass
+
+    thread = threading.Thread(target=connect, name="kata-sweep-libvirt", daemon=True)
+    thread.start()
+    thread.join(LIBVIRT_TIMEOUT)
+    if thread.is_alive():
+        step("sweep", f"libvirtd does not answer on {uri} within {LIBVIRT_TIMEOUT:g} s: libvirt leftovers are "
+                      "not swept this time (is libvirtd stopped or overloaded?)")
         return None
+    return box.get("conn")
 
 
 def used_libvirt(run_id: str) -> bool:

@@ -359,10 +359,11 @@ def test_a_dead_runs_libvirtd_still_used_by_a_live_run_is_handed_over() -> None:
 
 
 @pytest.mark.xdist_group("kata-hosts")  # libvirtd is frozen for a few seconds: not while this worker's hosts run
-def test_ctrl_c_ends_a_run_that_never_used_libvirt_even_when_libvirtd_hangs(pytester: pytest.Pytester,
-                                                                           kata_libvirtd: object) -> None:
+def test_ctrl_c_ends_a_run_that_never_used_libvirt_even_when_libvirtd_hangs(
+        pytester: pytest.Pytester, kata_libvirtd: object, monkeypatch: pytest.MonkeyPatch) -> None:
     """A frozen libvirtd (SIGSTOP: it accepts connections and never answers, as an overloaded one can) must
-    not keep a run that never used libvirt from ending on Ctrl-C; its own resources are still removed."""
+    not keep a run that never used libvirt from ending on Ctrl-C (its own resources are still removed), and a
+    sweep gives libvirt up after its timeout instead of hanging."""
     pid = services.serving_libvirtd_pid()
     if pid is None:
         pytest.skip("no libvirtd pid file to freeze")
@@ -370,6 +371,10 @@ def test_ctrl_c_ends_a_run_that_never_used_libvirt_even_when_libvirtd_hangs(pyte
     assert not (runid.state_dir() / state["run_id"] / services.LIBVIRT_USED_MARK).exists()
     os.kill(pid, signal.SIGSTOP)
     try:
+        monkeypatch.setattr("pytest_kata.sweep.LIBVIRT_TIMEOUT", 2.0)
+        start = time.monotonic()
+        frozen = sweep(dead_only=True, dry_run=True)  # a start-of-run sweep gives libvirt up, does the rest
+        assert time.monotonic() - start < 15 and state["run_id"] in frozen.live
         victim.send_signal(signal.SIGINT)
         start = time.monotonic()
         try:
