@@ -184,6 +184,9 @@ class WorkloadProbe:
         if runtime.startswith("/"):
             workload.runnable = self.host.run(f"test -x {shlex.quote(runtime)}", timeout=30).ok
         self.report.planted.append(workload)
+        if not workload.runnable:  # containerd would only say the same, slowly (seconds per handler under TCG)
+            workload.before = f"did not run before the upgrade: no executable shim at {runtime} on {self.host.name}"
+            return
         args = ["containers", "create", "--runtime", runtime]
         if config:
             args += ["--runtime-config-path", config]
