@@ -27,7 +27,8 @@ def test_rollback_suite_accepts_a_clean_upgrade_and_rollback(pytester: pytest.Py
     verdict = json.loads(report.read_text())
     by_id = {r["id"]: r for r in verdict["results"]}
     assert set(by_id) == {"KATA-RB-001", "KATA-RB-002", "KATA-RB-003", "KATA-RB-004", "KATA-RB-005-corrupt-archive",
-                          "KATA-RB-005-killed-containerd", "KATA-RB-006", "KATA-RB-007", "KATA-RB-008"}
+                          "KATA-RB-005-killed-containerd", "KATA-RB-005-full-disk", "KATA-RB-006", "KATA-RB-007",
+                          "KATA-RB-008"}
     assert by_id["KATA-RB-003"]["status"] == "pass" and by_id["KATA-RB-003"]["severity"] == "critical"
     evidence = by_id["KATA-RB-003"]["evidence"]
     assert evidence["digest_before"] == evidence["digest_after_rollback"] and evidence["residue"] == []
@@ -36,6 +37,8 @@ def test_rollback_suite_accepts_a_clean_upgrade_and_rollback(pytester: pytest.Py
     rollout = by_id["KATA-RB-007"]["evidence"]
     assert rollout["good"]["result"] == "updated" and rollout["bad"]["result"] == "rolled-back"
     assert rollout["bad"]["rolled_back"] == ["local-fleet-1", "local-fleet-0"]
+    full = by_id["KATA-RB-005-full-disk"]
+    assert full["status"] == "pass" and "No space left on device" in full["evidence"]["error"], full
     workloads = by_id["KATA-RB-008"]
     assert workloads["status"] == "pass", workloads
     results = {r["handler"]: r for r in workloads["evidence"]["workloads"]["results"]}

@@ -9,8 +9,9 @@ targets of their own.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 
 from pytest_kata.install.installer import Installer, InstallError, NoContainerd
 from pytest_kata.install.rollout import rolling_update, smoke_gate, target_name
-from pytest_kata.install.state import State
+from pytest_kata.install.state import RELEASES, State
 from pytest_kata.install.workloads import WorkloadProbe
 from pytest_kata.plugins.install import InstallTargets
 from pytest_kata.recorder import CheckRecorder
@@ -172,7 +173,21 @@ def _kill_containerd(step: str, installer: Installer) -> None:
         installer.containerd.kill()  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("fault", ["corrupt-archive", "killed-containerd"])
+@contextlib.contextmanager
+def _small_releases_filesystem(installer: Installer, size: int) -> Iterator[str | None]:
+    """A tmpfs of ``size`` bytes mounted on the releases directory for the test (a disk that fills up);
+    yields why it cannot be done (not root, no tmpfs), or None. Unmounted after, whatever happened."""
+    releases = installer.p(RELEASES)
+    mounted = installer.host.run(f"mkdir -p {shlex.quote(releases)} && mount -t tmpfs -o size={size},mode=0755 "
+                                 f"kt-full-disk {shlex.quote(releases)}", timeout=60)
+    try:
+        yield None if mounted.ok else f"cannot mount a tmpfs on {releases}: {mounted.stderr.strip()[-200:]}"
+    finally:
+        if mounted.ok:
+            installer.host.run(f"umount {shlex.quote(releases)}", timeout=60)
+
+
+@pytest.mark.parametrize("fault", ["corrupt-archive", "killed-containerd", "full-disk"])
 def test_failed_install_rolls_back_by_itself(fault: str, kata_baseline: Any, kata_candidate: Any,
                                              make_kata_install_target: InstallTargets,
                                              kata_result: CheckRecorder) -> None:
@@ -181,17 +196,27 @@ def test_failed_install_rolls_back_by_itself(fault: str, kata_baseline: Any, kat
               "the host as it was", inst)
     if fault == "killed-containerd" and isinstance(inst.containerd, NoContainerd):
         kata_result.conclude("notapplicable", f"no containerd to kill: {inst.containerd.reason}")
-    inst.install(kata_baseline)
-    before: State = inst.capture()
-    inst.inject = _corrupt_archive if fault == "corrupt-archive" else _kill_containerd
-    try:
-        inst.install(kata_candidate)
-    except InstallError as exc:
-        message = str(exc)
-    else:
-        kata_result.conclude("error", f"the injected fault ({fault}) did not make the install fail")
-    inst.inject = None
-    after = inst.capture()
+    roomy = 2 * kata_baseline.total_size + (16 << 20)
+    with _small_releases_filesystem(inst, roomy) if fault == "full-disk" else contextlib.nullcontext() as refused:
+        if refused:
+            kata_result.conclude("notapplicable", refused)
+        inst.install(kata_baseline)
+        if fault == "full-disk":  # the filesystem now holds the baseline and half the candidate, no more
+            releases = shlex.quote(inst.p(RELEASES))
+            inst.host.run(f"mount -o remount,size=$(( $(df --output=used -B1 {releases} | tail -1) + "
+                          f"{kata_candidate.total_size // 2} )) {releases}", timeout=60, check=True)
+        before: State = inst.capture()
+        inst.inject = {"corrupt-archive": _corrupt_archive, "killed-containerd": _kill_containerd}.get(fault)
+        try:
+            inst.install(kata_candidate)
+        except InstallError as exc:
+            message = str(exc)
+        else:
+            kata_result.conclude("error", f"the injected fault ({fault}) did not make the install fail")
+        inst.inject = None
+        after = inst.capture()
+    if fault == "full-disk" and "No space left on device" not in message:
+        kata_result.conclude("error", f"the install failed, but not for lack of space: {message[:200]}")
     kata_result.record(error=message, digest_before=before.digest, digest_after=after.digest)
     if after.digest != before.digest:
         from pytest_kata.install.state import diff_states
