@@ -1,11 +1,11 @@
-"""Upgrade and rollback suite: baseline install -> capture -> candidate install -> smoke -> rollback -> verify.
+"""Upgrade and rollback suite: baseline install -> workloads -> capture -> candidate install -> smoke ->
+rollback -> verify (digest, residue, workloads start again).
 
-Run: ``pytest suites/rollback --kata-baseline OLD --kata-candidate NEW``. The scenario runs once per module
-on a fresh target (a scratch sysroot with a private containerd; see ``pytest_kata.plugins.install``); each
-check below reads one property of it, so a failure names the property, with the exact state difference as
-evidence. Failure injection (corrupt archive, killed containerd) and the no-previous-release case use
-targets of their own.
-"""
+Run: ``pytest suites/rollback --kata-baseline OLD --kata-candidate NEW [--kata-hosts N]``. The scenario runs
+once per module on a fresh target (a libvirt pool host, or a scratch sysroot with a private containerd; see
+``pytest_kata.plugins.install``); each check below reads one property of it, so a failure names the property,
+with the exact state difference as evidence. Failure injection (corrupt archive, killed containerd, full disk),
+the no-previous-release case and the rolling update use targets of their own."""
 
 from __future__ import annotations
 
