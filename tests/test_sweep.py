@@ -27,6 +27,9 @@ VICTIM = textwrap.dedent("""
     import faulthandler, json, os, pathlib, signal, subprocess, time
     from pytest_kata import services
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # the outer test asks where a slow end hangs
+    # a user's terminal delivers Ctrl-C; an xdist worker's children may inherit SIGINT ignored or blocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from pytest_kata.resources import cache_dir
 
     def test_victim(kata_network, kata_run_id):
