@@ -171,8 +171,7 @@ def _install(args: argparse.Namespace) -> int:
         except InstallError:
             if probe is not None:  # rolled back by itself: what ran before must run again, now
                 print_workloads(probe.verify())
-                probe.cleanup()
-                installer.host.run(f"rm -f {shlex.quote(workloads_path(installer, None))}", timeout=60)
+                probe.discard(workloads_path(installer, None))
             raise
         if probe is not None:
             pending, final = workloads_path(installer, None), workloads_path(installer, report.tx)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 
 from pytest_kata.commands.install import (
     add_host_arguments,
@@ -47,8 +46,7 @@ def _rollback(args: argparse.Namespace) -> int:
         report = installer.rollback(uninstall=args.uninstall)
         if probe is not None and record is not None and not report.noop:
             workloads = probe.verify()
-            probe.cleanup()
-            installer.host.run(f"rm -f {shlex.quote(record)}", timeout=60)
+            probe.discard(record)
     finally:
         stop_private(installer)
     failed = bool(workloads and workloads.failed)

@@ -306,20 +306,27 @@ class WorkloadProbe:
             return
         listed = self.ctr("containers", "ls", "-q", timeout=60)
         for container in listed.stdout.split() if listed.ok else []:
-            self.ctr("tasks", "delete", "-f", container, timeout=60)
-            self.ctr("containers", "delete", container, timeout=60)
+            self._remove(container)
         images = self.ctr("images", "ls", "-q", timeout=60)
         for image in images.stdout.split() if images.ok else []:
             if image.startswith(IMAGE_REPO + ":"):
                 self.ctr("images", "rm", image, timeout=60)
+
+    def _remove(self, container: str) -> None:
+        self.ctr("tasks", "delete", "-f", container, timeout=60)
+        self.ctr("containers", "delete", container, timeout=60)
+
+    def discard(self, record: str) -> None:
+        """Remove the planted workloads and their record on the host (they have served their purpose)."""
+        self.cleanup()
+        self.host.run(f"rm -f {shlex.quote(record)}", timeout=60)
 
     def cleanup(self) -> None:
         """Remove the planted containers and the image (a pool host is reverted anyway; a staging host is not)."""
         if self.address is None or self.installer.containerd.unavailable():
             return
         for workload in self.report.planted:
-            self.ctr("tasks", "delete", "-f", workload.container, timeout=60)
-            self.ctr("containers", "delete", workload.container, timeout=60)
+            self._remove(workload.container)
         if self.image and not self.image_was_present:
             self.ctr("images", "rm", self.image, timeout=60)
 
