@@ -11,7 +11,9 @@ Why it is built this way:
   no absolute names, nothing outside ``opt/kata`` (Kata's ``assert-tarball-host-safe.sh`` rule: the merged
   tarball is unpacked with ``tar -C /``), no device/fifo files, no link that leaves the tree (checked
   lexically per member and again by following every link through the finished tree), no oversize member.
-  ``tarfile.data_filter`` runs too, as a second opinion.
+  Files land as 0644/0755 (setuid, setgid, sticky and group/world write bits dropped), owned by the
+  unpacking user. These checks stand on their own: ``tarfile.data_filter`` (Python 3.11.4+, absent from
+  Debian 12's 3.11.2) runs too where it exists, as a second opinion.
 * One read of the archive: the raw bytes are hashed while they stream through the decompressor into
   ``tarfile``; each member is hashed while it is written. The extracted tree lands atomically in
   ``cache_dir()/bundles/<sha256>/`` with its inventory, so a second open (and :func:`identify` in the
@@ -61,6 +63,9 @@ DEFAULTS_DIR = "share/defaults/kata-containers"
 SHIM_GO = "bin/containerd-shim-kata-v2"
 SHIM_RS = "runtime-rs/bin/containerd-shim-kata-v2"
 VERSION_TIMEOUT = 10.0
+# Python 3.11.4+ only: feature-detected so that Debian 12's 3.11.2 opens bundles with the same safety.
+_DATA_FILTER = getattr(tarfile, "data_filter", None)
+_FILTER_ERROR: type[Exception] = getattr(tarfile, "FilterError", Exception)
 
 # Where the release version can be read, strongest first (the order decides when sources disagree).
 _EVIDENCE_ORDER = ("VERSION", "kata-reference.json", "containerd-shim-kata-v2 --version (runtime-rs)",
@@ -684,7 +689,7 @@ class _Unpacker:
             self.files[rel] = FileEntry(rel, "dir", 0, mode, uid=member.uid, gid=member.gid)
         elif member.issym():
             on_disk = self.link_on_disk(rel, member)
-            self.second_opinion(member.replace(linkname=on_disk, deep=False))
+            self.second_opinion(member, linkname=on_disk)
             os.symlink(on_disk, dest)
             self.files[rel] = FileEntry(rel, "symlink", 0, mode or 0o777, None, member.linkname,
                                         member.uid, member.gid)
@@ -726,10 +731,18 @@ class _Unpacker:
         self.files[rel] = FileEntry(rel, "file", source_entry.size, member.mode & 0o7777, source_entry.sha256,
                                     None, member.uid, member.gid)
 
-    def second_opinion(self, member: tarfile.TarInfo) -> None:
+    def second_opinion(self, member: tarfile.TarInfo, *, linkname: str | None = None) -> None:
+        """``tarfile.data_filter`` where this Python has it; the checks above already refuse what it refuses.
+
+        ``linkname``: the symlink target as written on disk (``TarInfo.replace`` is 3.11.4+ too).
+        """
+        if _DATA_FILTER is None:
+            return
+        if linkname is not None:
+            member = member.replace(linkname=linkname, deep=False)
         try:
-            tarfile.data_filter(member, str(self.tree))
-        except tarfile.FilterError as exc:
+            _DATA_FILTER(member, str(self.tree))
+        except _FILTER_ERROR as exc:
             raise self.refuse(str(exc)) from None
 
     def write_file(self, archive: tarfile.TarFile, member: tarfile.TarInfo, rel: str, dest: Path,

@@ -397,6 +397,11 @@ UNSAFE: dict[str, tuple[Callable[[], list[tuple[tarfile.TarInfo, bytes | None]]]
                                        (info("./opt/kata/lib/x"), b"x")], "goes through the symlink"),
     "hardlink-out": (lambda: [(info("./opt/kata/shadow", tarfile.LNKTYPE, "etc/shadow"), None)],
                      "points outside the bundle"),
+    "hardlink-absolute": (lambda: [(info("./opt/kata/shadow", tarfile.LNKTYPE, "/etc/shadow"), None)],
+                          "absolute name"),
+    "hardlink-through-symlink": (lambda: [(info("./opt/kata/etc", tarfile.SYMTYPE, "share"), None),
+                                          (info("./opt/kata/h", tarfile.LNKTYPE, "./opt/kata/etc/VERSION"), None)],
+                                 "does not point at a file"),
     "chardev": (lambda: [(info("./opt/kata/mem", tarfile.CHRTYPE), None)], "device file"),
     "blockdev": (lambda: [(info("./opt/kata/sda", tarfile.BLKTYPE), None)], "device file"),
     "fifo": (lambda: [(info("./opt/kata/pipe", tarfile.FIFOTYPE), None)], "fifo"),
@@ -404,8 +409,24 @@ UNSAFE: dict[str, tuple[Callable[[], list[tuple[tarfile.TarInfo, bytes | None]]]
 }
 
 
+@pytest.fixture(params=["data_filter", "own-checks-only"])
+def filter_api(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a bundle is unpacked: with ``tarfile.data_filter`` (3.11.4+) and without it (Debian 12's
+    3.11.2), simulated on any Python so that the fallback is exercised everywhere."""
+    if request.param == "data_filter" and not hasattr(tarfile, "data_filter"):
+        pytest.skip(f"this Python ({platform.python_version()}) has no tarfile.data_filter")
+    if request.param == "own-checks-only":
+        monkeypatch.setattr(bundle_mod, "_DATA_FILTER", None)
+    return str(request.param)
+
+
+def test_data_filter_is_feature_detected() -> None:
+    """3.11.2 has no ``data_filter``: the module must import and know it (no AttributeError at open)."""
+    assert (bundle_mod._DATA_FILTER is None) == (not hasattr(tarfile, "data_filter"))
+
+
 @pytest.mark.parametrize("case", sorted(UNSAFE))
-def test_unsafe_members_are_refused_with_one_line(case: str, tmp_path: Path, cache: Path) -> None:
+def test_unsafe_members_are_refused_with_one_line(case: str, tmp_path: Path, cache: Path, filter_api: str) -> None:
     members, needle = UNSAFE[case]
     tarball = evil_tar(tmp_path / "kata-static-3.2.0-amd64.tar.zst", members())
     with pytest.raises(BundleError) as err:
@@ -414,6 +435,20 @@ def test_unsafe_members_are_refused_with_one_line(case: str, tmp_path: Path, cac
     assert not (tmp_path / "etc").exists()
     bundles = cache / "bundles"
     assert not [p for p in bundles.iterdir() if p.name not in ("index", ".lock")]  # nothing half-unpacked
+
+
+def test_special_bits_are_dropped_on_disk_and_kept_in_the_inventory(tmp_path: Path, cache: Path,
+                                                                   filter_api: str) -> None:
+    """What ``data_filter`` does to modes (no setuid/setgid/sticky, no group/world write) holds without it."""
+    members = [(info("./opt/kata/bin/suid", mode=0o4777), b"#!/bin/sh\n"),
+               (info("./opt/kata/bin/sgid", mode=0o2666), b"x"),
+               (info("./opt/kata/share/", tarfile.DIRTYPE, mode=0o1777), None),
+               (info("./opt/kata/share/ro", mode=0o400), b"y")]
+    b = open_bundle(evil_tar(tmp_path / "modes.tar", members, fmt="tar"), cache=cache)
+    on_disk = {rel: (b.root / rel).stat().st_mode & 0o7777 for rel in ("bin/suid", "bin/sgid", "share", "share/ro")}
+    assert on_disk == {"bin/suid": 0o755, "bin/sgid": 0o644, "share": 0o755, "share/ro": 0o644}
+    assert (b.root / "bin/suid").stat().st_uid == os.geteuid()  # the archive's owner is not applied
+    assert b.files["bin/suid"].mode == 0o4777 and b.files["share"].mode == 0o1777  # the rules still see them
 
 
 def test_safe_links_inside_the_tree_are_accepted(tmp_path: Path, cache: Path) -> None:
