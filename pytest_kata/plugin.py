@@ -161,6 +161,7 @@ class VerdictCollector:
         self.results: dict[str, Result] = {}
         self.other_failures: set[str] = set()
         self.verdict: Verdict | None = None
+        self.write_error: str | None = None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         result = result_from_report(report)
@@ -188,7 +189,12 @@ class VerdictCollector:
         self.verdict = Verdict(candidate, list(self.results.values()), s.fail_on)
         self.config.hook.pytest_kata_verdict(verdict=self.verdict, config=self.config)
         if s.report:
-            self.verdict.write(s.report)
+            try:
+                self.verdict.write(s.report)
+            except OSError as exc:  # a verdict nobody can read is no verdict: the run fails, in one line
+                self.write_error = f"cannot write the verdict to {s.report}: {exc.strerror or exc}"
+                session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+                return
         if not self.results:
             return
         failed_checks = {r.nodeid for r in self.results.values() if r.status in ("fail", "error")}
@@ -208,5 +214,7 @@ class VerdictCollector:
                 markup = {"green": True, "bold": True}
             terminalreporter.write_line(line, **markup)
         report = settings_of(self.config).report
-        if report:
+        if self.write_error:
+            terminalreporter.write_line(f"ERROR: {self.write_error}", red=True, bold=True)
+        elif report:
             terminalreporter.write_line(f"verdict written to {report}")
