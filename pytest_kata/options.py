@@ -94,6 +94,11 @@ class KataSettings:
     sources: dict[str, str] = field(default_factory=dict)
     rootdir: Path = field(default_factory=Path.cwd)
 
+    @property
+    def given(self) -> bool:
+        """Whether any option was set (command line, ini or kata.toml): the session asks for Kata."""
+        return any(source != "default" for source in self.sources.values())
+
     def __getattr__(self, name: str) -> Any:
         try:
             return self.__dict__["values"][name]

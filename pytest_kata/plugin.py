@@ -74,6 +74,8 @@ def settings_of(config: pytest.Config) -> KataSettings:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     s = settings_of(config)
+    if not s.given:
+        return []  # a session that does not ask for Kata (an unrelated project in the same venv)
     given = [f"{o.flag}={s.values[o.name]}" for o in OPTIONS if s.sources.get(o.name) != "default"]
     return [f"kata: {' '.join(given) or 'no options given'}"]
 

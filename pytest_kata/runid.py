@@ -3,6 +3,10 @@
 A run id looks like ``kt-1a2b3c4d``. The owning process records itself in ``/run/pytest-kata/<id>.pid``
 (or ``$PYTEST_KATA_STATE/<id>.pid``); a sweep treats a run as dead when that pid no longer exists, and
 removes the run's resources. Workers of one xdist run share the controller's id (via the environment).
+
+An id can be reserved (:func:`reserve`) without a trace on the machine: the pid file is written when
+something first uses it (:func:`current_run_id`), with the reserving process as owner, so that an xdist
+worker that starts the run keeps it alive for as long as its controller lives.
 """
 
 from __future__ import annotations
@@ -10,17 +14,25 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 PREFIX = "kt-"
 RUN_ID_RE = re.compile(r"kt-[0-9a-f]{8}")
 ENV = "PYTEST_KATA_RUN_ID"
+OWNER_ENV = "PYTEST_KATA_RUN_OWNER"  # "<run id>:<pid>": the process whose life is the run's (see reserve)
+
+_claimed: set[str] = set()
+_first_use: list[Callable[[str], None]] = []
+
+
+def _state_base() -> Path:
+    return Path(os.environ.get("PYTEST_KATA_STATE") or ("/run/pytest-kata" if os.geteuid() == 0 else
+                                                        f"/tmp/pytest-kata-{os.getuid()}"))
 
 
 def state_dir() -> Path:
-    base = os.environ.get("PYTEST_KATA_STATE") or ("/run/pytest-kata" if os.geteuid() == 0 else
-                                                   f"/tmp/pytest-kata-{os.getuid()}")
-    path = Path(base)
+    path = _state_base()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -37,13 +49,52 @@ def new_run_id() -> str:
 
 
 def current_run_id() -> str:
-    """The run id of this process tree, created (and registered) on first use."""
+    """The run id of this process tree, created on first use; its pid file is written then (see :func:`claim`)."""
     run_id = os.environ.get(ENV)
     if not run_id:
         run_id = new_run_id()
         os.environ[ENV] = run_id
-        register(run_id)
+    if run_id not in _claimed:
+        _claimed.add(run_id)
+        if claim(run_id):
+            for callback in list(_first_use):
+                callback(run_id)
     return run_id
+
+
+def reserve(owner_pid: int | None = None) -> str:
+    """A fresh id for this process tree (inherited through the environment), not yet on the machine."""
+    run_id = new_run_id()
+    os.environ[ENV] = run_id
+    os.environ[OWNER_ENV] = f"{run_id}:{owner_pid or os.getpid()}"
+    return run_id
+
+
+def claim(run_id: str) -> bool:
+    """Write the run's pid file unless it exists; ``True`` when this call wrote it (the run starts here).
+
+    The owner is the process that reserved the id, if it did, else this one.
+    """
+    recorded_id, _, pid = os.environ.get(OWNER_ENV, "").partition(":")
+    owner = int(pid) if recorded_id == run_id and pid.isdigit() else os.getpid()
+    try:
+        fd = os.open(state_dir() / f"{run_id}.pid", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        fh.write(_pid_line(owner))
+    return True
+
+
+def in_use(run_id: str) -> bool:
+    """Whether the run has started (its pid file exists)."""
+    return (_state_base() / f"{run_id}.pid").exists()
+
+
+def on_first_use(callback: Callable[[str], None]) -> None:
+    """Call ``callback(run_id)`` in the process that starts a run (writes its pid file); once per callback."""
+    if callback not in _first_use:
+        _first_use.append(callback)
 
 
 def _start_time(pid: int) -> str | None:
@@ -55,9 +106,12 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def _pid_line(pid: int) -> str:
+    return f"{pid} {_start_time(pid) or ''}\n"
+
+
 def register(run_id: str, pid: int | None = None) -> None:
-    pid = pid or os.getpid()
-    (state_dir() / f"{run_id}.pid").write_text(f"{pid} {_start_time(pid) or ''}\n")
+    (state_dir() / f"{run_id}.pid").write_text(_pid_line(pid or os.getpid()))
 
 
 def unregister(run_id: str) -> None:

@@ -111,7 +111,8 @@ def test_a_run_killed_mid_way_is_swept_by_the_next_run(pytester: pytest.Pytester
     assert any(left.values()), "the killed run's resources outlive it until a sweep"
 
     pytester.makepyfile(test_next="def test_next():\n    pass\n")
-    nxt = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_next.py"],
+    nxt = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_next.py",
+                          "--kata-fail-on", "high"],  # a session that asks for Kata (an unrelated one is inert)
                          cwd=pytester.path, env=_env(), capture_output=True, text=True, timeout=300)
     assert nxt.returncode == 0, nxt.stdout + nxt.stderr
     assert _leftovers(state) == NOTHING, nxt.stdout + nxt.stderr

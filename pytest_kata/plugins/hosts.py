@@ -64,6 +64,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     from pytest_kata.plugin import settings_of
 
     s = settings_of(config)
+    if not s.given:
+        return []  # no libvirt probing in a session that does not ask for Kata
     if s.host_provider != "libvirt":
         return [f"kata hosts: provider {s.host_provider}"]
     try:

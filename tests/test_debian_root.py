@@ -1,0 +1,167 @@
+"""The README's setup on a clean Debian 12: a minbase root made with mmdebstrap from this machine's apt sources,
+``scripts/setup`` run inside it with Debian's own Python (``PYTHON`` unset), then a static validation of the
+reference candidate there, which must reach the same verdict, check by check, as the same run here.
+
+The root shares this machine's network (apt and PyPI as configured here) and process table: the validation
+inside runs with ``PYTEST_KATA_NO_SWEEP=1``, because its own ``/run`` knows none of this machine's live runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pytest_kata.images.common import DEBIAN_SOURCES, cached, content_hash, mmdebstrap, mounts_under, safe_rmtree
+from pytest_kata.progress import timed
+from pytest_kata.resources import cache_dir
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKOUT = "/srv/pytest-kata"
+# Not part of a checkout a user would copy: build output, venvs, caches.
+NOT_COPIED = {".git", ".venv", ".tox", ".mypy_cache", ".ruff_cache", "allure-results", "junit.xml", "verdict.json"}
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SETUP_TIMEOUT = 1800
+STATIC = ["suites/hardening", "suites/advisories", "-m", "not vm", "-p", "no:cacheprovider", "-q"]
+
+
+def pip_and_tls_files() -> list[Path]:
+    """This machine's PyPI index configuration (pip's config files, the constraints and CAs they name)."""
+    home = Path.home()
+    candidates = [Path("/etc/pip.conf"), Path("/etc/xdg/pip"), home / ".config/pip", home / ".pip",
+                  Path("/usr/local/share/ca-certificates"), Path("/etc/ssl/certs/ca-certificates.crt")]
+    if os.environ.get("PIP_CONFIG_FILE"):
+        candidates.append(Path(os.environ["PIP_CONFIG_FILE"]))
+    return [p for p in candidates if p.exists()]
+
+
+def clean_debian_root() -> Path:
+    """A Debian 12 minbase root, built once per mmdebstrap recipe (cached by content hash)."""
+    sources = DEBIAN_SOURCES.read_text() if DEBIAN_SOURCES.exists() else "deb.debian.org"
+    key = content_hash("debian-root", "bookworm", "minbase", sources)[:20]
+    return cached("debian-root", key, lambda out: mmdebstrap(out / "root", variant="minbase",
+                                                             label="clean-debian-12")) / "root"
+
+
+def copy_checkout(dest: Path) -> None:
+    """The checkout as a user would have it: no venvs, build output or caches."""
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        skipped = {n for n in names if n == "__pycache__" or n.endswith(".egg-info")}
+        if Path(directory) == REPO:
+            skipped |= NOT_COPIED & set(names)
+        if Path(directory) == REPO / "fixtures":
+            skipped |= {"out"} & set(names)
+        return skipped
+    shutil.copytree(REPO, dest, symlinks=True, ignore=ignore)
+
+
+@contextlib.contextmanager
+def mounted(root: Path, downloads: Path) -> Iterator[None]:
+    """/proc, /sys (read-only), /dev and the download caches in the root; all unmounted at the end, also on
+    failure, and checked to be gone (a leftover /dev bind under a tree being removed would be fatal)."""
+    plan = [(["-t", "proc", "proc"], root / "proc"), (["-t", "sysfs", "-o", "ro", "sysfs"], root / "sys"),
+            (["--bind", "/dev"], root / "dev"),
+            (["--bind", str(downloads / "apt")], root / "var/cache/apt/archives"),
+            (["--bind", str(downloads / "pip")], root / "root/.cache/pip")]
+    done: list[Path] = []
+    try:
+        for args, point in plan:
+            point.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", *args, str(point)], check=True, capture_output=True)
+            done.append(point)
+            subprocess.run(["mount", "--make-private", str(point)], check=True, capture_output=True)
+        yield
+    finally:
+        for point in reversed(done):
+            if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", str(point)], capture_output=True)
+        left = mounts_under(root)
+        assert not left, f"still mounted in the Debian root: {left}"
+
+
+def in_root(root: Path, script: str, log: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``script`` by bash in the chroot, with a fresh environment: no PYTHON, this machine's PIP_* settings."""
+    env = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb", "PYTEST_KATA_NO_SWEEP": "1",
+           **{k: v for k, v in os.environ.items() if k.startswith("PIP_")}}
+    proc = subprocess.run(["chroot", str(root), "/usr/bin/env", "-i", *[f"{k}={v}" for k, v in env.items()],
+                           "/bin/bash", "-c", f"set -euo pipefail; cd {CHECKOUT}; {script}"],
+                          capture_output=True, text=True, timeout=timeout)
+    log.write_text(f"$ {script}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def reference(which: str, variant: str) -> Path:
+    sys.path.insert(0, str(REPO / "fixtures"))
+    try:
+        from reference import reference_tarball  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(REPO / "fixtures"))
+    return Path(reference_tarball(which, variant))
+
+
+def statuses(report: Path) -> dict[str, str]:
+    return {r["nodeid"]: r["status"] for r in json.loads(report.read_text())["results"]}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mmdebstrap, chroot and mounts need root")
+@pytest.mark.skipif(shutil.which("mmdebstrap") is None, reason="mmdebstrap is not installed (scripts/setup)")
+def test_setup_and_a_static_validation_on_a_clean_debian_12(kata_run_id: str, tmp_path: Path) -> None:
+    good, bad = reference("candidate", "hardened"), reference("candidate", "upstream")
+    with timed("debian-root", "clean Debian 12 root (mmdebstrap minbase, cached)"):
+        clean = clean_debian_root()
+    scratch = cache_dir() / "runs" / kata_run_id / "debian-12-root"
+    downloads = cache_dir() / "debian-root-downloads"
+    for sub in ("apt", "pip"):
+        (downloads / sub).mkdir(parents=True, exist_ok=True)
+    safe_rmtree(scratch)
+    scratch.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["cp", "-a", "--reflink=auto", str(clean), str(scratch)], check=True)
+        root = scratch
+        assert not (root / "usr/bin/python3").exists(), "the root must start without Python: setup installs it"
+        copy_checkout(root / CHECKOUT.lstrip("/"))
+        for path in pip_and_tls_files():
+            dest = root / ("root" / path.relative_to(Path.home()) if path.is_relative_to(Path.home()) else
+                           path.relative_to("/"))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if path.is_dir() else shutil.copy2)(path, dest, **({"dirs_exist_ok": True}
+                                                                                 if path.is_dir() else {}))
+        shutil.copy2("/etc/resolv.conf", root / "etc/resolv.conf")
+        for tarball in (good, bad):
+            shutil.copy2(tarball, root / "srv" / tarball.name)
+        with mounted(root, downloads):
+            with timed("debian-root", "scripts/setup in the clean root (Debian's apt, Debian's python3)"):
+                setup = in_root(root, "scripts/setup", tmp_path / "setup.log", SETUP_TIMEOUT)
+            assert setup.returncode == 0, (setup.stdout + setup.stderr)[-3000:]
+            venv = in_root(root, ".venv/bin/python -c 'import sys; print(sys.version_info[:3], sys._base_executable)'",
+                           tmp_path / "venv.log", 60)
+            assert venv.stdout.split() == ["(3,", "11,", "2)", "/usr/bin/python3"], venv.stdout + venv.stderr
+            runs = {}
+            for name, tarball in (("good", good), ("bad", bad)):
+                command = shlex.join([".venv/bin/pytest", *STATIC, "--kata-candidate", f"/srv/{tarball.name}",
+                                      "--kata-report", f"/srv/verdict-{name}.json"])
+                with timed("debian-root", f"static validation of {tarball.name} in the clean root"):
+                    runs[name] = in_root(root, command, tmp_path / f"{name}.log", 600)
+        assert runs["good"].returncode == 0, (runs["good"].stdout + runs["good"].stderr)[-3000:]
+        assert runs["bad"].returncode == 1, (runs["bad"].stdout + runs["bad"].stderr)[-3000:]
+        inside = {name: json.loads((root / f"srv/verdict-{name}.json").read_text()) for name in runs}
+        assert inside["good"]["verdict"] == "accept" and inside["bad"]["verdict"] == "reject"
+        assert inside["good"]["totals"]["pass"] > 50 and not inside["good"]["totals"]["error"]
+        here = subprocess.run([str(Path(sys.executable).with_name("pytest")), *STATIC, "--kata-candidate", str(good),
+                               "--kata-report", str(tmp_path / "here.json")], cwd=REPO, capture_output=True,
+                              text=True, env={**os.environ, "PYTEST_KATA_NO_SWEEP": "1"}, timeout=600)
+        assert here.returncode == 0, (here.stdout + here.stderr)[-3000:]
+        assert statuses(root / "srv/verdict-good.json") == statuses(tmp_path / "here.json")
+    finally:
+        safe_rmtree(scratch)
+        assert not scratch.exists() and Path("/dev/null").exists()
