@@ -28,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if "--" in argv and hasattr(args, "passthrough"):  # `run SUITE -- ARGS`: ARGS go on untouched
+        cut = argv.index("--")
+        args = parser.parse_args(argv[:cut])
+        args.passthrough = argv[cut + 1:]
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -30,6 +30,7 @@ MARKERS = {
     "kata_requires(*needs)": "skip unless the candidate/host has each need: shim, agent, kvm, libvirt, containerd",
     "kata_hosts(n)": "the test needs n provisioned hosts",
     "kata_dirty": "the test changes its host beyond repair: give it a fresh host instead of a revert",
+    "vm": "boots VMs or starts containers (qemu, libvirt, containerd); -m 'not vm' selects the static checks",
 }
 ADVISORY_PREFIXES = ("GHSA-", "CVE-", "GO-", "KCSA-")
 

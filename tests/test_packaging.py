@@ -3,6 +3,7 @@ pytest-kata runs its suites from any directory with ``pytest --pyargs pytest_kat
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -48,8 +49,19 @@ def test_installed_wheel_runs_shipped_suites_from_another_directory(wheel: Path,
     where = subprocess.run([sys.executable, "-c", "import pytest_kata.suites as s; print(s.__file__)"], cwd=user_repo,
                            env=env, capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(target)), f"the suites were not imported from the installed wheel: {where}"
+    (user_repo / "pytest.ini").write_text("[pytest]\nkata_fail_on = critical\n")
+    # the space form: pytest must not take the candidate's directory for its rootdir (and miss pytest.ini)
     proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "pytest_kata.suites.advisories",
-                           "--kata-candidate", str(tree.parent.parent), "--kata-report", "v.json", "-q",
-                           "-p", "no:cacheprovider"], cwd=user_repo, env=env, capture_output=True, text=True)
-    assert proc.returncode == 1, proc.stdout + proc.stderr  # 3.2.0 is affected by the 2026 advisories
-    assert '"verdict": "reject"' in (user_repo / "v.json").read_text()
+                           "--kata-candidate", str(tree.parent.parent), "--kata-report", "v.json"],
+                          cwd=user_repo, env=env, capture_output=True, text=True)
+    # 3.2.0 is affected by high 2026 advisories: rejected by default, accepted only if pytest.ini applies
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"rootdir: {user_repo}" in proc.stdout
+    report = json.loads((user_repo / "v.json").read_text())
+    assert report["verdict"] == "accept" and report["fail_on"] == "critical" and report["totals"]["fail"]
+    assert not (tmp_path / "candidate" / ".pytest_cache").exists()
+    run = subprocess.run([sys.executable, "-m", "pytest_kata.cli", "run", "advisories", "--", "--kata-candidate",
+                          str(tree.parent.parent), "--kata-report", "run.json", "--kata-fail-on", "high", "-q"],
+                         cwd=user_repo, env=env, capture_output=True, text=True)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert json.loads((user_repo / "run.json").read_text())["verdict"] == "reject"

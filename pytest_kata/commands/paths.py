@@ -13,11 +13,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("what", nargs="?", choices=("suites", "data", "vm-images", "cache"))
     p.set_defaults(func=_paths)
     r = sub.add_parser("run", help="run the shipped suites with pytest: pytest-kata run [SUITE...] -- [PYTEST ARGS]",
-                       description="Runs `pytest <suites>/<SUITE>...` with the rest of the arguments, so that "
+                       description="Runs `pytest --pyargs pytest_kata.suites.<SUITE>...` with the arguments after "
+                                   "`--`, from the current directory (its pytest.ini/kata.toml apply), so that "
                                    "an installed pytest-kata works from any directory.")
     r.add_argument("suites", nargs="*", help="suite names (hardening, advisories, isolation, ...); default: all")
-    r.add_argument("pytest_args", nargs=argparse.REMAINDER)
-    r.set_defaults(func=_run)
+    r.add_argument("pytest_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    r.set_defaults(func=_run, passthrough=[])
 
 
 def _paths(args: argparse.Namespace) -> int:
@@ -36,18 +37,15 @@ def _run(args: argparse.Namespace) -> int:
     from pytest_kata.errors import KataError
 
     base = suites_dir()
+    known = sorted(p.name for p in base.iterdir() if (p / "__init__.py").is_file())
     targets = []
     for name in args.suites:
-        if name.startswith("-"):
-            args.pytest_args.insert(0, name)
-            continue
-        path = base / name
-        if not path.exists():
-            known = ", ".join(sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("_")))
-            raise KataError(f"no suite {name!r}; known suites: {known}", path=base)
-        targets.append(str(path))
-    extra = [a for a in args.pytest_args if a != "--"]
-    return int(pytest.main([*(targets or [str(base)]), "-p", "no:cacheprovider", *extra]))
+        if name not in known:
+            raise KataError(f"no suite {name!r}; known suites: {', '.join(known)}", path=base,
+                            hint="pytest arguments go after `--`")
+        targets.append(f"pytest_kata.suites.{name}")
+    return int(pytest.main(["--pyargs", *(targets or ["pytest_kata.suites"]), "-p", "no:cacheprovider",
+                            *args.pytest_args, *args.passthrough]))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,7 +15,7 @@ import pytest
 from pytest_kata.sandbox import SandboxError, Workload, checks, escape
 from pytest_kata.sandbox.base import Mount
 
-MODES = ["dynamic", "static"]
+MODES = [pytest.param("dynamic", marks=pytest.mark.vm), "static"]  # dynamic: tried in a running sandbox
 
 
 def handler_of(sandbox) -> str:

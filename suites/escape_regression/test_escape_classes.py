@@ -14,6 +14,8 @@ import pytest
 from pytest_kata.sandbox import Workload, checks
 from pytest_kata.sandbox.base import Mount
 
+pytestmark = pytest.mark.vm  # every escape class is tried in a running sandbox
+
 
 def handler_of(sandbox) -> str:
     return getattr(sandbox, "handler", sandbox.name)

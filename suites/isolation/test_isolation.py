@@ -11,6 +11,8 @@ import pytest
 
 from pytest_kata.sandbox import checks
 
+pytestmark = pytest.mark.vm  # every check probes a running sandbox (qemu or containerd)
+
 WORKLOADS = [pytest.param(False, id="unprivileged"), pytest.param(True, id="privileged")]
 
 

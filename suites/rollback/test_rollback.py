@@ -24,6 +24,8 @@ from pytest_kata.install.workloads import WorkloadProbe
 from pytest_kata.plugins.install import InstallTargets
 from pytest_kata.recorder import CheckRecorder
 
+pytestmark = pytest.mark.vm  # installs on hosts (libvirt VMs or a sysroot) and runs containerd workloads
+
 
 @dataclass
 class Scenario:
