@@ -45,10 +45,10 @@ def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Pa
         if (rootpath, inipath) == (early_config.rootpath, early_config.inipath):
             return
         old_cut = Path(str(early_config.inipath.parent if early_config.inipath else early_config.rootpath))
-        early_config._rootpath = rootpath  # type: ignore[attr-defined]
-        early_config._inipath = inipath  # type: ignore[attr-defined]
-        early_config._inicfg = inicfg  # type: ignore[attr-defined]
-        early_config._inicache.clear()  # type: ignore[attr-defined]
+        early_config._rootpath = rootpath
+        early_config._inipath = inipath
+        early_config._inicfg = inicfg
+        early_config._inicache.clear()
         parser.extra_info.update(rootdir=str(rootpath), inifile=str(inipath))
         ns = early_config.known_args_namespace
         if ns.confcutdir is not None and Path(ns.confcutdir) == old_cut:  # derived from the old rootdir
