@@ -65,14 +65,18 @@ def copy_checkout(dest: Path) -> None:
     shutil.copytree(REPO, dest, symlinks=True, ignore=ignore)
 
 
-@contextlib.contextmanager
-def mounted(root: Path, downloads: Path) -> Iterator[None]:
-    """/proc, /sys (read-only), /dev and the download caches in the root; all unmounted at the end, also on
-    failure, and checked to be gone (a leftover /dev bind under a tree being removed would be fatal)."""
-    plan = [(["-t", "proc", "proc"], root / "proc"), (["-t", "sysfs", "-o", "ro", "sysfs"], root / "sys"),
+def chroot_mounts(root: Path, downloads: Path) -> list[tuple[list[str], Path]]:
+    """/proc, /sys (read-only), /dev and the download caches (apt's archives, pip's wheels) in the root."""
+    return [(["-t", "proc", "proc"], root / "proc"), (["-t", "sysfs", "-o", "ro", "sysfs"], root / "sys"),
             (["--bind", "/dev"], root / "dev"),
             (["--bind", str(downloads / "apt")], root / "var/cache/apt/archives"),
             (["--bind", str(downloads / "pip")], root / "root/.cache/pip")]
+
+
+@contextlib.contextmanager
+def mounted(plan: list[tuple[list[str], Path]]) -> Iterator[None]:
+    """Mount in order, each private; unmount in reverse at the end, also on failure, and check that none is left
+    (a /dev bind left under a tree that is then removed would take the machine's /dev with it)."""
     done: list[Path] = []
     try:
         for args, point in plan:
@@ -85,8 +89,8 @@ def mounted(root: Path, downloads: Path) -> Iterator[None]:
         for point in reversed(done):
             if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
                 subprocess.run(["umount", "-l", str(point)], capture_output=True)
-        left = mounts_under(root)
-        assert not left, f"still mounted in the Debian root: {left}"
+        left = {str(p) for p in done} & {m for p in done for m in mounts_under(p)}
+        assert not left, f"still mounted: {sorted(left)}"
 
 
 def in_root(root: Path, script: str, log: Path, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -124,46 +128,52 @@ def test_setup_and_a_static_validation_on_a_clean_debian_12(kata_run_id: str, tm
     for sub in ("apt", "pip"):
         (downloads / sub).mkdir(parents=True, exist_ok=True)
     safe_rmtree(scratch)
-    scratch.parent.mkdir(parents=True, exist_ok=True)
     try:
-        subprocess.run(["cp", "-a", "--reflink=auto", str(clean), str(scratch)], check=True)
-        root = scratch
-        assert not (root / "usr/bin/python3").exists(), "the root must start without Python: setup installs it"
-        copy_checkout(root / CHECKOUT.lstrip("/"))
-        for path in pip_and_tls_files():
-            dest = root / ("root" / path.relative_to(Path.home()) if path.is_relative_to(Path.home()) else
-                           path.relative_to("/"))
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            (shutil.copytree if path.is_dir() else shutil.copy2)(path, dest, **({"dirs_exist_ok": True}
-                                                                                 if path.is_dir() else {}))
-        shutil.copy2("/etc/resolv.conf", root / "etc/resolv.conf")
-        for tarball in (good, bad):
-            shutil.copy2(tarball, root / "srv" / tarball.name)
-        with mounted(root, downloads):
-            with timed("debian-root", "scripts/setup in the clean root (Debian's apt, Debian's python3)"):
-                setup = in_root(root, "scripts/setup", tmp_path / "setup.log", SETUP_TIMEOUT)
-            assert setup.returncode == 0, (setup.stdout + setup.stderr)[-3000:]
-            venv = in_root(root, ".venv/bin/python -c " + shlex.quote(
-                "import os, sys; print(sys.version.split()[0], os.path.realpath(sys._base_executable), "
-                "os.path.realpath('/usr/bin/python3'))"), tmp_path / "venv.log", 60)
-            version, base, system = venv.stdout.split()
-            assert version == "3.11.2" and base == system, venv.stdout + venv.stderr
-            runs = {}
-            for name, tarball in (("good", good), ("bad", bad)):
-                command = shlex.join([".venv/bin/pytest", *STATIC, "--kata-candidate", f"/srv/{tarball.name}",
-                                      "--kata-report", f"/srv/verdict-{name}.json"])
-                with timed("debian-root", f"static validation of {tarball.name} in the clean root"):
-                    runs[name] = in_root(root, command, tmp_path / f"{name}.log", 600)
-        assert runs["good"].returncode == 0, (runs["good"].stdout + runs["good"].stderr)[-3000:]
-        assert runs["bad"].returncode == 1, (runs["bad"].stdout + runs["bad"].stderr)[-3000:]
-        inside = {name: json.loads((root / f"srv/verdict-{name}.json").read_text()) for name in runs}
-        assert inside["good"]["verdict"] == "accept" and inside["bad"]["verdict"] == "reject"
-        assert inside["good"]["totals"]["pass"] > 50 and not inside["good"]["totals"]["error"]
-        here = subprocess.run([str(Path(sys.executable).with_name("pytest")), *STATIC, "--kata-candidate", str(good),
-                               "--kata-report", str(tmp_path / "here.json")], cwd=REPO, capture_output=True,
-                              text=True, env={**os.environ, "PYTEST_KATA_NO_SWEEP": "1"}, timeout=600)
-        assert here.returncode == 0, (here.stdout + here.stderr)[-3000:]
-        assert statuses(root / "srv/verdict-good.json") == statuses(tmp_path / "here.json")
+        # The root lives in a tmpfs: dpkg's fsyncs cost nothing and removing 2 GB is one unmount.
+        with mounted([(["-t", "tmpfs", "-o", "size=8g,mode=0755", "tmpfs"], scratch)]):
+            root = scratch
+            subprocess.run(["cp", "-a", f"{clean}/.", str(root)], check=True)
+            assert not (root / "usr/bin/python3").exists(), "the root must start without Python: setup installs it"
+            copy_checkout(root / CHECKOUT.lstrip("/"))
+            for path in pip_and_tls_files():
+                dest = root / ("root" / path.relative_to(Path.home()) if path.is_relative_to(Path.home()) else
+                               path.relative_to("/"))
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if path.is_dir():
+                    shutil.copytree(path, dest, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(path, dest)
+            shutil.copy2("/etc/resolv.conf", root / "etc/resolv.conf")
+            for tarball in (good, bad):
+                shutil.copy2(tarball, root / "srv" / tarball.name)
+            with mounted(chroot_mounts(root, downloads)):
+                with timed("debian-root", "scripts/setup in the clean root (Debian's apt, Debian's python3)"):
+                    setup = in_root(root, "scripts/setup", tmp_path / "setup.log", SETUP_TIMEOUT)
+                assert setup.returncode == 0, (setup.stdout + setup.stderr)[-3000:]
+                venv = in_root(root, ".venv/bin/python -c " + shlex.quote(
+                    "import os, sys; print(sys.version.split()[0], os.path.realpath(sys._base_executable), "
+                    "os.path.realpath('/usr/bin/python3'))"), tmp_path / "venv.log", 60)
+                version, base, system = venv.stdout.split()
+                assert version == "3.11.2" and base == system, venv.stdout + venv.stderr
+                runs = {}
+                for name, tarball in (("good", good), ("bad", bad)):
+                    command = shlex.join([".venv/bin/pytest", *STATIC, "--kata-candidate", f"/srv/{tarball.name}",
+                                          "--kata-report", f"/srv/verdict-{name}.json"])
+                    with timed("debian-root", f"static validation of {tarball.name} in the clean root"):
+                        runs[name] = in_root(root, command, tmp_path / f"{name}.log", 600)
+            for name in runs:
+                shutil.copy2(root / f"srv/verdict-{name}.json", tmp_path / f"inside-{name}.json")
     finally:
         safe_rmtree(scratch)
         assert not scratch.exists() and Path("/dev/null").exists()
+    assert runs["good"].returncode == 0, (runs["good"].stdout + runs["good"].stderr)[-3000:]
+    assert runs["bad"].returncode == 1, (runs["bad"].stdout + runs["bad"].stderr)[-3000:]
+    inside = {name: json.loads((tmp_path / f"inside-{name}.json").read_text()) for name in runs}
+    assert inside["good"]["verdict"] == "accept" and inside["bad"]["verdict"] == "reject"
+    assert inside["good"]["totals"]["pass"] > 50 and not inside["good"]["totals"]["error"]
+    here = subprocess.run([str(Path(sys.executable).with_name("pytest")), *STATIC, "--kata-candidate", str(good),
+                           "--kata-report", str(tmp_path / "here.json")], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTEST_KATA_NO_SWEEP": "1"}, timeout=600)
+    assert here.returncode == 0, (here.stdout + here.stderr)[-3000:]
+    assert statuses(tmp_path / "inside-good.json") == statuses(tmp_path / "here.json"), \
+        "Debian's own Python in a clean root decides every check as this machine does"
