@@ -225,6 +225,9 @@ class RuleCase:
     attachments: Callable[[str], list[tuple[str, str, str]]] | None = None
     extra_evidence: Callable[[], dict[str, Any]] | None = None  # computed when the item runs
 
+    def __repr__(self) -> str:  # the allure parameter and pytest's -v: the id, not the whole subject
+        return self.id
+
     def run(self, recorder: CheckRecorder, profile: Profile, waivers: Waivers) -> None:
         judgement = judge(self.rule, self.facts(), self.context, profile=profile, waivers=waivers, scopes=self.scopes)
         recorder.record(
@@ -249,6 +252,9 @@ class SkipCase:
 
     id: str
     reason: str
+
+    def __repr__(self) -> str:  # the allure parameter and pytest's -v: the id, not the whole subject
+        return self.id
 
     def run(self, recorder: CheckRecorder, profile: Profile, waivers: Waivers) -> None:
         pytest.skip(self.reason)
@@ -467,6 +473,9 @@ class ErrorCase:
     title: str
     reason: str
     severity: str = "high"  # an unverifiable guest kernel must not slip through the gate
+
+    def __repr__(self) -> str:  # the allure parameter and pytest's -v: the id, not the whole subject
+        return self.id
 
     def run(self, recorder: CheckRecorder, profile: Profile, waivers: Waivers) -> None:
         recorder.record(id=self.id, severity=self.severity, title=self.title, message=self.reason)
