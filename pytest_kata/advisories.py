@@ -126,6 +126,9 @@ class Advisory:
     source: str
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
+    def __repr__(self) -> str:  # short: it is the allure parameter of each advisory item
+        return f"Advisory({self.id!r})"
+
     @property
     def title(self) -> str:
         return self.summary or self.id

@@ -210,8 +210,9 @@ def warn_below_fail_on(item: pytest.Item, report: pytest.TestReport, payload: di
                     severity=payload["severity"], title=payload["title"], evidence=payload["evidence"])
     if result.blocks(fail_on):
         return
-    message = report.longreprtext.strip().splitlines()
-    warning = f"{result.severity} {result.status} is below fail-on {fail_on}: {message[-1] if message else ''}"
+    crash = getattr(report.longrepr, "reprcrash", None)
+    message = " ".join((crash.message if crash is not None else report.longreprtext).split())[:500]
+    warning = f"{result.severity} {result.status} is below fail-on {fail_on}: {message}"
     report.outcome = "passed"
     report.user_properties.append((WARNING_KEY, warning))
     item.user_properties.append((WARNING_KEY, warning))
