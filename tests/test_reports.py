@@ -124,7 +124,7 @@ def test_table_fits_the_width_and_lists_passes_only_when_verbose() -> None:
 def _reference(which: str) -> Path:
     sys.path.insert(0, str(REPO / "fixtures"))
     try:
-        from reference import reference_tarball  # type: ignore[import-not-found]
+        from reference import reference_tarball
     finally:
         sys.path.pop(0)
     return Path(reference_tarball(which, "hardened"))
