@@ -25,6 +25,7 @@ from pytest_kata.recorder import (
     result_from_report,
     skip_reason,
     status_for_report,
+    suite_of,
     warn_below_fail_on,
     warning_of,
 )
@@ -41,6 +42,7 @@ MARKERS = {
     "kata_dirty": "the test changes its host beyond repair: give it a fresh host instead of a revert",
 }
 ADVISORY_PREFIXES = ("GHSA-", "CVE-", "GO-", "KCSA-")
+CANDIDATE_FIXTURES = {"kata_candidate", "kata_config_case", "kata_kernel_case"}  # what judges the candidate
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -103,6 +105,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for mark in item.iter_markers("kata_hosts"):
             if len(mark.args) != 1 or not isinstance(mark.args[0], int) or mark.args[0] < 1:
                 raise pytest.UsageError(f"{item.nodeid}: kata_hosts takes one positive int")
+    _require_bundles(settings_of(config), items)
+
+
+def _require_bundles(settings: KataSettings, items: list[pytest.Item]) -> None:
+    """Suite checks that judge the candidate need one: without it each would skip and the verdict reject with no
+    reason a reader would believe. A baseline that does not open stops the run rather than erroring one check."""
+    from pytest_kata.bundle import open_bundle
+
+    def uses(item: pytest.Item, names: set[str]) -> bool:
+        return bool(names & set(getattr(item, "fixturenames", ())))
+
+    if not settings.candidate and any(suite_of(i) and uses(i, CANDIDATE_FIXTURES) for i in items):
+        raise pytest.UsageError("the suites need a candidate: pass --kata-candidate PATH "
+                                "(a kata-static tarball or an /opt/kata tree)")
+    if settings.baseline and any(uses(i, {"kata_baseline"}) for i in items):
+        try:
+            open_bundle(settings.baseline)
+        except KataError as exc:
+            raise pytest.UsageError(f"--kata-baseline: {exc}") from None
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ WARNING_CATEGORY = "warning (below fail-on)"  # its pytest outcome category (sum
 EVIDENCE_ATTACHMENT_LIMIT = 64 * 1024
 
 
-def _suite_of(item: pytest.Item) -> str | None:
+def suite_of(item: pytest.Item) -> str | None:
     path = Path(str(item.path)).resolve()
     try:
         rel = path.relative_to(suites_dir().resolve())
@@ -55,7 +55,7 @@ class CheckRecorder:
     @classmethod
     def from_markers(cls, item: pytest.Item) -> CheckRecorder | None:
         mark = item.get_closest_marker("kata_check")
-        suite = _suite_of(item)
+        suite = suite_of(item)
         if mark is None and suite is None:
             return None
         module = getattr(item, "module", None)

@@ -78,7 +78,9 @@ class Verdict:
     def reasons(self) -> list[str]:
         if not [r for r in self.results if r.status in ("pass", "fail", "error", "waived")]:
             return ["no check ran: an empty run proves nothing"]
-        return [f"{r.id} [{r.severity}] {r.status}: {r.title}" for r in self.blocking]
+        return [f"{r.id} [{r.severity}] {r.status}: {r.title}"
+                + (" (its waiver expired: rejects at any severity)" if r.waiver_expired else "")
+                for r in self.blocking]
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_kata.errors import KataError
+from pytest_kata.errors import KataError, check_output_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _rebuild_and_scan(args: argparse.Namespace) -> int:
     from pytest_kata.images.pipeline import format_run, rebuild_and_scan
 
+    for value, flag in ((args.state, "--state"), (args.sbom, "--sbom")):
+        if value:
+            check_output_file(value, flag)
     run = rebuild_and_scan(args.name, args.feed, fail_on=args.fail_on, state=args.state, force=args.force,
                            sbom=args.sbom)
     print(json.dumps(run.to_json(), indent=2) if args.json else format_run(run))

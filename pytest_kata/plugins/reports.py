@@ -8,11 +8,24 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_kata.errors import KataError
+from pytest_kata.errors import KataError, check_output_file
 from pytest_kata.reports import junit_with_verdict, write_allure_verdict
 from pytest_kata.verdict import Verdict
 
 VERDICT_KEY = pytest.StashKey[Verdict]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """An unwritable ``--kata-report`` is a usage error before anything runs, not a traceback at the end."""
+    from pytest_kata.plugin import settings_of
+
+    report = settings_of(config).report
+    if report and not hasattr(config, "workerinput"):
+        try:
+            check_output_file(report, "--kata-report")
+        except KataError as exc:
+            raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_kata_verdict(verdict: Verdict, config: pytest.Config) -> None:

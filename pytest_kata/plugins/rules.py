@@ -26,6 +26,7 @@ from pytest_kata.errors import KataError
 from pytest_kata.kataconfig import KataConfig, dumps, load_config
 from pytest_kata.options import KataSettings
 from pytest_kata.recorder import CheckRecorder
+from pytest_kata.resources import suites_dir
 from pytest_kata.rules import (
     Facts,
     FactSource,
@@ -507,10 +508,20 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         return
     if RULES_STATE not in config.stash:
         return
+    from pytest_kata.bundle import open_bundle
     from pytest_kata.plugin import settings_of
 
+    settings = settings_of(config)
+    if not settings.candidate and _targets_suites(config):
+        raise pytest.UsageError("the suites need a candidate: pass --kata-candidate PATH "
+                                "(a kata-static tarball or an /opt/kata tree)")
+    if settings.baseline:
+        try:
+            open_bundle(settings.baseline)
+        except KataError as exc:
+            raise pytest.UsageError(f"--kata-baseline: {exc}") from None
     bundle, _ = _open_candidate(config)
-    shim = settings_of(config).shim
+    shim = settings.shim
     error = _state(config).usage_error
     if error is None and bundle is not None and bundle.shims and shim not in (None, "all"):
         try:
@@ -519,6 +530,20 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             error = str(exc)
     if error:
         raise pytest.UsageError(error)
+
+
+def _targets_suites(config: pytest.Config) -> bool:
+    """Whether the run names the shipped suites (a path inside them, or ``--pyargs pytest_kata.suites...``):
+    the controller of an xdist run collects nothing, so it judges by the arguments."""
+    suites = suites_dir().resolve()
+    for arg in config.args:
+        target = arg.split("::", 1)[0]
+        if config.option.pyargs and target.startswith("pytest_kata.suites"):
+            return True
+        path = (Path(config.invocation_params.dir) / target).resolve()
+        if path == suites or suites in path.parents:
+            return True
+    return False
 
 
 @pytest.hookimpl(tryfirst=True)
