@@ -62,8 +62,6 @@ def kata_tree_defaults(target: str) -> tuple[str, str | None, list[str]]:
         if _bundle_image(p) is None:
             raise KataError("the bundle ships no guest image (share/kata-containers/kata-containers*.img)",
                             path=target)
-    elif p.is_dir() and not any(p.iterdir()):
-        raise KataError("empty directory: nothing to scan", path=target)
     image = _bundle_image(p) if p.is_dir() else None
     if image is None:
         return target, None, []
