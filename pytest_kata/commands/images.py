@@ -54,8 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = isub.add_parser("rebuild-and-scan", help="scheduled job: rebuild a guest image if its packages changed, "
                                                  "scan it, fail on NEW findings at or above --fail-on",
-                        description="See pytest_kata.images.pipeline and vm-images/guest/README.md (triggers: "
-                                    "schedule, new feed, new base packages).")
+                        description="Triggers: a schedule, a new feed, new base packages. See "
+                                    "vm-images/guest/README.md (the directory `pytest-kata paths` prints).")
     r.add_argument("name", metavar="NAME", help="guest recipe, e.g. guest-minimal")
     r.add_argument("--feed", action="append", required=True, metavar="FEED", help="feed file or directory (repeat)")
     r.add_argument("--fail-on", default="high", choices=("info", "low", "medium", "high", "critical"),
