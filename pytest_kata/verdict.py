@@ -103,24 +103,31 @@ class Verdict:
         tmp.replace(out)
 
     def table(self, width: int = 100, verbose: bool = False) -> str:
-        """The human verdict table printed at the end of a run: every check that did not pass (passes too with
-        ``verbose``), what was not run and why, and the verdict; no line longer than ``width``."""
-        rows = sorted((r for r in self.results if verbose or r.status not in ("pass", "skipped")),
+        """The human verdict table printed at the end of a run: the failures, warnings and waivers (every check
+        with ``verbose``), what was not run and why, and the verdict; no line longer than ``width``."""
+        shown = STATUSES if verbose else ("fail", "error", "waived")
+        rows = sorted((r for r in self.results if r.status in shown),
                       key=lambda r: (not r.blocks(self.fail_on), r.status not in BLOCKING,
                                      -severity_rank(r.severity), r.id))
-        id_width = min(max((len(r.id) for r in rows), default=2), 44)
+        labels = {id(r): "warning" if r.status in BLOCKING and not r.blocks(self.fail_on) else r.status
+                  for r in rows}
+        status_width = max([len("status"), *(len(v) for v in labels.values())])
+        id_width = min(max((len(r.id) for r in rows), default=2), 52)
 
         def fit(line: str) -> str:
             return line if len(line) <= width else line[: width - 3] + "..."
 
-        lines = [fit(f"{'status':<13} {'severity':<9} {'id':<{id_width}} title"), "-" * width]
+        lines = [fit(f"{'status':<{status_width}} {'severity':<8} {'id':<{id_width}} title"), "-" * width]
         for r in rows:
-            status = "warning" if r.status in BLOCKING and not r.blocks(self.fail_on) else r.status
-            lines.append(fit(f"{status:<13} {r.severity:<9} {r.id[:id_width]:<{id_width}} {r.title}"))
+            lines.append(fit(f"{labels[id(r)]:<{status_width}} {r.severity:<8} {r.id[:id_width]:<{id_width}} "
+                             f"{r.title}"))
         lines.append("-" * width)
         t = self.totals
         lines.append(fit("totals: " + ", ".join(f"{k} {v}" for k, v in t.items() if v)
-                         + ("" if verbose else " (passes listed with -v)")))
+                         + ("" if verbose else " (every check listed with -v)")))
+        warnings = sum(1 for r in self.results if r.status in BLOCKING and not r.blocks(self.fail_on))
+        if warnings:
+            lines.append(f"warnings: {warnings} fail/error below fail-on {self.fail_on} (they do not reject)")
         for reason, ids in self.not_run.items():
             lines.append(fit(f"not run ({len(ids)}): {reason}"))
         version = self.candidate.get("version") or "unknown version"

@@ -112,7 +112,7 @@ def test_table_fits_the_width_and_lists_passes_only_when_verbose() -> None:
     short, long = verdict.table(width=100), verdict.table(width=100, verbose=True)
     assert all(len(line) <= 100 for line in (short + "\n" + long).splitlines())
     assert "KATA-CFG-001" not in short and "KATA-CFG-001" in long
-    assert "warning       low       KATA-CFG-002" in short
+    assert "warning low      KATA-CFG-002" in short
     assert "not run (1): vulnerability scan not run: no feed" in short
     assert verdict.to_json()["not_run"] == {"vulnerability scan not run: no feed: pass --kata-vulns FEED":
                                             ["KATA-VULN-001"]}
