@@ -42,6 +42,7 @@ from pytest_kata.rules import (
 from pytest_kata.rules.kconfig import KernelConfig, extract_ikconfig, load_kconfig, run_kernel_hardening_checker
 
 RULES_STATE = pytest.StashKey["RulesState"]()
+CANDIDATE_FREE_SUITE = "isolation"
 DRIFT_KEY = "kata.drift"
 
 
@@ -533,15 +534,20 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def _targets_suites(config: pytest.Config) -> bool:
-    """Whether the run names the shipped suites (a path inside them, or ``--pyargs pytest_kata.suites...``):
-    the controller of an xdist run collects nothing, so it judges by the arguments."""
+    """Whether the run names a shipped suite that judges the candidate (a path inside the suites, or
+    ``--pyargs pytest_kata.suites...``): the controller of an xdist run collects nothing, so it judges by the
+    arguments. The isolation suite alone can run without one (its runc/runsc controls)."""
     suites = suites_dir().resolve()
     for arg in config.args:
         target = arg.split("::", 1)[0]
         if config.option.pyargs and target.startswith("pytest_kata.suites"):
-            return True
-        path = (Path(config.invocation_params.dir) / target).resolve()
-        if path == suites or suites in path.parents:
+            parts = target.split(".")[2:3]
+        else:
+            path = (Path(config.invocation_params.dir) / target).resolve()
+            if path != suites and suites not in path.parents:
+                continue
+            parts = list(path.relative_to(suites).parts[:1])
+        if parts != [CANDIDATE_FREE_SUITE]:
             return True
     return False
 
