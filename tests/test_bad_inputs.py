@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,15 +16,6 @@ from pytest_kata.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 UNWRITABLE = "/proc/pytest-kata-nowhere/out.json"  # a parent no one can create, even root
-
-
-def _reference(which: str = "candidate") -> Path:
-    sys.path.insert(0, str(REPO / "fixtures"))
-    try:
-        from reference import reference_tarball
-    finally:
-        sys.path.pop(0)
-    return Path(reference_tarball(which, "hardened"))
 
 
 def _one_error_line(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
@@ -77,22 +69,24 @@ def test_own_tests_need_no_candidate(pytester: pytest.Pytester) -> None:
 
 
 @pytest.mark.parametrize("xdist", [(), ("-n", "2")], ids=["serial", "xdist"])
-def test_corrupt_baseline_is_a_usage_error(tmp_path: Path, xdist: tuple[str, ...]) -> None:
+def test_corrupt_baseline_is_a_usage_error(tmp_path: Path, xdist: tuple[str, ...],
+                                           reference_bundle: Callable[[str], Path]) -> None:
     corrupt = tmp_path / "kata-static-3.30.0-amd64.tar.zst"
-    corrupt.write_bytes(_reference("baseline").read_bytes()[:4096])
-    proc = _suites(str(REPO / "suites/hardening"), "-k", "surface", *xdist,
-                   "--kata-candidate", str(_reference()), "--kata-baseline", str(corrupt), cwd=tmp_path)
+    corrupt.write_bytes(reference_bundle("baseline").read_bytes()[:4096])
+    proc = _suites(str(REPO / "suites/hardening"), "-k", "surface", *xdist, "--kata-candidate",
+                   str(reference_bundle("candidate")), "--kata-baseline", str(corrupt), cwd=tmp_path)
     _usage_error(proc, "--kata-baseline", str(corrupt))
 
 
-def test_expired_waiver_on_a_medium_rule_rejects(tmp_path: Path) -> None:
+def test_expired_waiver_on_a_medium_rule_rejects(tmp_path: Path, reference_bundle: Callable[[str], Path]) -> None:
     """KATA-IMG-007 (medium) fails on the reference candidate; its waiver expired: below --kata-fail-on high,
     yet the candidate is rejected, with the reason."""
     waivers = tmp_path / "waivers.toml"
     waivers.write_text('[[waiver]]\nrule = "KATA-IMG-007"\njustification = "dpkg kept for the scanner"\n'
                        "expires = 2020-01-01\n")
-    proc = _suites(str(REPO / "suites/hardening"), "-k", "image_rule", "--kata-candidate", str(_reference()),
-                   "--kata-waivers", str(waivers), "--kata-report", "v.json", cwd=tmp_path)
+    proc = _suites(str(REPO / "suites/hardening"), "-k", "image_rule", "--kata-candidate",
+                   str(reference_bundle("candidate")), "--kata-waivers", str(waivers), "--kata-report", "v.json",
+                   cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout[-3000:]
     verdict = json.loads((tmp_path / "v.json").read_text())
     assert verdict["verdict"] == "reject"
@@ -128,10 +122,10 @@ def test_scan_of_an_empty_directory(tmp_path: Path, capsys: pytest.CaptureFixtur
     _one_error_line(capsys, str(tmp_path / "rootfs"), "empty directory")
 
 
-def test_scan_of_a_bundle_tarball_scans_its_guest_image(shared_dir: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_scan_of_a_bundle_tarball_scans_its_guest_image(shared_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                       reference_bundle: Callable[[str], Path]) -> None:
     feed = shared_dir / "data/vuln-fixtures/feeds/debian-tracker-bookworm-subset.json"
-    assert main(["scan", str(_reference()), "--feed", str(feed), "--json"]) == 0
+    assert main(["scan", str(reference_bundle("candidate")), "--feed", str(feed), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["target"].endswith("share/kata-containers/kata-debian-12-ref.image")
     assert result["package_db"] == "dpkg" and result["summary"]["packages"] > 0

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,22 +122,13 @@ def test_table_fits_the_width_and_lists_passes_only_when_verbose() -> None:
 # ------------------------------------------------------------------------ allure, on the reference candidate
 
 
-def _reference(which: str) -> Path:
-    sys.path.insert(0, str(REPO / "fixtures"))
-    try:
-        from reference import reference_tarball
-    finally:
-        sys.path.pop(0)
-    return Path(reference_tarball(which, "hardened"))
-
-
 @pytest.fixture(scope="module")
-def static_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def static_run(tmp_path_factory: pytest.TempPathFactory, reference_bundle: Callable[[str], Path]) -> Path:
     """The static suites (hardening, advisories) on the reference candidate, with allure and JUnit output."""
     out = tmp_path_factory.mktemp("static-run")
     cmd = [sys.executable, "-m", "pytest", str(REPO / "suites/hardening"), str(REPO / "suites/advisories"),
            "-p", "no:cacheprovider", "-q", "-p", "no:randomly",
-           "--kata-candidate", str(_reference("candidate")), "--kata-baseline", str(_reference("baseline")),
+           "--kata-candidate", str(reference_bundle("candidate")), "--kata-baseline", str(reference_bundle("baseline")),
            "--kata-report", str(out / "verdict.json"), "--junitxml", str(out / "junit.xml"),
            "--alluredir", str(out / "allure-results")]
     proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=600,
