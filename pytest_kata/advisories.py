@@ -99,6 +99,18 @@ def normalise_release(version: str) -> str:
     return text[1:] if text[:1] in "vV" and text[1:2].isdigit() else text
 
 
+def full_release_problem(version: str) -> str | None:
+    """Why ``version`` is no full release number (X.Y.Z, optionally -pre), or None: a partial one like ``4.1``
+    names a series whose releases differ in the advisories that affect them."""
+    text = normalise_release(version)
+    release = ReleaseVersion.parse(text)
+    if release is None:
+        return "is not a Kata release number"
+    if text.split("-", 1)[0].count(".") != 2:
+        return f"is not a full release number: it names the {text} series, whose releases are affected differently"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # records
 
@@ -125,6 +137,9 @@ class Advisory:
     references: list[str]
     source: str
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def __repr__(self) -> str:  # short: it is the allure parameter of each advisory item
+        return f"Advisory({self.id!r})"
 
     @property
     def title(self) -> str:

@@ -32,3 +32,21 @@ class FeedError(KataError):
 
 class ConfigError(KataError):
     """A Kata configuration, rule file, waiver file or kata.toml is malformed."""
+
+
+def check_output_file(path: str | Path, what: str) -> Path:
+    """Fail now, in one line, when an output file the user named (``what``: the option) cannot be written,
+    instead of with a traceback after all the work is done. Creates missing parent directories."""
+    out = Path(path)
+    if out.is_dir():
+        raise KataError(f"{what} names a directory, not a file", path=out)
+    existed = out.exists()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise KataError(f"{what}: cannot write here: {exc.strerror}", path=out) from None
+    if not existed:
+        out.unlink()
+    return out

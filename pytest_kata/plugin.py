@@ -18,7 +18,17 @@ from pytest_kata import hooks
 from pytest_kata import plugins as _plugins
 from pytest_kata.errors import KataError
 from pytest_kata.options import OPTIONS, SEVERITIES, KataSettings, resolve_settings
-from pytest_kata.recorder import RESULT_KEY, CheckRecorder, result_from_report, status_for_report
+from pytest_kata.recorder import (
+    RESULT_KEY,
+    WARNING_CATEGORY,
+    CheckRecorder,
+    result_from_report,
+    skip_reason,
+    status_for_report,
+    suite_of,
+    warn_below_fail_on,
+    warning_of,
+)
 from pytest_kata.verdict import Result, Verdict
 
 pytest_plugins = [f"pytest_kata.plugins.{m.name}" for m in pkgutil.iter_modules(_plugins.__path__)]
@@ -33,6 +43,7 @@ MARKERS = {
     "vm": "boots VMs or starts containers (qemu, libvirt, containerd); -m 'not vm' selects the static checks",
 }
 ADVISORY_PREFIXES = ("GHSA-", "CVE-", "GO-", "KCSA-")
+CANDIDATE_FIXTURES = {"kata_candidate", "kata_config_case", "kata_kernel_case"}  # what judges the candidate
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -97,6 +108,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for mark in item.iter_markers("kata_hosts"):
             if len(mark.args) != 1 or not isinstance(mark.args[0], int) or mark.args[0] < 1:
                 raise pytest.UsageError(f"{item.nodeid}: kata_hosts takes one positive int")
+    _require_bundles(settings_of(config), items)
+
+
+def _require_bundles(settings: KataSettings, items: list[pytest.Item]) -> None:
+    """Suite checks that judge the candidate need one: without it each would skip and the verdict reject with no
+    reason a reader would believe. A baseline that does not open stops the run rather than erroring one check."""
+    from pytest_kata.bundle import open_bundle
+
+    def uses(item: pytest.Item, names: set[str]) -> bool:
+        return bool(names & set(getattr(item, "fixturenames", ())))
+
+    if not settings.candidate and any(suite_of(i) and uses(i, CANDIDATE_FIXTURES) for i in items):
+        raise pytest.UsageError("the suites need a candidate: pass --kata-candidate PATH "
+                                "(a kata-static tarball or an /opt/kata tree)")
+    if settings.baseline and any(uses(i, {"kata_baseline"}) for i in items):
+        try:
+            open_bundle(settings.baseline)
+        except KataError as exc:
+            raise pytest.UsageError(f"--kata-baseline: {exc}") from None
 
 
 @pytest.fixture(scope="session")
@@ -138,16 +168,26 @@ def kata_result(request: pytest.FixtureRequest) -> CheckRecorder:
     return recorder
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(wrapper=True, trylast=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
     recorder = item.stash.get(RESULT_KEY, None) or CheckRecorder.from_markers(item)
     if recorder is not None and _counts(report):
         payload = recorder.payload(status_for_report(report, recorder))
+        if payload["status"] == "skipped":
+            recorder.evidence["reason"] = skip_reason(report)
+        warn_below_fail_on(item, report, payload, settings_of(item.config).fail_on)
         report.user_properties.append(("kata_result", json.dumps(payload, default=str)))
-        if report.failed or report.when == "call":
-            recorder.attach_to_allure(payload)
+        item.user_properties.extend(recorder.junit_properties(payload["status"]))
+        recorder.attach_to_allure(payload, warning_of(report))
     return report
+
+
+def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, tuple[str, dict[str, bool]]] | None:
+    """A check that failed below --kata-fail-on: its own category in the summary line, "W" and a -v word."""
+    if report.when == "call" and warning_of(report):
+        return WARNING_CATEGORY, "W", (WARNING_CATEGORY.upper(), {"yellow": True})
+    return None
 
 
 def _counts(report: pytest.TestReport) -> bool:
@@ -211,8 +251,11 @@ class VerdictCollector:
         if self.verdict is None:
             return
         terminalreporter.write_sep("=", "kata verdict")
-        for line in self.verdict.table(width=terminalreporter._tw.fullwidth).splitlines():
+        table = self.verdict.table(width=terminalreporter._tw.fullwidth, verbose=self.config.option.verbose > 0)
+        for line in table.splitlines():
             markup = {"red": True} if line.startswith(("fail", "error", "VERDICT: REJECT")) else {}
+            if line.startswith(("warning", "not run")):
+                markup = {"yellow": True}
             if line.startswith("VERDICT: ACCEPT"):
                 markup = {"green": True, "bold": True}
             terminalreporter.write_line(line, **markup)

@@ -19,10 +19,17 @@ from pytest_kata.resources import suites_dir
 from pytest_kata.verdict import Result
 
 RESULT_KEY = pytest.StashKey["CheckRecorder"]()
-ALLURE_SEVERITY = {"critical": "blocker", "high": "critical", "medium": "normal", "low": "minor", "info": "trivial"}
+# Kata severity -> allure severity. Kata's "critical" is allure's "critical" and each lower Kata level takes the
+# next lower allure level; "blocker" is never used, because whether a failure blocks the release is the
+# verdict's decision (--kata-fail-on), not a property of the check. info shares "trivial" with low; the exact
+# Kata severity is always in the ``kata_severity`` label.
+ALLURE_SEVERITY = {"critical": "critical", "high": "normal", "medium": "minor", "low": "trivial", "info": "trivial"}
+WARNING_KEY = "kata.warning"  # user property of a check that failed below --kata-fail-on
+WARNING_CATEGORY = "warning (below fail-on)"  # its pytest outcome category (summary line, -v word)
+EVIDENCE_ATTACHMENT_LIMIT = 64 * 1024
 
 
-def _suite_of(item: pytest.Item) -> str | None:
+def suite_of(item: pytest.Item) -> str | None:
     path = Path(str(item.path)).resolve()
     try:
         rel = path.relative_to(suites_dir().resolve())
@@ -48,7 +55,7 @@ class CheckRecorder:
     @classmethod
     def from_markers(cls, item: pytest.Item) -> CheckRecorder | None:
         mark = item.get_closest_marker("kata_check")
-        suite = _suite_of(item)
+        suite = suite_of(item)
         if mark is None and suite is None:
             return None
         module = getattr(item, "module", None)
@@ -119,7 +126,7 @@ class CheckRecorder:
             return
         advisory = self.evidence.get("advisory")
         wanted = {("suite", self.suite), ("tag", self.id), ("rule_id", self.id), ("severity", self.severity),
-                  ("title", self.title), ("advisory", advisory)}
+                  ("kata_severity", self.severity), ("title", self.title), ("advisory", advisory)}
         for kind, value in sorted(wanted - self._allure_sent, key=str):
             if not value:
                 continue
@@ -141,12 +148,78 @@ class CheckRecorder:
                 return
             self._allure_sent.add((kind, value))
 
-    def attach_to_allure(self, payload: dict[str, Any]) -> None:
+    def attach_to_allure(self, payload: dict[str, Any], warning: str | None = None) -> None:
+        """Identity labels on every report; for a check that did not pass: its status, why the rule exists,
+        how to fix it and its references, and the evidence itself when the check attached none."""
         self._allure_identity()
+        status = payload["status"]
+        try:
+            import allure
+
+            allure.dynamic.label("kata_status", status)
+            if warning:
+                allure.dynamic.tag(WARNING_CATEGORY)
+                allure.dynamic.title(f"[warning] {self.id}: {self.title}")
+            if status in ("pass", "notapplicable", "skipped"):
+                return
+            ev = self.evidence
+            text = [f"**{status}** ({self.severity})" + (f": {warning}" if warning else "")]
+            for key in ("message", "rationale", "remediation"):
+                if ev.get(key):
+                    text.append(f"**{key}**: {ev[key]}")
+            refs = [str(r) for r in ev.get("references") or []]
+            if refs:
+                text.append("**references**: " + ", ".join(refs))
+            allure.dynamic.description("\n\n".join(text))
+            for ref in refs:
+                if ref.startswith(("https://", "http://")):
+                    allure.dynamic.link(ref, name=ref.rsplit("/", 1)[-1] or ref)
+            if not self.attachments:
+                body = json.dumps(ev, indent=1, default=str)
+                if len(body) > EVIDENCE_ATTACHMENT_LIMIT:
+                    body = body[:EVIDENCE_ATTACHMENT_LIMIT] + "\n... (truncated: the full evidence is in the verdict)"
+                allure.attach(body, name=f"evidence {self.id}", attachment_type=allure.attachment_type.JSON)
+        except Exception:  # allure not active for this run: the verdict JSON has all of it
+            return
+
+    def junit_properties(self, status: str) -> list[tuple[str, str]]:
+        """What pytest's junitxml writes as the case's <properties> (it reads the item's user_properties)."""
+        props = [("kata.rule_id", self.id), ("kata.title", self.title), ("kata.severity", self.severity),
+                 ("kata.status", status)]
+        if self.evidence.get("advisory"):
+            props.append(("kata.advisory", str(self.evidence["advisory"])))
+        return props
 
     def payload(self, status: str) -> dict[str, Any]:
         return {"id": self.id, "suite": self.suite, "status": status, "severity": self.severity,
                 "title": self.title, "evidence": self.evidence}
+
+
+def skip_reason(report: pytest.TestReport) -> str:
+    """The reason a skipped report gives, without pytest's "Skipped: " prefix."""
+    text = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr or "")
+    return text.removeprefix("Skipped: ")
+
+
+def warn_below_fail_on(item: pytest.Item, report: pytest.TestReport, payload: dict[str, Any], fail_on: str) -> None:
+    """A check that failed below ``--kata-fail-on`` does not reject: its call report becomes a pass carrying a
+    warning, so pytest's summary, exit status, JUnit and allure all agree with the verdict."""
+    if report.when != "call" or not report.failed:
+        return
+    result = Result(id=payload["id"], suite=payload["suite"], status=payload["status"],
+                    severity=payload["severity"], title=payload["title"], evidence=payload["evidence"])
+    if result.blocks(fail_on):
+        return
+    crash = getattr(report.longrepr, "reprcrash", None)
+    message = " ".join((crash.message if crash is not None else report.longreprtext).split())[:500]
+    warning = f"{result.severity} {result.status} is below fail-on {fail_on}: {message}"
+    report.outcome = "passed"
+    report.user_properties.append((WARNING_KEY, warning))
+    item.user_properties.append((WARNING_KEY, warning))
+
+
+def warning_of(report: pytest.TestReport) -> str | None:
+    return next((str(v) for k, v in report.user_properties if k == WARNING_KEY), None)
 
 
 def status_for_report(report: pytest.TestReport, recorder: CheckRecorder) -> str:

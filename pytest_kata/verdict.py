@@ -30,7 +30,17 @@ class Result:
     nodeid: str = ""
 
     def blocks(self, fail_on: str) -> bool:
-        return self.status in BLOCKING and severity_rank(self.severity) >= severity_rank(fail_on)
+        """At or above ``fail_on``; an expired waiver blocks at any severity (the exception someone asked for
+        has lapsed: accepting silently would make expiry meaningless)."""
+        if self.status not in BLOCKING:
+            return False
+        return self.waiver_expired or severity_rank(self.severity) >= severity_rank(fail_on)
+
+    @property
+    def waiver_expired(self) -> bool:
+        images = self.evidence.get("images")
+        nested = images.values() if isinstance(images, dict) else []
+        return any(isinstance(ev, dict) and ev.get("waiver_expired") for ev in [self.evidence, *nested])
 
 
 @dataclass
@@ -56,10 +66,21 @@ class Verdict:
         return "reject" if self.blocking or not ran else "accept"
 
     @property
+    def not_run(self) -> dict[str, list[str]]:
+        """Skipped checks grouped by the reason they give: what this verdict did not look at."""
+        out: dict[str, list[str]] = {}
+        for r in self.results:
+            if r.status == "skipped":
+                out.setdefault(str(r.evidence.get("reason") or "no reason given"), []).append(r.id)
+        return out
+
+    @property
     def reasons(self) -> list[str]:
         if not [r for r in self.results if r.status in ("pass", "fail", "error", "waived")]:
             return ["no check ran: an empty run proves nothing"]
-        return [f"{r.id} [{r.severity}] {r.status}: {r.title}" for r in self.blocking]
+        return [f"{r.id} [{r.severity}] {r.status}: {r.title}"
+                + (" (its waiver expired: rejects at any severity)" if r.waiver_expired else "")
+                for r in self.blocking]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,6 +92,7 @@ class Verdict:
             "fail_on": self.fail_on,
             "verdict": self.verdict,
             "reasons": self.reasons,
+            "not_run": self.not_run,
         }
 
     def write(self, path: str | Path) -> None:
@@ -80,23 +102,40 @@ class Verdict:
         tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
         tmp.replace(out)
 
-    def table(self, width: int = 100) -> str:
-        """The human verdict table printed at the end of a run."""
-        rows = sorted(self.results, key=lambda r: (r.status not in BLOCKING, -severity_rank(r.severity), r.id))
+    def table(self, width: int = 100, verbose: bool = False) -> str:
+        """The human verdict table printed at the end of a run: the failures, warnings and waivers (every check
+        with ``verbose``), what was not run and why, and the verdict; no line longer than ``width``."""
+        shown = STATUSES if verbose else ("fail", "error", "waived")
+        rows = sorted((r for r in self.results if r.status in shown),
+                      key=lambda r: (not r.blocks(self.fail_on), r.status not in BLOCKING,
+                                     -severity_rank(r.severity), r.id))
+        labels = {id(r): "warning" if r.status in BLOCKING and not r.blocks(self.fail_on) else r.status
+                  for r in rows}
+        status_width = max([len("status"), *(len(v) for v in labels.values())])
         id_width = min(max((len(r.id) for r in rows), default=2), 52)
-        lines = [f"{'status':<13} {'severity':<9} {'id':<{id_width}} title", "-" * min(width, 120)]
-        for r in rows:
-            lines.append(f"{r.status:<13} {r.severity:<9} {r.id[:id_width]:<{id_width}} {r.title}")
-        t = self.totals
-        lines.append("-" * min(width, 120))
-        lines.append("totals: " + ", ".join(f"{k} {v}" for k, v in t.items() if v))
-        version = self.candidate.get("version") or "unknown version"
-        lines.append(f"VERDICT: {self.verdict.upper()}  candidate {self.candidate.get('path')} ({version}), "
-                     f"fail-on {self.fail_on}")
-        for reason in self.reasons[:20]:
-            lines.append(f"  - {reason}")
-        return "\n".join(lines)
 
+        def fit(line: str) -> str:
+            return line if len(line) <= width else line[: width - 3] + "..."
+
+        lines = [fit(f"{'status':<{status_width}} {'severity':<8} {'id':<{id_width}} title"), "-" * width]
+        for r in rows:
+            lines.append(fit(f"{labels[id(r)]:<{status_width}} {r.severity:<8} {r.id[:id_width]:<{id_width}} "
+                             f"{r.title}"))
+        lines.append("-" * width)
+        t = self.totals
+        lines.append(fit("totals: " + ", ".join(f"{k} {v}" for k, v in t.items() if v)
+                         + ("" if verbose else " (every check listed with -v)")))
+        warnings = sum(1 for r in self.results if r.status in BLOCKING and not r.blocks(self.fail_on))
+        if warnings:
+            lines.append(f"warnings: {warnings} fail/error below fail-on {self.fail_on} (they do not reject)")
+        for reason, ids in self.not_run.items():
+            lines.append(fit(f"not run ({len(ids)}): {reason}"))
+        version = self.candidate.get("version") or "unknown version"
+        lines.append(f"VERDICT: {self.verdict.upper()}  candidate {version}, fail-on {self.fail_on}")
+        lines.append(fit(f"  candidate: {self.candidate.get('path')}"))
+        for reason in self.reasons[:20]:
+            lines.append(fit(f"  - {reason}"))
+        return "\n".join(lines)
 
 
 

@@ -233,10 +233,10 @@ def allure_attachments(allure_dir: Path) -> dict[str, dict[str, str]]:
     return out
 
 
-def test_without_candidate_the_items_skip_with_the_reason(pytester: pytest.Pytester) -> None:
+def test_without_candidate_the_suite_is_a_usage_error(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest(str(SUITE), "-rs")
-    assert "no candidate given: pass --kata-candidate PATH" in result.stdout.str()
-    result.assert_outcomes(skipped=1)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: the suites need a candidate: pass --kata-candidate PATH*"])
 
 
 def test_broken_rule_file_is_one_line_not_a_traceback(

@@ -23,6 +23,7 @@ from pytest_kata.advisories import (
     Advisory,
     ReleaseVersion,
     check_version,
+    full_release_problem,
     load_feed,
     load_releases,
     normalise_release,
@@ -84,9 +85,9 @@ def _main(args: argparse.Namespace) -> int:
         version, where = args.release, None
     else:
         return _list(advisories, args)
-    if ReleaseVersion.parse(normalise_release(version)) is None:
-        raise FeedError(f"{version!r} is not a Kata release number (expected X.Y.Z, e.g. 3.27.0)",
-                        path=where)
+    problem = full_release_problem(version)
+    if problem:
+        raise FeedError(f"{version!r} {problem} (expected X.Y.Z, e.g. 3.27.0)", path=where)
     decisions = check_version(advisories, version)
     affected = [d for d in decisions if d.affected]
     undecided = [d for d in decisions if d.undecided]

@@ -56,7 +56,7 @@ def _list(args: argparse.Namespace) -> int:
     from pytest_kata import runid
     from pytest_kata.hosts.libvirt import connect, domain_run_id
 
-    conn = connect(args.uri)
+    conn = connect(args.uri, "--uri")
     try:
         rows = []
         for dom in conn.listAllDomains(0):

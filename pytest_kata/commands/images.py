@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pytest_kata.errors import KataError
+from pytest_kata.errors import KataError, check_output_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,8 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = isub.add_parser("rebuild-and-scan", help="scheduled job: rebuild a guest image if its packages changed, "
                                                  "scan it, fail on NEW findings at or above --fail-on",
-                        description="See pytest_kata.images.pipeline and vm-images/guest/README.md (triggers: "
-                                    "schedule, new feed, new base packages).")
+                        description="Triggers: a schedule, a new feed, new base packages. See "
+                                    "vm-images/guest/README.md (the directory `pytest-kata paths` prints).")
     r.add_argument("name", metavar="NAME", help="guest recipe, e.g. guest-minimal")
     r.add_argument("--feed", action="append", required=True, metavar="FEED", help="feed file or directory (repeat)")
     r.add_argument("--fail-on", default="high", choices=("info", "low", "medium", "high", "critical"),
@@ -73,6 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _rebuild_and_scan(args: argparse.Namespace) -> int:
     from pytest_kata.images.pipeline import format_run, rebuild_and_scan
 
+    for value, flag in ((args.state, "--state"), (args.sbom, "--sbom")):
+        if value:
+            check_output_file(value, flag)
     run = rebuild_and_scan(args.name, args.feed, fail_on=args.fail_on, state=args.state, force=args.force,
                            sbom=args.sbom)
     print(json.dumps(run.to_json(), indent=2) if args.json else format_run(run))

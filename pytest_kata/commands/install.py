@@ -76,12 +76,16 @@ def containerd_for(args: argparse.Namespace, host: Host) -> Any:
 def installer_for(args: argparse.Namespace, *, layout: str = "versioned") -> Any:
     from pytest_kata.install.installer import Installer
 
-    sysroot = Path(args.sysroot)
     host = resolve_host(args.host)
-    if str(args.sysroot) != "/" and not host.run(f"test -d {shlex.quote(str(sysroot))}", timeout=60).ok:
+    check_sysroot(host, args.sysroot)
+    return Installer(host, str(args.sysroot), containerd=containerd_for(args, host), layout=layout)
+
+
+def check_sysroot(host: Any, sysroot: str | Path) -> None:
+    """``--sysroot`` must be a directory on the host: a file or a typo would otherwise yield an empty state."""
+    if str(sysroot) != "/" and not host.run(f"test -d {shlex.quote(str(sysroot))}", timeout=60).ok:
         raise KataError("no such sysroot directory",
                         path=sysroot if isinstance(host, LocalHost) else f"{host.name}:{sysroot}")
-    return Installer(host, str(args.sysroot), containerd=containerd_for(args, host), layout=layout)
 
 
 def stop_private(installer: Any) -> None:

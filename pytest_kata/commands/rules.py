@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pytest_kata.errors import ConfigError
 from pytest_kata.options import SEVERITIES, severity_rank
 
 
@@ -53,8 +54,12 @@ def _subject(path: Path, cmdline: str | None) -> tuple[str, Any, dict[str, Any],
     from pytest_kata.rules import Facts
     from pytest_kata.rules.kconfig import load_kconfig
 
+    if path.is_file() and not path.read_bytes().strip():
+        raise ConfigError("empty file: nothing to check", path=path)
     if path.suffix == ".toml":
         config = load_config(path)
+        if not config.data.get("hypervisor"):
+            raise ConfigError("no [hypervisor.<name>] table: not a Kata runtime configuration", path=path)
         context = {
             "runtime": "runtime-rs" if config.runtime_rs else "go",
             "hypervisor": config.hypervisor,
@@ -67,10 +72,11 @@ def _subject(path: Path, cmdline: str | None) -> tuple[str, Any, dict[str, Any],
 
 
 def _check(args: argparse.Namespace) -> int:
-    from pytest_kata.rules import judge, load_profile, load_rules, load_waivers
+    from pytest_kata.rules import judge, load_all_rules, load_profile, load_rules, load_waivers
 
     profile = load_profile(args.profile)
     waivers = load_waivers(args.waivers)
+    waivers.validate(r.id for r in load_all_rules())
     rows: list[dict[str, Any]] = []
     for path in args.files:
         set_name, facts, context, scopes = _subject(path, args.kernel_cmdline)

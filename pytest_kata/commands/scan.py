@@ -12,7 +12,10 @@ import argparse
 import json
 import sys
 
+from pytest_kata.errors import KataError
 from pytest_kata.options import SEVERITIES
+
+BUNDLE_SUFFIXES = (".tar", ".tar.zst", ".tar.xz", ".tar.gz", ".tgz", ".tar.bz2")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "CNA records), and ranks findings by what runs in a Kata guest.")
     p.add_argument("target", metavar="IMAGE_OR_ROOTFS_DIR",
                    help="ext4 image, partitioned raw disk, erofs image, initrd, rootfs directory, "
-                        "a dpkg status file, or a Kata tree (its image, kernel version and config)")
+                        "a dpkg status file, or a Kata tree or kata-static tarball (its image, kernel version "
+                        "and config)")
     p.add_argument("--feed", action="append", required=True, metavar="FEED", help="feed file or directory (repeat)")
     p.add_argument("--sbom", metavar="FILE", help="write a CycloneDX 1.6 SBOM with the vulnerabilities to FILE")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
@@ -51,6 +55,13 @@ def kata_tree_defaults(target: str) -> tuple[str, str | None, list[str]]:
     from pytest_kata.vuln.kernel import kernel_from_bundle_names
 
     p = Path(target)
+    if p.is_file() and p.name.endswith(BUNDLE_SUFFIXES):  # a kata-static tarball: scan what it ships
+        from pytest_kata.bundle import open_bundle
+
+        p = open_bundle(p).root
+        if _bundle_image(p) is None:
+            raise KataError("the bundle ships no guest image (share/kata-containers/kata-containers*.img)",
+                            path=target)
     image = _bundle_image(p) if p.is_dir() else None
     if image is None:
         return target, None, []
@@ -68,8 +79,13 @@ def kata_tree_defaults(target: str) -> tuple[str, str | None, list[str]]:
 
 
 def _scan(args: argparse.Namespace) -> int:
+    from pytest_kata.errors import check_output_file
     from pytest_kata.vuln import format_table, scan, write_outputs
 
+    if args.sbom:
+        check_output_file(args.sbom, "--sbom")
+    if args.json not in (None, "-"):
+        check_output_file(args.json, "--json")
     target, kernel_version, kernel_config = kata_tree_defaults(args.target)
     result = scan(target, args.feed, suite=args.suite, kernel_version=args.kernel_version or kernel_version,
                   kernel_config=args.kernel_config or kernel_config or None, kbuild_map=args.kbuild_map,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pytest_kata.commands.install import add_host_arguments, containerd_for, resolve_host
+from pytest_kata.commands.install import add_host_arguments, check_sysroot, containerd_for, resolve_host
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +23,11 @@ def _state(args: argparse.Namespace) -> int:
     from pytest_kata.install.state import State, capture_state, diff_states
 
     host = resolve_host(args.host)
+    try:
+        check_sysroot(host, args.sysroot)
+    except KataError:
+        host.close()
+        raise
     if args.containerd == "auto":
         args.containerd = "none" if str(args.sysroot).rstrip("/") else "systemd"
     containerd = containerd_for(args, host)

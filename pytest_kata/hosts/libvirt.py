@@ -64,8 +64,9 @@ def host_name(index: int | None = None, run_id: str | None = None) -> str:
     return f"{run_id or runid.current_run_id()}-{worker_id()}-h{index or next(_counter)}"
 
 
-def connect(uri: str) -> Any:
-    """Open a libvirt connection, with libvirt's own stderr chatter silenced (errors come as exceptions)."""
+def connect(uri: str, uri_flag: str = "--kata-libvirt-uri") -> Any:
+    """Open a libvirt connection, with libvirt's own stderr chatter silenced (errors come as exceptions);
+    ``uri_flag`` is the option that chose the URI, named in the hint."""
     import libvirt
 
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
@@ -73,7 +74,7 @@ def connect(uri: str) -> Any:
         return libvirt.open(uri)
     except libvirt.libvirtError as exc:
         raise HostError(f"cannot connect to libvirt: {exc.get_error_message()}", path=uri,
-                        hint="start libvirtd (virtlogd -d; libvirtd -d) or pass --kata-libvirt-uri") from None
+                        hint=f"start libvirtd (virtlogd -d; libvirtd -d) or pass {uri_flag}") from None
 
 
 @dataclass

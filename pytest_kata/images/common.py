@@ -55,7 +55,8 @@ def run_tool(cmd: Sequence[str | Path], *, what: str, path: str | Path | None = 
     try:
         proc = subprocess.run(argv, input=input, capture_output=True, env={**os.environ, **(env or {})})
     except FileNotFoundError:
-        raise KataError(f"{what}: {argv[0]} is not installed", path=path, hint="run scripts/setup")
+        raise KataError(f"{what}: {argv[0]} is not installed", path=path,
+                        hint="install its Debian package; a checkout's scripts/setup installs them all")
     if proc.returncode != 0:
         why = _telling_line(proc.stderr or proc.stdout)
         raise KataError(f"{what} failed (exit {proc.returncode}): {why}", path=path)
@@ -106,7 +107,7 @@ def mmdebstrap(target_dir: str | Path, *, suite: str = "bookworm", variant: str 
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     except FileNotFoundError:
-        raise KataError("mmdebstrap is not installed", hint="run scripts/setup")
+        raise KataError("mmdebstrap is not installed", hint="apt-get install mmdebstrap")
     tail: list[str] = []
     assert proc.stdout is not None
     for raw in proc.stdout:
@@ -503,7 +504,7 @@ def host_kernel(boot: str | Path = "/boot") -> HostKernel:
             found.append((Version(release.replace("-amd64", "")), release, vmlinuz, config))
     if not found:
         raise KataError("no Debian kernel (vmlinuz-* with config-*) found", path=boot,
-                        hint="apt-get install linux-image-amd64, or run scripts/setup")
+                        hint="apt-get install linux-image-amd64")
     _, release, vmlinuz, config = max(found)
     initrd = boot / f"initrd.img-{release}"
     return HostKernel(vmlinuz, initrd if initrd.exists() else None, config, release)

@@ -26,6 +26,7 @@ from pytest_kata.errors import KataError
 from pytest_kata.kataconfig import KataConfig, dumps, load_config
 from pytest_kata.options import KataSettings
 from pytest_kata.recorder import CheckRecorder
+from pytest_kata.resources import suites_dir
 from pytest_kata.rules import (
     Facts,
     FactSource,
@@ -41,6 +42,7 @@ from pytest_kata.rules import (
 from pytest_kata.rules.kconfig import KernelConfig, extract_ikconfig, load_kconfig, run_kernel_hardening_checker
 
 RULES_STATE = pytest.StashKey["RulesState"]()
+CANDIDATE_FREE_SUITE = "isolation"
 DRIFT_KEY = "kata.drift"
 
 
@@ -225,6 +227,9 @@ class RuleCase:
     attachments: Callable[[str], list[tuple[str, str, str]]] | None = None
     extra_evidence: Callable[[], dict[str, Any]] | None = None  # computed when the item runs
 
+    def __repr__(self) -> str:  # the allure parameter and pytest's -v: the id, not the whole subject
+        return self.id
+
     def run(self, recorder: CheckRecorder, profile: Profile, waivers: Waivers) -> None:
         judgement = judge(self.rule, self.facts(), self.context, profile=profile, waivers=waivers, scopes=self.scopes)
         recorder.record(
@@ -249,6 +254,9 @@ class SkipCase:
 
     id: str
     reason: str
+
+    def __repr__(self) -> str:  # the allure parameter and pytest's -v: the id, not the whole subject
+        return self.id
 
     def run(self, recorder: CheckRecorder, profile: Profile, waivers: Waivers) -> None:
         pytest.skip(self.reason)
@@ -468,6 +476,9 @@ class ErrorCase:
     reason: str
     severity: str = "high"  # an unverifiable guest kernel must not slip through the gate
 
+    def __repr__(self) -> str:  # the allure parameter and pytest's -v: the id, not the whole subject
+        return self.id
+
     def run(self, recorder: CheckRecorder, profile: Profile, waivers: Waivers) -> None:
         recorder.record(id=self.id, severity=self.severity, title=self.title, message=self.reason)
         recorder.conclude("error", self.reason)
@@ -498,10 +509,20 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         return
     if RULES_STATE not in config.stash:
         return
+    from pytest_kata.bundle import open_bundle
     from pytest_kata.plugin import settings_of
 
+    settings = settings_of(config)
+    if not settings.candidate and _targets_suites(config):
+        raise pytest.UsageError("the suites need a candidate: pass --kata-candidate PATH "
+                                "(a kata-static tarball or an /opt/kata tree)")
+    if settings.baseline:
+        try:
+            open_bundle(settings.baseline)
+        except KataError as exc:
+            raise pytest.UsageError(f"--kata-baseline: {exc}") from None
     bundle, _ = _open_candidate(config)
-    shim = settings_of(config).shim
+    shim = settings.shim
     error = _state(config).usage_error
     if error is None and bundle is not None and bundle.shims and shim not in (None, "all"):
         try:
@@ -510,6 +531,25 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             error = str(exc)
     if error:
         raise pytest.UsageError(error)
+
+
+def _targets_suites(config: pytest.Config) -> bool:
+    """Whether the run names a shipped suite that judges the candidate (a path inside the suites, or
+    ``--pyargs pytest_kata.suites...``): the controller of an xdist run collects nothing, so it judges by the
+    arguments. The isolation suite alone can run without one (its runc/runsc controls)."""
+    suites = suites_dir().resolve()
+    for arg in config.args:
+        target = arg.split("::", 1)[0]
+        if config.option.pyargs and target.startswith("pytest_kata.suites"):
+            parts = target.split(".")[2:3]
+        else:
+            path = (Path(config.invocation_params.dir) / target).resolve()
+            if path != suites and suites not in path.parents:
+                continue
+            parts = list(path.relative_to(suites).parts[:1])
+        if parts != [CANDIDATE_FREE_SUITE]:
+            return True
+    return False
 
 
 @pytest.hookimpl(tryfirst=True)

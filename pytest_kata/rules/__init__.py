@@ -46,6 +46,8 @@ class Judgement:
             "references": list(self.rule.references),
         }
         if self.waiver is not None:
+            if self.status == "error":
+                out["waiver_expired"] = True
             out["waiver"] = {
                 "justification": self.waiver.justification,
                 "expires": str(self.waiver.expires),

@@ -98,6 +98,9 @@ class Rule:
     source: str = ""  # the rule file, for error messages
     set_name: str = ""
 
+    def __repr__(self) -> str:  # short: it is the allure parameter of every rule-driven item
+        return f"Rule({self.id!r})"
+
 
 def rules_dir() -> Path:
     return data_path("rules")

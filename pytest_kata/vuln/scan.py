@@ -97,6 +97,8 @@ def scan(target: str | Path, feed_paths: list[str | Path], *, suite: str | None 
     feeds = FeedSet.load(feed_paths)
     step("scan", f"loaded {len(feeds.feeds)} feed(s): {', '.join(f.describe() for f in feeds.feeds)}")
     p = Path(target)
+    if p.is_dir() and not any(p.iterdir()):
+        raise KataError("empty directory: nothing to scan", path=p)
     root: RootView | None = None
     facts = None
     try:

@@ -51,7 +51,7 @@ def kata_vuln_scans(kata_candidate: Any, kata_settings: Any) -> dict[str, Any]:
 
     feeds = kata_settings.vulns
     if not feeds:
-        pytest.skip("no vulnerability feed: pass --kata-vulns FEED (Debian tracker JSON, OSV dir/zip, "
+        pytest.skip("vulnerability scan not run: no feed: pass --kata-vulns FEED (Debian tracker JSON, OSV dir/zip, "
                     "Alpine secdb, kernel CNA records)")
     kernel = _kernel_version(kata_candidate)
     configs = [str(kata_candidate.path(c)) for c in getattr(kata_candidate, "kernel_configs", []) or []][:1]
