@@ -52,6 +52,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("waivers", "path", "TOML file of waivers (rule id, justification, expiry)", metavar="FILE"),
     Option("advisories", "paths", "advisory feed: OSV JSON file, directory or GitHub advisory-database tree "
            "(default: the Kata advisories shipped with pytest-kata)", metavar="FEED"),
+    Option("commit", "str", "the candidate is a commit build: the advisory gate decides by git ancestry (fix "
+           "commit an ancestor of SHA?) in --kata-repo", metavar="SHA"),
+    Option("repo", "path", "a kata-containers git clone for commit builds (--kata-commit, or a pseudo-version / "
+           "git describe version)", metavar="PATH"),
+    Option("backports", "path", "vendor builds (e.g. 3.19.1.kata2): TOML [backports] table of advisory id = "
+           "the backported fix; judged by the upstream base plus this list", metavar="FILE"),
     Option("report", "path", "write the JSON verdict to FILE", metavar="FILE"),
     Option("fail_on", "choice", "lowest severity whose failure rejects the candidate", "high", choices=SEVERITIES),
     Option("keep_on_failure", "bool", "keep failed hosts/sandboxes running for inspection and print how to reach them",

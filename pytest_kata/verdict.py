@@ -30,6 +30,9 @@ class Result:
     nodeid: str = ""
 
     def blocks(self, fail_on: str) -> bool:
+        """A failure at or above ``fail_on``; a known advisory affecting the candidate blocks at any severity."""
+        if self.status in BLOCKING and self.evidence.get("rejects_whatever_severity"):
+            return True
         return self.status in BLOCKING and severity_rank(self.severity) >= severity_rank(fail_on)
 
 
