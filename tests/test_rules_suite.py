@@ -55,7 +55,7 @@ def test_upstream_defaults_are_rejected_with_concrete_reasons(pytester: pytest.P
     result, verdict = run(pytester, kata_tree(tmp_path, "upstream"), "--kata-shim", "all")
     assert result.ret == pytest.ExitCode.TESTS_FAILED and verdict["verdict"] == "reject"
     results = by_id(verdict)
-    assert len(results) == 9 * 52  # one item per rule and configuration file
+    assert len(results) == 9 * 55  # one item per rule and configuration file
     seccomp = results["KATA-CFG-006[configuration-qemu.toml]"]
     assert seccomp["status"] == "fail" and seccomp["severity"] == "high"
     assert seccomp["evidence"]["actual"] is True and seccomp["evidence"]["expected"] == "== false"

@@ -47,7 +47,8 @@ RULE_FIELDS = {
     "test",
     "description",
 }
-LEAF_FIELDS = {"key", "op", "expected", "expected_key", "missing", "missing_note", "default", "join"}
+LEAF_FIELDS = {"key", "op", "expected", "expected_key", "missing", "missing_note", "default", "context_default",
+               "join"}
 # What subjects tell the engine about themselves (applies = {...} keys); a rule file can add its own.
 CONTEXT_KEYS = frozenset(
     {"runtime", "hypervisor", "confidential", "shim", "config", "kernel_version", "arch", "image_kind", "init"}
@@ -67,6 +68,9 @@ class Check:
     missing_note: str | None = None  # what an absent key means, in words, for the report
     default: Any = None
     has_default: bool = False
+    # the value an absent key has, per subject context: {"runtime": {"go": false, "runtime-rs": true}} says
+    # each runtime's built-in default; a context value not listed falls back to ``missing``
+    context_default: dict[str, dict[str, Any]] = field(default_factory=dict)
     join: str | None = None
     all: tuple[Check, ...] = ()
     any: tuple[Check, ...] = ()
@@ -253,6 +257,10 @@ def parse_check(raw: Any, path: Path | str, where: str) -> Check:
     missing = raw.get("missing", "fail")
     if missing not in MISSING_POLICIES:
         raise ConfigError(f"{where}: missing = {missing!r} not in {', '.join(MISSING_POLICIES)}", path=path)
+    context_default = raw.get("context_default", {})
+    if not isinstance(context_default, dict) or not all(isinstance(v, dict) for v in context_default.values()):
+        raise ConfigError(f"{where}: context_default must be a table of context key -> {{value = default}}",
+                          path=path)
     return Check(
         key=key,
         op=op,
@@ -262,5 +270,6 @@ def parse_check(raw: Any, path: Path | str, where: str) -> Check:
         missing_note=raw.get("missing_note"),
         default=raw.get("default"),
         has_default="default" in raw,
+        context_default={str(k): dict(v) for k, v in context_default.items()},
         join=raw.get("join"),
     )
