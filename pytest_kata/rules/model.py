@@ -15,7 +15,9 @@ A rule file (``pytest_kata/data/rules/<set>.toml``) is a list of ``[[rule]]`` ta
     good = { "runtime.disable_guest_seccomp" = false }
 
 A check is either a leaf (``key``, ``op``, ``expected`` or ``expected_key``, ``missing``, ``default``,
-``join``, ``missing_note``) or a composition (``all = [...]`` / ``any = [...]``). Every problem in a rule
+``context_default``, ``join``, ``missing_note``) or a composition (``all = [...]`` / ``any = [...]``).
+``context_default = { runtime = { go = false, runtime-rs = true } }`` gives the value an absent key has in
+each runtime (or hypervisor, ...), because an absent key means the runtime's built-in default. Every problem in a rule
 file is a :class:`~pytest_kata.errors.ConfigError` naming the file and the rule id.
 """
 
