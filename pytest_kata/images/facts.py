@@ -92,7 +92,7 @@ def root_attachment(config: Any, *, is_image: bool = True) -> RootAttachment:
     if not is_image:
         return RootAttachment("initrd", "", None, "an initrd: the root is a tmpfs/ramfs in guest memory")
     hv = getattr(config, "hypervisor", None) or ""
-    table = getattr(config, "hypervisor_table", dict)()
+    table: dict[str, Any] = getattr(config, "hypervisor_table", dict)()
     fstype = str(table.get("rootfs_type") or "ext4")
     flags = "data=ordered,errors=remount-ro" if fstype == "ext4" else ""
 
