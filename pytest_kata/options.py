@@ -45,8 +45,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("candidate", "paths", "candidate bundle: a kata-static .tar.xz/.tar.gz/.tar.zst, an /opt/kata tree or a "
            "root holding opt/kata; repeat (or comma-separate) to give the split 4.1 tarballs together", metavar="PATH"),
     Option("baseline", "paths", "the release the candidate replaces (same forms as --kata-candidate)", metavar="PATH"),
-    Option("shim", "str", "which configuration/handler to validate, e.g. qemu, clh, qemu-runtime-rs "
-           "(default: the bundle's default shim; 'all' for every shipped configuration)", metavar="SHIM"),
+    Option("shim", "str", "narrow the configuration checks to one configuration/handler, e.g. qemu, clh, "
+           "qemu-runtime-rs (default: every shipped configuration, as 'all'; workloads use the bundle's default "
+           "shim)", metavar="SHIM"),
     Option("profile", "choice", "rule profile: which rules apply and at what severity", "default",
            choices=("default", "strict", "confidential")),
     Option("waivers", "path", "TOML file of waivers (rule id, justification, expiry)", metavar="FILE"),

@@ -29,6 +29,15 @@ class Result:
     evidence: dict[str, Any] = field(default_factory=dict)
     nodeid: str = ""
 
+    @property
+    def subject_file(self) -> str:
+        """The shipped file the result is about (a configuration, kernel config or image), or ""."""
+        for key in ("config", "kernel_config", "image"):
+            value = self.evidence.get(key)
+            if isinstance(value, str) and value:
+                return value
+        return ""
+
     def blocks(self, fail_on: str) -> bool:
         """A failure at or above ``fail_on``; a known advisory affecting the candidate blocks at any severity."""
         if self.status in BLOCKING and self.evidence.get("rejects_whatever_severity"):
@@ -88,8 +97,14 @@ class Verdict:
         rows = sorted(self.results, key=lambda r: (r.status not in BLOCKING, -severity_rank(r.severity), r.id))
         id_width = min(max((len(r.id) for r in rows), default=2), 52)
         lines = [f"{'status':<13} {'severity':<9} {'id':<{id_width}} title", "-" * min(width, 120)]
+        groups: dict[str, list[Result]] = {}
         for r in rows:
-            lines.append(f"{r.status:<13} {r.severity:<9} {r.id[:id_width]:<{id_width}} {r.title}")
+            groups.setdefault(r.subject_file, []).append(r)
+        for subject in sorted(groups):  # results about no one file first, then one group per file
+            if subject:
+                lines.append(f"== {subject}")
+            for r in groups[subject]:
+                lines.append(f"{r.status:<13} {r.severity:<9} {r.id[:id_width]:<{id_width}} {r.title}")
         t = self.totals
         lines.append("-" * min(width, 120))
         lines.append("totals: " + ", ".join(f"{k} {v}" for k, v in t.items() if v))
