@@ -18,6 +18,8 @@ import html
 import io
 import json
 import re
+import subprocess
+import tomllib
 import urllib.error
 import urllib.request
 import zipfile
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
-from pytest_kata.errors import FeedError
+from pytest_kata.errors import FeedError, KataError
 from pytest_kata.resources import data_path
 
 DEFAULT_FEED = data_path("advisories", "kata-osv.json")
@@ -281,6 +283,11 @@ def _check_schema(record: Any, where: str) -> None:
             raise FeedError(f"{where}: '{key}' must be a list")
 
 
+def advisory_from_record(record: dict[str, Any], source: str = "") -> Advisory:
+    """An :class:`Advisory` from one OSV record already checked by :func:`_check_schema`."""
+    return _to_advisory(record, source)
+
+
 def _to_advisory(record: dict[str, Any], source: str) -> Advisory:
     severity, severity_source, score = _severity(record)
     refs = [r["url"] for r in record.get("references") or []
@@ -409,6 +416,34 @@ def load_feed(paths: Sequence[str | Path] | str | Path | None = None) -> list[Ad
     return sorted(by_id.values(), key=lambda a: (a.published or "", a.id), reverse=True)
 
 
+def merge_records(known: dict[str, Any], incoming: dict[str, Any]) -> dict[str, Any]:
+    """One record from a known and a newer copy: the newer wins, but keeps the known copy's explicit
+    ``affected[].versions`` enumerations and harness data (scope, first fixed release) that it lacks, because
+    upstream GHSA/Go records carry only pseudo-version ranges, which cannot decide a release."""
+    if (incoming.get("modified") or "") < (known.get("modified") or ""):
+        incoming, known = known, incoming
+    merged = json.loads(json.dumps(incoming))
+    if not any(e.get("versions") for e in merged.get("affected") or []):
+        merged.setdefault("affected", []).extend(json.loads(json.dumps(e)) for e in known.get("affected") or []
+                                                 if e.get("versions"))
+    known_harness = _harness(known)
+    if known_harness:
+        spec = merged.setdefault("database_specific", {})
+        if isinstance(spec, dict):
+            harness = spec.setdefault("x_kata_harness", {})
+            for key, value in known_harness.items():
+                harness.setdefault(key, value)
+    return merged
+
+
+def merge_feed(existing: Sequence[dict[str, Any]], incoming: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The existing feed with incoming records added or merged in (see :func:`merge_records`), by id."""
+    by_id = {r["id"]: r for r in existing}
+    for record in incoming:
+        by_id[record["id"]] = merge_records(by_id[record["id"]], record) if record["id"] in by_id else record
+    return [by_id[i] for i in sorted(by_id)]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # decisions
 
@@ -424,15 +459,19 @@ class Decision:
     version: str = ""
     undecided: bool = False  # no usable evidence: neither an enumeration nor a release-number range
     notes: list[str] = field(default_factory=list)  # evidence considered but not used (pseudo-versions, GIT)
+    applicable: bool = True  # False: the candidate does not ship or enable what the advisory is about
+    backported: str | None = None  # the vendor backport that makes an affected base release not affected
 
     @property
     def status(self) -> str:
+        if not self.applicable:
+            return "notapplicable"
         return "undecided" if self.undecided else ("affected" if self.affected else "not-affected")
 
     def to_json(self) -> dict[str, Any]:
         return {**self.advisory.to_json(), "version": self.version, "status": self.status,
                 "affected": self.affected, "decided_by": self.evidence, "fixed": self.fixed,
-                "notes": self.notes}
+                "notes": self.notes, "backported": self.backported}
 
 
 def _entry_kind(entry: dict[str, Any]) -> str:
@@ -535,6 +574,410 @@ def decide(advisory: Advisory, version: str) -> Decision:
 def check_version(advisories: Iterable[Advisory], version: str) -> list[Decision]:
     """One decision per advisory for the release ``version``."""
     return [decide(a, version) for a in advisories]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scope: which component and mode an advisory is about, and what the candidate deploys
+
+
+# runtime-rs (and Dragonball inside it) first shipped in 3.0.0 (inferred from tags: src/runtime-rs is absent
+# from every 1.x and 2.x tag); a release below it cannot be affected by a runtime-rs-only flaw
+RUNTIME_FIRST_RELEASE = {"rs": "3.0.0"}
+RUNTIME_NAMES = {"go": "the Go runtime", "rs": "runtime-rs"}
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What an advisory affects, from the record's component data (empty fields: not narrowed)."""
+
+    runtimes: tuple[str, ...] = ()  # "go" / "rs"
+    hypervisors: tuple[str, ...] = ()  # hypervisor table names: qemu, clh, dragonball, firecracker
+    shared_fs: tuple[str, ...] = ()  # the flaw needs one of these shared filesystems (e.g. virtio-fs)
+    coco_only: bool = False  # only where the host is untrusted (Confidential Containers)
+    why: str = ""
+
+    def describe(self) -> str:
+        parts = []
+        if self.runtimes:
+            parts.append(" or ".join(RUNTIME_NAMES.get(r, r) for r in self.runtimes))
+        if self.hypervisors:
+            parts.append("hypervisor " + "/".join(self.hypervisors))
+        if self.shared_fs:
+            parts.append("shared_fs " + "/".join(self.shared_fs))
+        if self.coco_only:
+            parts.append("Confidential Containers configurations only")
+        return ", ".join(parts) or "any deployment"
+
+
+def scope_of(advisory: Advisory) -> Scope:
+    """The ``x_kata_harness.scope`` of a record; a record without one affects any deployment."""
+    raw = _harness(advisory.raw).get("scope")
+    if not isinstance(raw, dict):
+        return Scope()
+
+    def names(key: str) -> tuple[str, ...]:
+        value = raw.get(key) or []
+        return tuple(str(v) for v in value) if isinstance(value, list) else (str(value),)
+
+    return Scope(runtimes=names("runtimes"), hypervisors=names("hypervisors"), shared_fs=names("shared_fs"),
+                 coco_only=bool(raw.get("coco_only")), why=str(raw.get("why") or ""))
+
+
+def coco_mode(data: dict[str, Any]) -> str | None:
+    """Why a configuration runs Confidential Containers (untrusted host), from its content; None if not."""
+    tables = data.get("hypervisor")
+    first: Any = next(iter(tables.values()), {}) if isinstance(tables, dict) and tables else {}
+    hv: dict[str, Any] = first if isinstance(first, dict) else {}
+    if hv.get("confidential_guest") is True:
+        return "confidential_guest = true"
+    if "cc_init_data" in (hv.get("enable_annotations") or []):
+        return "the cc_init_data (initdata) annotation is enabled"
+    runtime = data.get("runtime")
+    if isinstance(runtime, dict) and runtime.get("emptydir_mode") == "block-encrypted":
+        return "emptydir_mode = block-encrypted"
+    return None
+
+
+@dataclass(frozen=True)
+class DeployedConfig:
+    """One configuration the candidate ships, reduced to what advisory scoping needs."""
+
+    file: str
+    runtime: str  # "go" / "rs"
+    hypervisor: str | None
+    shared_fs: str | None
+    coco: str | None
+
+    @classmethod
+    def from_config(cls, config: Any, file: str | None = None) -> DeployedConfig:
+        """From a :class:`pytest_kata.kataconfig.KataConfig` (drop-ins merged)."""
+        data = config.data
+        hv_name = config.hypervisor
+        hv = data.get("hypervisor", {}).get(hv_name, {}) if hv_name else {}
+        shared = hv.get("shared_fs") if isinstance(hv, dict) else None
+        if shared is None and hv_name in ("qemu", "clh"):
+            shared = "virtio-fs"  # both runtimes' default for an absent key with these hypervisors
+        return cls(file or config.name, "rs" if config.runtime_rs else "go", hv_name,
+                   str(shared) if shared else None, coco_mode(data))
+
+    def matches(self, scope: Scope) -> bool:
+        return ((not scope.runtimes or self.runtime in scope.runtimes)
+                and (not scope.hypervisors or self.hypervisor in scope.hypervisors)
+                and (not scope.shared_fs or self.shared_fs in scope.shared_fs)
+                and (not scope.coco_only or self.coco is not None))
+
+
+@dataclass
+class Deployment:
+    """The configurations a candidate ships (the ones this run judges)."""
+
+    configs: list[DeployedConfig]
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, shim: str | None = None) -> Deployment | None:
+        """Every shipped configuration, or the one ``shim`` names; None when the bundle ships none."""
+        shims = list(bundle.shims.values()) if shim in (None, "", "all") else [bundle.shim(shim)]
+        configs = []
+        for info in sorted(shims, key=lambda s: s.name):
+            try:
+                rel = info.config_path.relative_to(bundle.root).as_posix()
+            except ValueError:
+                rel = info.config_path.name
+            configs.append(DeployedConfig.from_config(info.config, rel))
+        return cls(configs) if configs else None
+
+
+def applicability(advisory: Advisory, deployment: Deployment | None = None,
+                  release: ReleaseVersion | None = None) -> tuple[bool, str]:
+    """(applies, why): the advisory's scope against the component's first release and the deployment."""
+    scope = scope_of(advisory)
+    if scope.runtimes and release is not None:
+        firsts = [ReleaseVersion.parse(RUNTIME_FIRST_RELEASE[r]) for r in scope.runtimes
+                  if r in RUNTIME_FIRST_RELEASE]
+        if len(firsts) == len(scope.runtimes) and all(f is not None and release < f for f in firsts):
+            first = min(f for f in firsts if f is not None)
+            return False, (f"{advisory.id} affects {scope.describe()}; "
+                           f"{' and '.join(RUNTIME_NAMES[r] for r in scope.runtimes)} first shipped in {first}, "
+                           f"so {release.text or release} does not have it")
+    if deployment is None:
+        return True, f"affects {scope.describe()}" + ("" if not scope.runtimes and not scope.hypervisors
+                                                      and not scope.shared_fs and not scope.coco_only
+                                                      else "; the candidate ships no configuration to "
+                                                      "narrow this by")
+    hit = [c.file for c in deployment.configs if c.matches(scope)]
+    if hit:
+        return True, f"affects {scope.describe()}: shipped in {', '.join(hit)}"
+    shipped = "; ".join(f"{c.file} ({RUNTIME_NAMES[c.runtime]}, {c.hypervisor or '?'}, shared_fs "
+                        f"{c.shared_fs or 'none'}{', CoCo' if c.coco else ''})" for c in deployment.configs)
+    why = f" ({scope.why})" if scope.why else ""
+    return False, f"{advisory.id} affects {scope.describe()}{why}; none of the candidate's configurations is: " \
+                  + shipped
+
+
+# ---------------------------------------------------------------------------------------------------------
+# builds that are not plain releases: commits (pseudo-versions, git describe) and vendor builds
+
+
+GO_PSEUDO = re.compile(r"^v?(?P<base>\d+\.\d+\.\d+)(?:-[0-9A-Za-z.]+)?-(?:0\.)?(?P<time>\d{14})"
+                       r"-(?P<hash>[0-9a-f]{12})$")
+GIT_DESCRIBE = re.compile(r"^v?(?P<base>\d+\.\d+\.\d+(?:-(?:rc|alpha|beta)\d+)?)-(?P<ahead>\d+)"
+                          r"-g(?P<hash>[0-9a-f]{7,40})(?:-dirty)?$")
+VENDOR_BUILD = re.compile(r"^v?(?P<base>\d+\.\d+\.\d+)[.+~_](?P<vendor>[A-Za-z][0-9A-Za-z.+~_-]*)$")
+COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
+
+
+@dataclass(frozen=True)
+class BuildVersion:
+    """What identifies a candidate build: a release, a commit (with the tag it descends from), or a vendor
+    build of a release."""
+
+    text: str
+    release: ReleaseVersion | None = None  # the release, or the upstream base of a vendor build / describe
+    commit: str | None = None  # the build's commit (pseudo-version hash, describe hash, --kata-commit)
+    vendor: str | None = None  # ``kata2`` of ``3.19.1.kata2``
+    kind: str = "release"  # release / pseudo-version / git-describe / commit / vendor
+
+    @classmethod
+    def parse(cls, text: str, commit: str | None = None) -> BuildVersion | None:
+        """``3.27.0``, ``0.0.0-20260219090056-6a672503973b``, ``3.26.0-15-g6a672503``, ``3.19.1.kata2``;
+        with ``commit`` (``--kata-commit``) the commit decides whatever the version says."""
+        text = str(text or "").strip()
+        if commit:
+            if not COMMIT.match(commit.strip().lower()):
+                raise FeedError(f"{commit!r} is not a commit id (7 to 40 hex digits)")
+            base = ReleaseVersion.parse(normalise_release(text)) if text else None
+            return cls(text or commit, base, commit.strip().lower(), kind="commit")
+        m = GO_PSEUDO.match(text)
+        if m:
+            base = ReleaseVersion.parse(m["base"])
+            return cls(text, None if base == ReleaseVersion(0, 0, 0) else base, m["hash"], kind="pseudo-version")
+        m = GIT_DESCRIBE.match(text)
+        if m:
+            return cls(text, ReleaseVersion.parse(m["base"]), m["hash"], kind="git-describe")
+        m = VENDOR_BUILD.match(text)
+        if m:
+            return cls(text, ReleaseVersion.parse(m["base"]), vendor=m["vendor"], kind="vendor")
+        release = ReleaseVersion.parse(normalise_release(text))
+        return cls(text, release) if release else None
+
+
+def fix_commits(advisory: Advisory) -> list[str]:
+    """The commits that fix an advisory: GIT ranges' ``fixed`` and the hashes of pseudo-version bounds."""
+    out: list[str] = []
+    for entry in advisory.affected:
+        for rng in entry.get("ranges") or []:
+            for event in rng["events"]:
+                value = event.get("fixed")
+                if not value:
+                    continue
+                if rng["type"] == "GIT" and COMMIT.match(value.lower()):
+                    out.append(value.lower())
+                elif is_pseudo_version(value):
+                    out.append(value[-12:])
+    return list(dict.fromkeys(out))
+
+
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=60,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise FeedError(f"git failed: {exc}", path=repo) from None
+
+
+def resolve_commit(repo: Path, commit: str) -> str | None:
+    """The full id of ``commit`` in ``repo`` (None when the repository does not have it)."""
+    proc = _git(repo, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def contains_commit(repo: Path, build: str, fix: str) -> bool | None:
+    """Whether ``fix`` is an ancestor of (or is) ``build`` in ``repo``; None when ``fix`` is not there."""
+    full_fix = resolve_commit(repo, fix)
+    if full_fix is None:
+        return None
+    proc = _git(repo, "merge-base", "--is-ancestor", full_fix, build)
+    if proc.returncode not in (0, 1):
+        raise FeedError(f"git merge-base failed: {proc.stderr.strip()}", path=repo)
+    return proc.returncode == 0
+
+
+def _decide_commit(advisory: Advisory, build: BuildVersion, repo: Path | None) -> Decision:
+    """A commit build: affected when no fix commit of the record is an ancestor of the build's commit."""
+    assert build.commit is not None
+    fixes = fix_commits(advisory)
+    first = advisory.first_release_with_fix
+    first_fixed = ReleaseVersion.parse(first) if first else None
+    label = f"commit {build.commit[:12]} ({build.kind} {build.text})"
+    if build.release is not None and first_fixed is not None and build.release >= first_fixed \
+            and build.kind == "git-describe":
+        return Decision(advisory, False, f"{label} descends from tag {build.release}, at or after the first "
+                        f"fixed release {first}", first, build.text)
+    if not fixes:
+        if build.release is not None and build.kind in ("git-describe", "commit"):
+            return decide(advisory, str(build.release))
+        return Decision(advisory, False, f"cannot decide {label}: the record names no fix commit",
+                        first, build.text, undecided=True)
+    if repo is None:
+        if any(build.commit.startswith(f) or f.startswith(build.commit) for f in fixes):
+            return Decision(advisory, False, f"{label} is the fix commit {fixes[0]}", first, build.text)
+        return Decision(advisory, False, f"cannot decide {label} without the repository: pass --kata-repo PATH "
+                        f"(a kata-containers clone) to check whether fix {', '.join(fixes)} is an ancestor",
+                        first, build.text, undecided=True)
+    head = resolve_commit(repo, build.commit)
+    if head is None:
+        raise FeedError(f"commit {build.commit} is not in the repository", path=repo)
+    missing: list[str] = []
+    for fix in fixes:
+        inside = contains_commit(repo, head, fix)
+        if inside:
+            return Decision(advisory, False, f"{label}: fix commit {fix} is an ancestor (git merge-base "
+                            f"--is-ancestor in {repo})", first, build.text)
+        if inside is None:
+            missing.append(fix)
+    known = [f for f in fixes if f not in missing]
+    if not known:
+        return Decision(advisory, False, f"cannot decide {label}: fix commit(s) {', '.join(fixes)} not in "
+                        f"{repo} (fetch the upstream history)", first, build.text, undecided=True)
+    return Decision(advisory, True, f"{label}: fix commit {', '.join(known)} is not an ancestor (git "
+                    f"merge-base --is-ancestor in {repo})", first, build.text)
+
+
+def load_backports(path: str | Path) -> dict[str, str]:
+    """A vendor's backport list: ``[backports]`` table of advisory id (or alias) = what was backported."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FeedError("no such backport list", path=path) from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise FeedError(f"cannot read the backport list: {exc}", path=path) from None
+    table = data.get("backports")
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise FeedError('expected a [backports] table of "ADVISORY-ID" = "what was backported (commit)"',
+                        path=path)
+    return {canonical_id(str(k)): v for k, v in table.items()}
+
+
+def decide_build(advisory: Advisory, build: BuildVersion | str, *, repo: str | Path | None = None,
+                 backports: dict[str, str] | None = None, deployment: Deployment | None = None,
+                 backports_file: str | None = None) -> Decision:
+    """The full decision for one candidate build: scope, then release / commit ancestry / vendor backports."""
+    if isinstance(build, str):
+        parsed = BuildVersion.parse(build)
+        if parsed is None:
+            raise FeedError(f"{build!r} is not a Kata release number, Go pseudo-version, git describe output "
+                            "or vendor build (X.Y.Z, e.g. 3.27.0)")
+        build = parsed
+    applies, why = applicability(advisory, deployment, build.release)
+    if not applies:
+        return Decision(advisory, False, why, advisory.first_release_with_fix, build.text, applicable=False)
+    if build.commit is not None:
+        decision = _decide_commit(advisory, build, Path(repo) if repo else None)
+    elif build.release is None:
+        raise FeedError(f"{build.text!r} has no release number to decide by")
+    else:
+        decision = decide(advisory, str(build.release))
+        decision.version = build.text
+    if build.kind == "vendor":
+        decision.evidence = f"vendor build {build.text} judged by its upstream base {build.release}: " \
+                            + decision.evidence
+        ids = [advisory.id, *advisory.aliases]
+        backported = next((canonical_id(i) for i in ids if canonical_id(i) in (backports or {})), None)
+        if decision.affected and backported is not None:
+            where = f" ({backports_file})" if backports_file else ""
+            decision.affected = False
+            decision.backported = f"{backported}: {(backports or {})[backported]}"
+            decision.evidence += f"; fix backported per the vendor's backport list{where}: " \
+                                 f"{decision.backported}"
+    if deployment is not None or scope_of(advisory) != Scope():
+        decision.notes.append(f"scope: {why}")
+    return decision
+
+
+@dataclass
+class CandidateBuild:
+    """The version that decides for a candidate, where it came from, and what its binaries say."""
+
+    build: BuildVersion | None
+    source: str  # which evidence gave the deciding version
+    binaries: dict[str, str] = field(default_factory=dict)  # "<binary> --version" / agent.version -> value
+    notes: list[str] = field(default_factory=list)  # binaries that could not be asked, and why
+
+    @property
+    def mismatches(self) -> list[str]:
+        """Each binary whose version differs from the deciding one, naming both."""
+        if self.build is None or self.build.kind == "commit":
+            return []
+        wanted = normalise_release(self.build.text)
+        return [f"{where} says {value} but {self.source} says {self.build.text}"
+                for where, value in self.binaries.items() if normalise_release(value) != wanted]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": self.build.text if self.build else None, "kind": self.build.kind if self.build else None,
+                "commit": self.build.commit if self.build else None, "source": self.source,
+                "binaries": self.binaries, "binary_notes": self.notes, "mismatches": self.mismatches}
+
+
+OSBUILDER_RECORD = "/var/lib/osbuilder/osbuilder.yaml"
+
+
+def _agent_versions(bundle: Any) -> tuple[dict[str, str], list[str]]:
+    """``agent.version`` of each guest image's osbuilder record, where it is a release number."""
+    import yaml
+
+    from pytest_kata.images.read import open_image
+
+    found: dict[str, str] = {}
+    notes: list[str] = []
+    for rel in [*bundle.images, *bundle.initrds]:
+        where = f"agent.version in {rel}:{OSBUILDER_RECORD}"
+        try:
+            with open_image(bundle.path(rel)) as root:
+                text = root.read_text(OSBUILDER_RECORD)
+        except KataError as exc:
+            notes.append(f"{rel}: cannot read the guest image ({exc})")
+            continue
+        try:
+            record = yaml.safe_load(text) if text else None
+        except yaml.YAMLError:
+            record = None
+        agent = record.get("agent") if isinstance(record, dict) else None
+        version = str(agent.get("version", "")).strip() if isinstance(agent, dict) else ""
+        if BuildVersion.parse(version) is not None:
+            found[where] = version
+        else:
+            notes.append(f"{where}: {version or 'absent'!r} is not a version; not compared")
+    return found, notes
+
+
+def candidate_build(bundle: Any, *, commit: str | None = None) -> CandidateBuild:
+    """The build to judge (``commit`` wins: ``--kata-commit``) and the versions its binaries report."""
+    version = str(bundle.version or "")
+    source = next((k for k, v in bundle.version_evidence.items() if v.strip().removeprefix("v") == version),
+                  "the bundle")
+    build = BuildVersion.parse(version, commit)
+    if commit:
+        source = "--kata-commit"
+    binaries = {k: v for k, v in bundle.version_evidence.items() if "--version" in k and k != source}
+    notes = [n for n in bundle.notes if "--version" in n]
+    if not any(k.startswith("containerd-shim-kata-v2") for k in bundle.version_evidence):
+        notes.append("the candidate ships no runnable containerd-shim-kata-v2: its version was not "
+                     "cross-checked against the shim")
+    agents, agent_notes = _agent_versions(bundle)
+    return CandidateBuild(build, source, {**binaries, **agents}, notes + agent_notes)
+
+
+def affects(advisory_id: str, version: str, *, feed: Sequence[Advisory] | None = None,
+            repo: str | Path | None = None) -> Decision:
+    """Is ``version`` (a release, pseudo-version or git describe) affected by advisory ``advisory_id``
+    (its id or an alias) per the feed? The simple entry point for other suites' static checks."""
+    advisories = list(feed) if feed is not None else load_feed()
+    wanted = canonical_id(advisory_id)
+    for advisory in advisories:
+        if wanted in {canonical_id(i) for i in (advisory.id, *advisory.aliases)}:
+            return decide_build(advisory, version, repo=repo)
+    raise FeedError(f"advisory {advisory_id} is not in the feed")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -658,6 +1101,7 @@ def watch_releases(releases: Sequence[Release], current: str | None, *, known_id
     return ReleaseWatch(current, newer, security, unknown)
 
 
-__all__ = ["DEFAULT_FEED", "Advisory", "Decision", "Release", "ReleaseVersion", "ReleaseWatch",
-           "check_version", "decide", "is_pseudo_version", "load_feed", "load_releases",
-           "parse_releases_atom", "watch_releases"]
+__all__ = ["DEFAULT_FEED", "Advisory", "BuildVersion", "Decision", "DeployedConfig", "Deployment", "Release",
+           "ReleaseVersion", "ReleaseWatch", "Scope", "affects", "applicability", "check_version", "decide",
+           "decide_build", "fix_commits", "is_pseudo_version", "load_backports", "load_feed", "load_releases",
+           "parse_releases_atom", "scope_of", "watch_releases"]

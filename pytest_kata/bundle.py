@@ -62,6 +62,7 @@ CHUNK = 1 << 20
 DEFAULTS_DIR = "share/defaults/kata-containers"
 SHIM_GO = "bin/containerd-shim-kata-v2"
 SHIM_RS = "runtime-rs/bin/containerd-shim-kata-v2"
+KATA_RUNTIME = "bin/kata-runtime"
 VERSION_TIMEOUT = 10.0
 # Python 3.11.4+ only: feature-detected so that Debian 12's 3.11.2 opens bundles with the same safety.
 _DATA_FILTER = getattr(tarfile, "data_filter", None)
@@ -69,12 +70,13 @@ _FILTER_ERROR: type[Exception] = getattr(tarfile, "FilterError", Exception)
 
 # Where the release version can be read, strongest first (the order decides when sources disagree).
 _EVIDENCE_ORDER = ("VERSION", "kata-reference.json", "containerd-shim-kata-v2 --version (runtime-rs)",
-                   "containerd-shim-kata-v2 --version (go)", "versions.yaml")
+                   "containerd-shim-kata-v2 --version (go)", "kata-runtime --version", "versions.yaml")
 _TARBALL_NAME = re.compile(
     r"^kata(?:-go|-tools)?-static-(?P<version>\d+\.\d+\.\d+(?:-(?:rc|alpha|beta)\d+)?)"
     r"(?:-[A-Za-z0-9_.]+)*?-(?P<arch>amd64|arm64|s390x|ppc64le|x86_64|aarch64)"
     r"\.(?:tar\.zst|tar\.xz|tar\.gz|tgz|tar)$")
-_SHIM_VERSION = re.compile(r"version:\s*\"?v?([0-9][^\s,\"]*)")
+# the shim prints `version: 3.31.0, commit: ...`; kata-runtime prints `kata-runtime  : 3.31.0`
+_SHIM_VERSION = re.compile(r"(?:version|kata-runtime)\s*:\s*\"?v?([0-9][^\s,\"]*)")
 _ELF_MACHINES = {"x86_64": 62, "amd64": 62, "aarch64": 183, "arm64": 183, "s390x": 22, "ppc64le": 21}
 _HYPERVISORS = re.compile(r"^(bin/(qemu-system-[^/]+|cloud-hypervisor|firecracker|stratovirt|openvmm)"
                           r"|libexec/virtiofsd)$")
@@ -1044,11 +1046,12 @@ def _collect_evidence(part: _Part, run_binaries: bool) -> None:
     raw = _read_small(part, "versions.yaml", 16 << 20)
     if raw is not None:
         _versions_yaml(part, raw)
-    for rel, label in ((SHIM_RS, "runtime-rs"), (SHIM_GO, "go")):
+    for rel, label in ((SHIM_RS, "containerd-shim-kata-v2 --version (runtime-rs)"),
+                       (SHIM_GO, "containerd-shim-kata-v2 --version (go)"), (KATA_RUNTIME, "kata-runtime --version")):
         if rel in part.files:
             version, note = _shim_version(part, rel, run_binaries)
             if version:
-                ev[f"containerd-shim-kata-v2 --version ({label})"] = version
+                ev[label] = version
             if note:
                 notes.append(note)
 
@@ -1098,7 +1101,7 @@ def _elf_for_this_machine(path: Path) -> bool:
 
 
 def _shim_version(part: _Part, rel: str, run_binaries: bool) -> tuple[str | None, str | None]:
-    """``containerd-shim-kata-v2 --version``, but only for an executable ELF built for this machine."""
+    """``<binary> --version``, but only for an executable ELF built for this machine."""
     resolved = _resolve_in_tree(rel, part.files, strict=True) or ""
     entry = part.files.get(resolved)
     if entry is None or entry.kind != "file":

@@ -70,8 +70,12 @@ class KataConfig:
 
     @property
     def confidential(self) -> bool:
-        hv = self.hypervisor_table()
-        return bool(hv.get("confidential_guest")) or any(t in self.shim for t in ("tdx", "snp", "coco", "se"))
+        """A TEE guest by content: ``confidential_guest = true`` in the file as shipped or after drop-ins (so
+        that a drop-in turning the TEE off still meets the confidential rules, and fails them)."""
+        hv = self.hypervisor
+        shipped = self.base_data.get("hypervisor", {}).get(hv, {}) if hv else {}
+        return self.hypervisor_table().get("confidential_guest") is True or (
+            isinstance(shipped, dict) and shipped.get("confidential_guest") is True)
 
     def hypervisor_table(self) -> dict[str, Any]:
         hv = self.hypervisor

@@ -45,13 +45,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("candidate", "paths", "candidate bundle: a kata-static .tar.xz/.tar.gz/.tar.zst, an /opt/kata tree or a "
            "root holding opt/kata; repeat (or comma-separate) to give the split 4.1 tarballs together", metavar="PATH"),
     Option("baseline", "paths", "the release the candidate replaces (same forms as --kata-candidate)", metavar="PATH"),
-    Option("shim", "str", "which configuration/handler to validate, e.g. qemu, clh, qemu-runtime-rs "
-           "(default: the bundle's default shim; 'all' for every shipped configuration)", metavar="SHIM"),
+    Option("shim", "str", "narrow the configuration checks to one configuration/handler, e.g. qemu, clh, "
+           "qemu-runtime-rs (default: every shipped configuration, as 'all'; workloads use the bundle's default "
+           "shim)", metavar="SHIM"),
     Option("profile", "choice", "rule profile: which rules apply and at what severity", "default",
            choices=("default", "strict", "confidential")),
     Option("waivers", "path", "TOML file of waivers (rule id, justification, expiry)", metavar="FILE"),
     Option("advisories", "paths", "advisory feed: OSV JSON file, directory or GitHub advisory-database tree "
            "(default: the Kata advisories shipped with pytest-kata)", metavar="FEED"),
+    Option("commit", "str", "the candidate is a commit build: the advisory gate decides by git ancestry (fix "
+           "commit an ancestor of SHA?) in --kata-repo", metavar="SHA"),
+    Option("repo", "path", "a kata-containers git clone for commit builds (--kata-commit, or a pseudo-version / "
+           "git describe version)", metavar="PATH"),
+    Option("backports", "path", "vendor builds (e.g. 3.19.1.kata2): TOML [backports] table of advisory id = "
+           "the backported fix; judged by the upstream base plus this list", metavar="FILE"),
     Option("report", "path", "write the JSON verdict to FILE", metavar="FILE"),
     Option("fail_on", "choice", "lowest severity whose failure rejects the candidate", "high", choices=SEVERITIES),
     Option("keep_on_failure", "bool", "keep failed hosts/sandboxes running for inspection and print how to reach them",

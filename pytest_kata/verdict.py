@@ -29,12 +29,23 @@ class Result:
     evidence: dict[str, Any] = field(default_factory=dict)
     nodeid: str = ""
 
+    @property
+    def subject_file(self) -> str:
+        """The shipped file the result is about (a configuration, kernel config or image), or ""."""
+        for key in ("config", "kernel_config", "image"):
+            value = self.evidence.get(key)
+            if isinstance(value, str) and value:
+                return value
+        return ""
+
     def blocks(self, fail_on: str) -> bool:
-        """At or above ``fail_on``; an expired waiver blocks at any severity (the exception someone asked for
-        has lapsed: accepting silently would make expiry meaningless)."""
+        """At or above ``fail_on``; an expired waiver and a known advisory affecting the candidate block at any
+        severity (an exception that has lapsed, or a published escape, must not slip under the threshold)."""
         if self.status not in BLOCKING:
             return False
-        return self.waiver_expired or severity_rank(self.severity) >= severity_rank(fail_on)
+        if self.waiver_expired or self.evidence.get("rejects_whatever_severity"):
+            return True
+        return severity_rank(self.severity) >= severity_rank(fail_on)
 
     @property
     def waiver_expired(self) -> bool:
@@ -118,9 +129,15 @@ class Verdict:
             return line if len(line) <= width else line[: width - 3] + "..."
 
         lines = [fit(f"{'status':<{status_width}} {'severity':<8} {'id':<{id_width}} title"), "-" * width]
+        groups: dict[str, list[Result]] = {}
         for r in rows:
-            lines.append(fit(f"{labels[id(r)]:<{status_width}} {r.severity:<8} {r.id[:id_width]:<{id_width}} "
-                             f"{r.title}"))
+            groups.setdefault(r.subject_file, []).append(r)
+        for subject in sorted(groups):  # results about no one file first, then one group per file
+            if subject:
+                lines.append(fit(f"== {subject}"))
+            for r in groups[subject]:
+                lines.append(fit(f"{labels[id(r)]:<{status_width}} {r.severity:<8} {r.id[:id_width]:<{id_width}} "
+                                 f"{r.title}"))
         lines.append("-" * width)
         t = self.totals
         lines.append(fit("totals: " + ", ".join(f"{k} {v}" for k, v in t.items() if v)

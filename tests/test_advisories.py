@@ -12,19 +12,25 @@ import pytest
 
 from pytest_kata.advisories import (
     DEFAULT_FEED,
+    Deployment,
     ReleaseVersion,
+    affects,
     check_version,
     decide,
+    decide_build,
+    load_backports,
     load_feed,
     parse_releases_atom,
+    scope_of,
     watch_releases,
 )
 from pytest_kata.cli import main
 from pytest_kata.errors import FeedError
 
 REPO = Path(__file__).resolve().parents[1]
+FIXED_IN_4_0_0 = {"GHSA-mp2j-xm59-qfgw", "GHSA-fgm4-mv68-h344", "GHSA-h8jv-63p2-496x", "GHSA-7fhf-v3p3-rp56"}
 ADVISORIES_2026 = {"GHSA-wwj6-vghv-5p64", "GHSA-q49m-57vm-c8cc", "GHSA-rr59-xxvx-96qr", "GHSA-2gv2-cffp-j227",
-                   "GHSA-fmg6-v47x-52wr"}
+                   "GHSA-fmg6-v47x-52wr", "GHSA-5fc8-gg7w-3g5c"} | FIXED_IN_4_0_0
 PSEUDO = "0.0.0-20260219090056-6a672503973b"
 
 
@@ -60,7 +66,8 @@ def test_3_2_0_is_affected_by_every_2026_advisory_with_the_enumeration_as_eviden
     assert decisions["GHSA-wwj6-vghv-5p64"].evidence == "3.2.0 listed in affected[1].versions (GIT entry)"
     assert {i: decisions[i].fixed for i in ADVISORIES_2026} == {
         "GHSA-wwj6-vghv-5p64": "3.27.0", "GHSA-q49m-57vm-c8cc": "3.29.0", "GHSA-rr59-xxvx-96qr": "3.31.0",
-        "GHSA-2gv2-cffp-j227": "3.31.0", "GHSA-fmg6-v47x-52wr": "4.1.0"}
+        "GHSA-2gv2-cffp-j227": "3.31.0", "GHSA-fmg6-v47x-52wr": "4.1.0", "GHSA-5fc8-gg7w-3g5c": "3.26.0",
+        **dict.fromkeys(FIXED_IN_4_0_0, "4.0.0")}
     # the 1.x records are decided by their release-number ranges, not by accident
     assert "outside ECOSYSTEM range" in decisions["CVE-2020-2024"].evidence
     assert not any(d.undecided for d in decisions.values())
@@ -74,8 +81,8 @@ def test_4_1_0_is_affected_by_none() -> None:
 
 
 @pytest.mark.parametrize(("version", "expected"), [
-    ("3.27.0", ADVISORIES_2026 - {"GHSA-wwj6-vghv-5p64"}),
-    ("3.31.0", {"GHSA-fmg6-v47x-52wr"}),
+    ("3.27.0", ADVISORIES_2026 - {"GHSA-wwj6-vghv-5p64", "GHSA-5fc8-gg7w-3g5c"}),
+    ("3.31.0", {"GHSA-fmg6-v47x-52wr"} | FIXED_IN_4_0_0),
     ("v4.0.0", {"GHSA-fmg6-v47x-52wr"}),
     ("1.11.0", ADVISORIES_2026 | {"CVE-2020-2023", "CVE-2020-2026", "CVE-2020-27151", "CVE-2020-28914"}),
     ("1.11.1", ADVISORIES_2026 | {"CVE-2020-27151", "CVE-2020-28914"}),
@@ -84,9 +91,21 @@ def test_reference_table_of_affected_releases(version: str, expected: set[str]) 
     assert affected_ids(version) == expected
 
 
-def test_shipped_feed_is_the_reference_data(shared_dir: Path) -> None:
+def test_shipped_feed_holds_the_reference_data(shared_dir: Path) -> None:
+    """Every reference record is shipped with only the harness's scope added; the five §7 advisories the
+    reference data lacks are added, with ranges marked as inferred from tags."""
     shared = json.loads((shared_dir / "data/advisories/kata-osv.json").read_text())
-    assert json.loads(DEFAULT_FEED.read_text()) == shared
+    shipped = {r["id"]: r for r in json.loads(DEFAULT_FEED.read_text())}
+    for record in shared:
+        ours = copy.deepcopy(shipped[record["id"]])
+        assert ours["database_specific"]["x_kata_harness"].pop("scope")
+        assert ours == record
+    added = set(shipped) - {r["id"] for r in shared}
+    assert added == {"GHSA-5fc8-gg7w-3g5c"} | FIXED_IN_4_0_0
+    for advisory_id in added:
+        entry = shipped[advisory_id]["affected"][0]
+        assert entry["database_specific"]["x_kata_harness"]["range_inferred_from_tags"] is True
+        assert "INFERRED FROM TAGS" in entry["database_specific"]["x_kata_harness"]["derived"]
     assert (DEFAULT_FEED.parent / "README.md").read_text().count("advisories refresh") >= 1
 
 
@@ -237,16 +256,17 @@ def test_missing_feed_and_empty_directory_are_one_line_errors(tmp_path: Path,
 
 def test_cli_version_gate(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run_cli(capsys, "advisories", "--version", "3.2.0")
-    assert rc == 1 and "AFFECTED by 5 of 11" in out
+    assert rc == 1 and "AFFECTED by 10 of 16" in out
     for advisory in ADVISORIES_2026:
         assert advisory in out
     assert "upgrade to 4.1.0 or later" in out and "decided by: 3.2.0 listed in affected[1].versions" in out
     rc, out, _ = run_cli(capsys, "advisories", "--version", "4.1.0")
-    assert rc == 0 and "not affected by any of 11" in out and "GHSA-" not in out
+    assert rc == 0 and "not affected by any of 16" in out and "GHSA-" not in out
     rc, out, _ = run_cli(capsys, "advisories", "--version", "3.31.0", "--json")
     data = json.loads(out)
-    assert rc == 1 and [d["id"] for d in data["decisions"]] == ["GHSA-fmg6-v47x-52wr"]
-    assert data["decisions"][0]["fixed"] == "4.1.0" and data["decisions"][0]["severity"] == "high"
+    by_id = {d["id"]: d for d in data["decisions"]}
+    assert rc == 1 and set(by_id) == {"GHSA-fmg6-v47x-52wr"} | FIXED_IN_4_0_0
+    assert by_id["GHSA-fmg6-v47x-52wr"]["fixed"] == "4.1.0" and by_id["GHSA-fmg6-v47x-52wr"]["severity"] == "high"
 
 
 def test_cli_bundle_gate_reads_the_bundle_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -370,7 +390,7 @@ def test_cli_atom_monitor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_refresh_validates_then_writes_atomically(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "feed.json"
     rc, out, _ = run_cli(capsys, "advisories", "refresh", "--from", str(DEFAULT_FEED), "--to", str(target))
-    assert rc == 0 and "wrote 11 advisories" in out and "11 added" in out
+    assert rc == 0 and "wrote 16 advisories" in out and "16 added" in out
     assert {a.id for a in load_feed([target])} == {a.id for a in load_feed()}
     before = target.read_bytes()
     changed = json.loads(DEFAULT_FEED.read_text())[:3]
@@ -379,7 +399,7 @@ def test_refresh_validates_then_writes_atomically(tmp_path: Path, capsys: pytest
     source.write_text(json.dumps(changed))
     rc, out, _ = run_cli(capsys, "advisories", "refresh", "--from", str(source), "--to", str(target),
                          "--dry-run")
-    assert rc == 0 and "would write 3" in out and "8 removed" in out and "1 changed" in out
+    assert rc == 0 and "would write 16" in out and "0 removed" in out and "1 changed" in out and "13 kept" in out
     assert target.read_bytes() == before
     source.write_text("[{broken")
     rc, _, err = run_cli(capsys, "advisories", "refresh", "--from", str(source), "--to", str(target))
@@ -416,7 +436,7 @@ def test_suite_rejects_3_30_0_and_accepts_4_1_0(pytester: pytest.Pytester, tmp_p
     by_id = {r["id"]: r for r in verdict["results"]}
     assert set(by_id) == {a.id for a in load_feed()}, "one item per advisory, named by its id"
     assert {i for i, r in by_id.items() if r["status"] == "fail"} == {
-        "GHSA-rr59-xxvx-96qr", "GHSA-2gv2-cffp-j227", "GHSA-fmg6-v47x-52wr"}
+        "GHSA-rr59-xxvx-96qr", "GHSA-2gv2-cffp-j227", "GHSA-fmg6-v47x-52wr"} | FIXED_IN_4_0_0
     escape = by_id["GHSA-2gv2-cffp-j227"]
     assert escape["severity"] == "high" and escape["suite"] == "advisories"
     assert escape["evidence"]["decided_by"] == "3.30.0 listed in affected[1].versions (GIT entry)"
@@ -450,3 +470,243 @@ def test_suite_uses_kata_advisories_feed(pytester: pytest.Pytester, tmp_path: Pa
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([f"ERROR: --kata-advisories: {feed}: malformed JSON*"])
     assert "Traceback" not in result.stderr.str()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# advisories as a deployment sees them: scope, severity, commit builds, binaries, vendor builds
+
+
+RUNTIME_RS_ONLY = {"GHSA-2gv2-cffp-j227", "GHSA-7fhf-v3p3-rp56", "GHSA-fgm4-mv68-h344"}
+COCO_ONLY = {"GHSA-fmg6-v47x-52wr", "GHSA-q49m-57vm-c8cc", "GHSA-h8jv-63p2-496x"}
+
+
+def upstream_configs() -> Path:
+    configs = REPO / "fixtures" / "configs" / "upstream"
+    assert (configs / "configuration-qemu.toml").is_file(), f"{configs}: the real 4.1.0 configurations"
+    return configs
+
+
+def make_shipping_tree(root: Path, version: str, *, go: tuple[str, ...] = (), rs: tuple[str, ...] = (),
+                       shim_says: str | None = None) -> Path:
+    """A /opt/kata tree shipping the named real 4.1.0 configurations (and, optionally, a stand-in Go shim
+    binary whose ``--version`` prints ``shim_says``)."""
+    from tests.test_bundle import tiny_elf
+
+    kata = make_kata_tree(root, version)
+    defaults = kata / "share" / "defaults" / "kata-containers"
+    (defaults / "runtime-rs").mkdir(parents=True)
+    for name in go:
+        (defaults / f"configuration-{name}.toml").write_bytes(
+            (upstream_configs() / f"configuration-{name}.toml").read_bytes())
+    for name in rs:
+        (defaults / "runtime-rs" / f"configuration-{name}.toml").write_bytes(
+            (upstream_configs() / "runtime-rs" / f"configuration-{name}.toml").read_bytes())
+    if shim_says is not None:
+        shim = kata / "bin" / "containerd-shim-kata-v2"
+        shim.write_bytes(tiny_elf(f'Kata Containers containerd shim (Golang): id: "io.containerd.kata.v2", '
+                                  f"version: {shim_says}, commit: 0123456789\n"))
+        shim.chmod(0o755)
+    return kata
+
+
+def test_runtime_rs_advisory_is_not_applicable_to_releases_before_runtime_rs_existed() -> None:
+    """1.9.3 is in GHSA-2gv2's tag enumeration (the tag does not contain the fix) but has no runtime-rs."""
+    old = affects("GHSA-2gv2-cffp-j227", "1.9.3")
+    assert old.status == "notapplicable" and not old.affected
+    assert "runtime-rs first shipped in 3.0.0" in old.evidence and "1.9.3" in old.evidence
+    assert affects("CVE-2026-47243", "3.0.0").status == "affected"  # by alias, from the first runtime-rs
+    assert affects("GHSA-2gv2-cffp-j227", "3.31.0").status == "not-affected"
+    with pytest.raises(FeedError, match="GHSA-9999-9999-9999 is not in the feed"):
+        affects("GHSA-9999-9999-9999", "3.2.0")
+
+
+def test_advisories_scoped_to_what_the_real_4_1_0_configurations_ship(tmp_path: Path) -> None:
+    """Go QEMU alone: the runtime-rs, Dragonball, CoCo and CLH advisories do not apply, each with its reason;
+    every shipped configuration (real 4.1.0 files) brings them back."""
+    from pytest_kata.bundle import open_bundle
+
+    feed = {a.id: a for a in load_feed()}
+    go_qemu = Deployment.from_bundle(open_bundle(make_shipping_tree(tmp_path / "q", "3.30.0", go=("qemu",))))
+    assert go_qemu is not None and [c.file for c in go_qemu.configs] == [
+        "share/defaults/kata-containers/configuration-qemu.toml"]
+    status = {i: decide_build(a, "3.30.0", deployment=go_qemu) for i, a in feed.items()}
+    assert {i for i, d in status.items() if d.status == "notapplicable"} == RUNTIME_RS_ONLY | COCO_ONLY | {
+        "GHSA-wwj6-vghv-5p64", "CVE-2020-2025"}
+    assert "affects runtime-rs" in status["GHSA-2gv2-cffp-j227"].evidence
+    assert "configuration-qemu.toml (the Go runtime, qemu, shared_fs virtio-fs)" in \
+        status["GHSA-2gv2-cffp-j227"].evidence
+    assert "Confidential Containers" in status["GHSA-fmg6-v47x-52wr"].evidence
+    assert {i for i, d in status.items() if d.affected} == {"GHSA-rr59-xxvx-96qr", "GHSA-mp2j-xm59-qfgw"}
+
+    everything = Deployment.from_bundle(open_bundle(make_shipping_tree(
+        tmp_path / "all", "3.30.0", go=("qemu", "clh", "fc", "qemu-coco-dev", "qemu-snp", "qemu-tdx"),
+        rs=("qemu-runtime-rs", "clh-runtime-rs", "dragonball"))))
+    assert everything is not None and len(everything.configs) == 9
+    coco = {c.file.rsplit("/", 1)[-1]: c.coco for c in everything.configs if c.coco}
+    assert coco == {"configuration-qemu-coco-dev.toml": "the cc_init_data (initdata) annotation is enabled",
+                    "configuration-qemu-snp.toml": "confidential_guest = true",
+                    "configuration-qemu-tdx.toml": "confidential_guest = true"}
+    status = {i: decide_build(a, "3.30.0", deployment=everything) for i, a in feed.items()}
+    assert {i for i, d in status.items() if d.affected} == {
+        "GHSA-rr59-xxvx-96qr", "GHSA-2gv2-cffp-j227", "GHSA-fmg6-v47x-52wr"} | FIXED_IN_4_0_0
+    assert "configuration-dragonball.toml" in " ".join(status["GHSA-fgm4-mv68-h344"].notes)
+
+
+def test_suite_judges_every_shipped_configuration_and_narrows_with_kata_shim(pytester: pytest.Pytester,
+                                                                             tmp_path: Path) -> None:
+    tree = make_shipping_tree(tmp_path / "t", "3.30.0", go=("qemu", "qemu-snp"), rs=("qemu-runtime-rs",))
+    _, verdict = run_suite(pytester, tree)
+    by_id = {r["id"]: r for r in verdict["results"]}
+    assert by_id["GHSA-2gv2-cffp-j227"]["status"] == "fail"
+    assert by_id["GHSA-fmg6-v47x-52wr"]["status"] == "fail"
+    _, verdict = run_suite(pytester, tree, "--kata-shim", "qemu")
+    by_id = {r["id"]: r for r in verdict["results"]}
+    assert by_id["GHSA-2gv2-cffp-j227"]["status"] == "notapplicable"
+    assert by_id["GHSA-fmg6-v47x-52wr"]["status"] == "notapplicable"
+    assert "affects Confidential Containers configurations only" in by_id["GHSA-fmg6-v47x-52wr"]["evidence"][
+        "decided_by"]
+
+
+def test_medium_advisory_rejects_under_fail_on_high(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """wwj6 and rr59 are MODERATE/Medium: an affected candidate is still rejected at --kata-fail-on high."""
+    feed_path = tmp_path / "medium.json"
+    medium = [a.raw for a in load_feed() if a.id in ("GHSA-wwj6-vghv-5p64", "GHSA-rr59-xxvx-96qr")]
+    feed_path.write_text(json.dumps(medium))
+    tree = make_shipping_tree(tmp_path / "t", "3.26.0", go=("clh",))
+    result, verdict = run_suite(pytester, tree, "--kata-advisories", str(feed_path), "--kata-fail-on", "high")
+    assert {r["id"]: (r["status"], r["severity"]) for r in verdict["results"]} == {
+        "GHSA-wwj6-vghv-5p64": ("fail", "medium"), "GHSA-rr59-xxvx-96qr": ("fail", "medium")}
+    assert verdict["verdict"] == "reject" and result.ret == 1
+
+
+def git(repo: Path, *args: str) -> str:
+    import subprocess
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.org", "PATH": "/usr/bin:/bin", "HOME": str(repo)}
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                          env=env).stdout.strip()
+
+
+@pytest.fixture
+def fix_history(tmp_path: Path) -> dict[str, Any]:
+    """A git repository made here: tag 3.26.0, a commit before the fix, the fix, a commit after it; and a
+    feed whose record names the fix commit by a GIT range and a pseudo-version (as GHSA records do)."""
+    repo = tmp_path / "kata"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    commits = {}
+    for name in ("base", "before", "fix", "after"):
+        (repo / "f").write_text(name)
+        git(repo, "add", "f")
+        git(repo, "commit", "-q", "-m", name)
+        commits[name] = git(repo, "rev-parse", "HEAD")
+        if name == "base":
+            git(repo, "tag", "3.26.0")
+    git(repo, "checkout", "-q", "-b", "side", commits["before"])  # a branch that never got the fix
+    (repo / "g").write_text("side")
+    git(repo, "add", "g")
+    git(repo, "commit", "-q", "-m", "side")
+    commits["side"] = git(repo, "rev-parse", "HEAD")
+    fix = commits["fix"]
+    pseudo = f"0.0.0-20260219090056-{fix[:12]}"
+    rec = record(id="GHSA-2345-6789-cfgh", database_specific={"severity": "MODERATE"}, affected=[
+        {"package": {"ecosystem": "Go", "name": "github.com/kata-containers/kata-containers"},
+         "ranges": [{"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": pseudo}]}]},
+        {"ranges": [{"type": "GIT", "repo": "https://github.com/kata-containers/kata-containers",
+                     "events": [{"introduced": "0"}, {"fixed": fix}]}]}])
+    feed = tmp_path / "feed.json"
+    feed.write_text(json.dumps([rec]))
+    return {"repo": repo, "commits": commits, "feed": feed, "advisory": load_feed([feed])[0]}
+
+
+def test_commit_builds_are_decided_by_ancestry_in_both_directions(fix_history: dict[str, Any]) -> None:
+    advisory, repo, c = fix_history["advisory"], fix_history["repo"], fix_history["commits"]
+    for name, affected in (("before", True), ("fix", False), ("after", False), ("side", True)):
+        pseudo = f"0.0.0-20260301000000-{c[name][:12]}"
+        describe = f"3.26.0-{3 if name == 'after' else 1}-g{c[name][:9]}"
+        for version in (pseudo, describe):
+            decision = decide_build(advisory, version, repo=repo)
+            assert (decision.affected, decision.undecided) == (affected, False), (name, version, decision)
+            assert ("is not an ancestor" if affected else "is an ancestor") in decision.evidence
+    # without the repository a commit build cannot be decided (and says how to fix that) ...
+    undecided = decide_build(advisory, f"0.0.0-20260301000000-{c['after'][:12]}")
+    assert undecided.undecided and "--kata-repo" in undecided.evidence
+    # ... and a commit the repository lacks is a one-line error
+    with pytest.raises(FeedError, match="commit 1234567890ab is not in the repository"):
+        decide_build(advisory, "0.0.0-20260301000000-1234567890ab", repo=repo)
+
+
+def test_suite_commit_build_with_kata_commit_and_kata_repo(pytester: pytest.Pytester, tmp_path: Path,
+                                                           fix_history: dict[str, Any]) -> None:
+    tree = make_kata_tree(tmp_path / "t", "3.26.0")
+    c = fix_history["commits"]
+    args = ("--kata-advisories", str(fix_history["feed"]), "--kata-repo", str(fix_history["repo"]))
+    result, verdict = run_suite(pytester, tree, *args, "--kata-commit", c["after"])
+    assert verdict["results"][0]["status"] == "pass", result.stdout.str()
+    assert "is an ancestor" in verdict["results"][0]["evidence"]["decided_by"]
+    assert verdict["verdict"] == "accept"
+    result, verdict = run_suite(pytester, tree, *args, "--kata-commit", c["before"])
+    assert verdict["results"][0]["status"] == "fail" and verdict["verdict"] == "reject"
+    assert verdict["results"][0]["evidence"]["build"]["commit"] == c["before"]
+
+
+def test_version_is_checked_against_the_shim_binary(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    lying = make_shipping_tree(tmp_path / "lie", "4.1.0", go=("qemu",), shim_says="3.30.0")
+    result, verdict = run_suite(pytester, lying)
+    assert {r["status"] for r in verdict["results"]} == {"error"} and verdict["verdict"] == "reject"
+    result.stdout.fnmatch_lines(["*containerd-shim-kata-v2 --version (go) says 3.30.0 but VERSION says 4.1.0*"])
+    honest = make_shipping_tree(tmp_path / "ok", "4.1.0", go=("qemu",), shim_says="4.1.0")
+    _, verdict = run_suite(pytester, honest)
+    assert verdict["verdict"] == "accept"
+    build = verdict["results"][0]["evidence"]["build"]
+    assert build["binaries"] == {"containerd-shim-kata-v2 --version (go)": "4.1.0"} and not build["mismatches"]
+    _, verdict = run_suite(pytester, make_shipping_tree(tmp_path / "noshim", "4.1.0", go=("qemu",)))
+    assert verdict["verdict"] == "accept"
+    assert any("ships no runnable containerd-shim-kata-v2" in n
+               for n in verdict["results"][0]["evidence"]["build"]["binary_notes"])
+
+
+def test_vendor_build_is_judged_by_its_base_plus_the_backport_list(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    backports = tmp_path / "backports.toml"
+    backports.write_text('[backports]\n"GHSA-wwj6-vghv-5p64" = "6a672503 cherry-picked as abc1234 in kata2"\n')
+    feed = {a.id: a for a in load_feed()}
+    kept = load_backports(backports)
+    fixed = decide_build(feed["GHSA-wwj6-vghv-5p64"], "3.19.1.kata2", backports=kept,
+                         backports_file=str(backports))
+    assert not fixed.affected and fixed.backported and "abc1234" in fixed.evidence
+    assert fixed.evidence.startswith("vendor build 3.19.1.kata2 judged by its upstream base 3.19.1")
+    still = decide_build(feed["GHSA-rr59-xxvx-96qr"], "3.19.1.kata2", backports=kept)
+    assert still.affected and still.backported is None
+    rc, out, _ = run_cli(capsys, "advisories", "--version", "3.19.1.kata2", "--backports", str(backports), "--all")
+    assert rc == 1 and "[not affected] Kata Container to Guest micro VM" in out and "backported" in out
+    backports.write_text("backports = 3\n")
+    rc, _, err = run_cli(capsys, "advisories", "--version", "3.19.1.kata2", "--backports", str(backports))
+    assert rc == 2 and str(backports) in err and "[backports] table" in err
+
+
+def test_refresh_merges_and_keeps_explicit_version_lists(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """An upstream GHSA record (pseudo-version range only, newer) merges into the feed: the feed keeps its
+    other records and this record's explicit versions enumeration and scope."""
+    target = tmp_path / "feed.json"
+    target.write_text(DEFAULT_FEED.read_text())
+    shipped = {a.id: a for a in load_feed()}
+    upstream = copy.deepcopy(shipped["GHSA-wwj6-vghv-5p64"].raw)
+    upstream["affected"] = upstream["affected"][:1]  # what GitHub publishes: the Go pseudo-version range
+    upstream["database_specific"] = {"severity": "MODERATE"}
+    upstream["modified"] = "2027-01-01T00:00:00Z"
+    new = record(id="GHSA-3456-789c-fghj", affected=[{"versions": ["4.1.0"]}])
+    source = tmp_path / "upstream.json"
+    source.write_text(json.dumps([upstream, new]))
+    rc, out, _ = run_cli(capsys, "advisories", "refresh", "--from", str(source), "--to", str(target))
+    assert rc == 0 and "1 added, 0 removed, 1 changed, 15 kept" in out
+    merged = {a.id: a for a in load_feed([target])}
+    assert set(merged) == set(shipped) | {"GHSA-3456-789c-fghj"}
+    wwj6 = merged["GHSA-wwj6-vghv-5p64"]
+    assert wwj6.modified == "2027-01-01T00:00:00Z" and scope_of(wwj6).hypervisors == ("clh",)
+    assert decide(wwj6, "3.26.0").evidence == "3.26.0 listed in affected[1].versions (GIT entry)"
+    rc, out, _ = run_cli(capsys, "advisories", "refresh", "--from", str(source), "--to", str(target),
+                         "--replace", "--dry-run")
+    assert rc == 0 and "would write 2" in out and "15 removed" in out

@@ -393,3 +393,48 @@ def test_booted_surface_of_the_reference_candidate() -> None:
 
     seconds, sockets = measure_booted(ensure_reference("candidate", "hardened"), "qemu")
     assert seconds > 0 and sockets == []
+
+
+# ---- read-only root judged from how the candidate attaches its image ------------------------------------
+
+
+UPSTREAM = Path(__file__).resolve().parents[1] / "fixtures" / "configs" / "upstream"
+
+
+def readonly_root(images: dict[str, Path], config: Any) -> tuple[Any, str]:
+    from pytest_kata.images.facts import root_attachment
+
+    attachment = root_attachment(config)
+    with open_image(images["minimal"]) as root:
+        f = image_facts(root, cmdline=attachment.cmdline(config), attachment=attachment)
+    rule = next(r for r in load_rules("image") if r.id == "KATA-IMG-012")
+    return evaluate(rule, f, {"image_kind": "ext4"}).status, f["root.readonly_reason"]
+
+
+def test_read_only_root_follows_the_real_configurations_image_attachment(images: dict[str, Path]) -> None:
+    """KATA-IMG-012 from the candidate's own attachment (disable_image_nvdimm, vm_rootfs_driver, kernel_params),
+    not from a command line the harness prefixes with `ro`."""
+    from pytest_kata.kataconfig import load_config
+
+    qemu = load_config(UPSTREAM / "configuration-qemu.toml")  # NVDIMM, attached read-only by the runtime
+    status, why = readonly_root(images, qemu)
+    assert status == "pass" and "nvdimm" in why and "root=/dev/pmem0p1" in root_cmdline(qemu)
+    clh = load_config(UPSTREAM / "configuration-clh.toml")  # disable_image_nvdimm = true: a read-only disk
+    status, why = readonly_root(images, clh)
+    assert status == "pass" and "virtio-blk" in why and "root=/dev/vda1" in root_cmdline(clh)
+    pmem = clh.with_changes({"hypervisor.clh.disable_image_nvdimm": False})  # GHSA-wwj6: writable virtio-pmem
+    status, why = readonly_root(images, pmem)
+    assert status == "fail" and "GHSA-wwj6" in why
+    rw = qemu.with_changes({"hypervisor.qemu.kernel_params": "rw"})  # kernel_params come after the root ones
+    status, why = readonly_root(images, rw)
+    assert status == "fail" and "rw" in why
+    arm = qemu.with_changes({"hypervisor.qemu.machine_type": "virt"})  # arm64 QEMU: NVDIMM cannot be read-only
+    assert readonly_root(images, arm)[0] == "fail"
+    rs = load_config(UPSTREAM / "runtime-rs" / "configuration-qemu-runtime-rs.toml")
+    assert "root=/dev/pmem0p1" in root_cmdline(rs) and "vm_rootfs_driver virtio-pmem" in readonly_root(images, rs)[1]
+
+
+def root_cmdline(config: Any) -> str:
+    from pytest_kata.images.facts import root_attachment
+
+    return root_attachment(config).cmdline(config)

@@ -266,3 +266,21 @@ def test_suite_without_kernel_config_is_an_error(pytester: pytest.Pytester, tmp_
     assert [r["status"] for r in verdict["results"]] == ["error"]
     assert "no config-* beside it and no IKCONFIG inside" in verdict["results"][0]["evidence"]["message"]
     assert result.ret == pytest.ExitCode.TESTS_FAILED
+
+
+def test_device_cgroup_without_bpf_fails_when_the_real_config_disables_cgroup_v1() -> None:
+    """The real 4.1.0 QEMU configuration boots with cgroup_no_v1=all: then only CGROUP_BPF (cgroup v2's eBPF
+    device controller) enforces device access; CGROUP_DEVICE alone is enough only while cgroup v1 is on."""
+    from pytest_kata.kataconfig import load_config
+
+    cmdline = load_config(REPO / "fixtures/configs/upstream/configuration-qemu.toml").get(
+        "hypervisor.qemu.kernel_params")
+    assert "cgroup_no_v1=all" in cmdline
+    real = sorted(Path("/boot").glob("config-*")) or sorted(REPO.glob("fixtures/out/reference-candidate*/**/config-*"))
+    assert real, "a real kernel config (the Debian kernel's, as the reference candidate ships it)"
+    text = "\n".join(ln for ln in real[-1].read_text().splitlines()
+                     if not ln.startswith(("CONFIG_CGROUP_BPF=", "# CONFIG_CGROUP_BPF ")))
+    no_bpf = parse_kconfig(text + "\n# CONFIG_CGROUP_BPF is not set\nCONFIG_CGROUP_DEVICE=y\n", "config-no-bpf")
+    assert outcomes(no_bpf, cmdline=cmdline)["KATA-KCONF-051"][0] == "fail"
+    assert outcomes(no_bpf, cmdline="systemd.unified_cgroup_hierarchy=0")["KATA-KCONF-051"][0] == "pass"
+    assert outcomes(load_kconfig(real[-1]), cmdline=cmdline)["KATA-KCONF-051"][0] == "pass"

@@ -55,7 +55,7 @@ def test_upstream_defaults_are_rejected_with_concrete_reasons(pytester: pytest.P
     result, verdict = run(pytester, kata_tree(tmp_path, "upstream"), "--kata-shim", "all")
     assert result.ret == pytest.ExitCode.TESTS_FAILED and verdict["verdict"] == "reject"
     results = by_id(verdict)
-    assert len(results) == 9 * 52  # one item per rule and configuration file
+    assert len(results) == 9 * 55  # one item per rule and configuration file
     seccomp = results["KATA-CFG-006[configuration-qemu.toml]"]
     assert seccomp["status"] == "fail" and seccomp["severity"] == "high"
     assert seccomp["evidence"]["actual"] is True and seccomp["evidence"]["expected"] == "== false"
@@ -75,11 +75,22 @@ def test_hardened_variant_is_accepted(pytester: pytest.Pytester, tmp_path: Path)
     assert verdict["totals"]["pass"] > 200
 
 
-def test_default_shim_only_unless_told(pytester: pytest.Pytester, tmp_path: Path) -> None:
+def test_every_shipped_configuration_unless_narrowed(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """A release gate judges every configuration the release ships (the nine real 4.1.0 files), grouped by
+    file in the table; --kata-shim narrows to one."""
     tree = kata_tree(tmp_path, "upstream")
-    _, verdict = run(pytester, tree)
+    result, verdict = run(pytester, tree)
     configs = {r["evidence"].get("config", "").rsplit("/", 1)[-1] for r in verdict["results"]}
-    assert configs == {"configuration-qemu-runtime-rs.toml"}  # the bundle's default shim (runtime-rs layout)
+    assert configs == {p.name for p in (CONFIGS / "upstream").rglob("configuration-*.toml")}
+    assert len(configs) == 9 and verdict["verdict"] == "reject"
+    assert by_id(verdict)["KATA-CFG-006[configuration-clh.toml]"]["status"] == "fail"
+    table = result.stdout.str()
+    headers = [line for line in table.splitlines() if line.startswith("== ")]
+    assert "== share/defaults/kata-containers/configuration-clh.toml" in headers
+    assert len(headers) == 9
+    clh = table.index("== share/defaults/kata-containers/configuration-clh.toml")
+    fc = table.index("== share/defaults/kata-containers/configuration-fc.toml")
+    assert "KATA-CFG-006[configuration-clh.toml]" in table[clh:fc]
     _, verdict = run(pytester, tree, "--kata-shim", "clh")
     assert {r["id"].split("[")[1] for r in verdict["results"]} == {"configuration-clh.toml]"}
     result, _ = run(pytester, tree, "--kata-shim", "acrn")

@@ -205,9 +205,15 @@ def test_static_checks_on_upstream_and_hardened_configs():
     weak = hardened.with_changes({"hypervisor.qemu.virtio_fs_extra_args": ["--sandbox=none"]})
     assert escape.virtiofsd_sandbox(weak, "4.1.0").status == "fail"
     assert escape.annotation_exec(hardened, "4.1.0").status == "pass"
-    assert escape.annotation_exec(hardened.with_changes({"hypervisor.qemu.enable_annotations": ["path"],
-                                                         "hypervisor.qemu.valid_hypervisor_paths": []}),
-                                  "4.1.0").status == "fail"
+    # an empty allowlist rejects every value of the annotation in both runtimes: the safest setting
+    empty = escape.annotation_exec(hardened.with_changes({"hypervisor.qemu.enable_annotations": ["path"],
+                                                          "hypervisor.qemu.valid_hypervisor_paths": []}), "4.1.0")
+    assert empty.status == "pass" and "any path" not in str(empty.evidence)
+    assert "every value of the annotation is rejected" in str(empty.evidence)
+    globbed = escape.annotation_exec(hardened.with_changes({"hypervisor.qemu.enable_annotations": ["path"],
+                                                            "hypervisor.qemu.valid_hypervisor_paths": ["/opt/*"]}),
+                                     "4.1.0")
+    assert globbed.status == "fail" and "glob allowlist ['/opt/*']" in globbed.message
     assert escape.writable_image(hardened.with_changes({"hypervisor.qemu.kernel_params": "rw"}), "4.1.0").status \
         == "fail"
     assert escape.sandbox_bind_mounts(hardened.with_changes({"runtime.sandbox_bind_mounts": ["/etc"]}),

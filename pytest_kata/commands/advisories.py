@@ -21,11 +21,16 @@ from pytest_kata.advisories import (
     DEFAULT_FEED,
     RELEASES_ATOM,
     Advisory,
+    BuildVersion,
+    Deployment,
     ReleaseVersion,
-    check_version,
+    advisory_from_record,
+    decide_build,
     full_release_problem,
+    load_backports,
     load_feed,
     load_releases,
+    merge_feed,
     normalise_release,
     watch_releases,
 )
@@ -56,6 +61,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="OSV feed: a JSON file (object or array), a directory tree (e.g. a GitHub "
                         "advisory-database checkout), a .zip dump, or a URL; repeatable "
                         "(default: the shipped feed)")
+    p.add_argument("--repo", metavar="PATH",
+                   help="a kata-containers git clone: decides commit builds (pseudo-version or git describe "
+                        "--version) by whether the fix commit is an ancestor")
+    p.add_argument("--backports", metavar="FILE",
+                   help="vendor builds (e.g. --version 3.19.1.kata2): TOML [backports] table of advisory id = "
+                        "the backported fix")
     p.add_argument("--all", action="store_true",
                    help="also print the advisories that do not affect the release")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -69,6 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--to", dest="target", default=str(DEFAULT_FEED), metavar="FILE",
                    help=f"where to write (default: the shipped feed {DEFAULT_FEED})")
     r.add_argument("--dry-run", action="store_true", help="validate and show the changes, write nothing")
+    r.add_argument("--replace", action="store_true",
+                   help="replace the feed with the source instead of merging the source into it")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=_refresh)
 
@@ -79,18 +92,26 @@ def _main(args: argparse.Namespace) -> int:
     if args.current or args.prereleases:
         raise KataError("--current/--prereleases only go with --atom")
     advisories = load_feed(args.feed)
+    deployment = None
     if args.bundle:
         version, where = _bundle_version(args.bundle), ", ".join(args.bundle)
+        deployment = _bundle_deployment(args.bundle)
     elif args.release:
         version, where = args.release, None
     else:
         return _list(advisories, args)
-    problem = full_release_problem(version)
+    build = BuildVersion.parse(version)
+    if build is None:
+        raise FeedError(f"{version!r} is not a Kata release number (expected X.Y.Z, e.g. 3.27.0), Go "
+                        "pseudo-version, git describe output or vendor build (3.19.1.kata2)", path=where)
+    problem = full_release_problem(version) if build.kind == "release" else None
     if problem:
         raise FeedError(f"{version!r} {problem} (expected X.Y.Z, e.g. 3.27.0)", path=where)
-    decisions = check_version(advisories, version)
-    affected = [d for d in decisions if d.affected]
-    undecided = [d for d in decisions if d.undecided]
+    backports = load_backports(args.backports) if args.backports else {}
+    decisions = [decide_build(a, version, repo=args.repo, backports=backports, deployment=deployment,
+                              backports_file=args.backports) for a in advisories]
+    affected = [d for d in decisions if d.affected and d.applicable]
+    undecided = [d for d in decisions if d.undecided and d.applicable]
     if args.json:
         shown = decisions if args.all else affected + undecided
         print(json.dumps({"version": normalise_release(version), "bundle": where,
@@ -111,6 +132,7 @@ def _main(args: argparse.Namespace) -> int:
         print(f"  {'severity':<9} {'advisory':<20} {'fixed in':<9} summary")
     for d in rows:
         state = "" if d.affected else ("[cannot decide] " if d.undecided else "[not affected] ")
+        state = state if d.applicable else "[not applicable] "
         print(f"  {d.advisory.severity:<9} {d.advisory.id:<20} {d.fixed or '?':<9} {state}{d.advisory.title}")
         print(f"  {'':<9} decided by: {d.evidence}")
     upgrade = _upgrade_to(affected)
@@ -118,6 +140,13 @@ def _main(args: argparse.Namespace) -> int:
         print(f"upgrade to {upgrade} or later (the first release that carries every fix)")
     print(f"feed: {_feed_names(args.feed)}")
     return 1 if affected or undecided else 0
+
+
+def _bundle_deployment(paths: list[str]) -> Deployment | None:
+    """The bundle's configurations (for scoping advisories to what it ships)."""
+    from pytest_kata import bundle as bundle_lib
+
+    return Deployment.from_bundle(bundle_lib.open_bundle(paths))
 
 
 def _feed_names(feeds: list[str] | None) -> str:
@@ -194,23 +223,28 @@ def _refresh(args: argparse.Namespace) -> int:
         raise FeedError("no advisories found; refusing to replace the feed with an empty one",
                         path=", ".join(args.source))
     target = Path(args.target)
-    before: dict[str, str] = {}
+    existing: list[Advisory] = []
     if target.is_file():
         try:
-            before = {a.id: a.modified or "" for a in load_feed([target])}
+            existing = load_feed([target])
         except FeedError:
-            before = {}
-    after = {a.id: a.modified or "" for a in advisories}
+            existing = []
+    before = {a.id: a.raw for a in existing}
+    incoming = [a.raw for a in advisories]
+    records = sorted(incoming, key=lambda r: r["id"]) if args.replace else merge_feed(list(before.values()),
+                                                                                        incoming)
+    after = {r["id"]: r for r in records}
     added = sorted(set(after) - set(before))
     removed = sorted(set(before) - set(after))
     changed = sorted(i for i in set(after) & set(before) if after[i] != before[i])
-    no_enumeration = [a.id for a in advisories
-                      if not any(e.get("versions") for e in a.affected) and not a.first_release_with_fix]
-    summary = {"source": args.source, "target": str(target), "advisories": len(advisories), "added": added,
-               "removed": removed, "changed": changed, "without_versions_list": no_enumeration,
+    kept = sorted(set(before) - {a.id for a in advisories} - set(removed))
+    no_enumeration = [i for i, r in after.items()
+                      if not any(e.get("versions") for e in r.get("affected") or [])
+                      and not advisory_from_record(r).first_release_with_fix]
+    summary = {"source": args.source, "target": str(target), "advisories": len(records), "added": added,
+               "removed": removed, "changed": changed, "kept": kept, "without_versions_list": no_enumeration,
                "written": not args.dry_run}
     if not args.dry_run:
-        records = sorted((a.raw for a in advisories), key=lambda r: r["id"])
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")
         tmp.write_text(json.dumps(records, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -219,8 +253,8 @@ def _refresh(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     verb = "would write" if args.dry_run else "wrote"
-    print(f"{verb} {len(advisories)} advisories to {target}: {len(added)} added, {len(removed)} removed, "
-          f"{len(changed)} changed")
+    print(f"{verb} {len(records)} advisories to {target}: {len(added)} added, {len(removed)} removed, "
+          f"{len(changed)} changed, {len(kept)} kept")
     for label, ids in (("added", added), ("removed", removed), ("changed", changed)):
         if ids:
             print(f"  {label}: {', '.join(ids)}")

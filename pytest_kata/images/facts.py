@@ -62,9 +62,78 @@ class ImageFacts:
         return {**self.values, "notes": list(self.notes)}
 
 
-def image_facts(root: RootView, *, cmdline: str | None = None, verity_params: str | None = None) -> ImageFacts:
+@dataclass(frozen=True)
+class RootAttachment:
+    """How the runtime attaches the guest image (from the configuration) and the root parameters it puts on
+    the guest kernel command line before ``kernel_params``."""
+
+    device: str  # nvdimm / virtio-pmem / virtio-blk / initrd
+    root_params: str
+    writable: bool | None  # True: the guest can write the backing device whatever the mount says; None: unknown
+    why: str
+
+    def cmdline(self, config: Any) -> str:
+        """The guest command line: root parameters, then ``kernel_params`` (a later ro/rw wins), then what the
+        agent debug settings add."""
+        parts = [self.root_params] if self.root_params else []
+        params = config.get("hypervisor.*.kernel_params", "") if config is not None else ""
+        if params:
+            parts.append(str(params))
+        if config is not None and config.get("agent.kata.debug_console_enabled", False):
+            parts.append("agent.debug_console agent.debug_console_vport=1026")
+        if config is not None and config.get("agent.kata.enable_debug", False):
+            parts.append("agent.log=debug")
+        return " ".join(parts)
+
+
+def root_attachment(config: Any, *, is_image: bool = True) -> RootAttachment:
+    """How the runtime of ``config`` (a KataConfig) attaches its image: ``disable_image_nvdimm`` (Go),
+    ``vm_rootfs_driver`` (runtime-rs), the hypervisor and its machine type."""
+    if not is_image:
+        return RootAttachment("initrd", "", None, "an initrd: the root is a tmpfs/ramfs in guest memory")
+    hv = getattr(config, "hypervisor", None) or ""
+    table: dict[str, Any] = getattr(config, "hypervisor_table", dict)()
+    fstype = str(table.get("rootfs_type") or "ext4")
+    flags = "data=ordered,errors=remount-ro" if fstype == "ext4" else ""
+
+    def params(device: str, dax: bool) -> str:
+        rootflags = ",".join(f for f in ("dax" if dax and flags else "", flags) if f)
+        return " ".join(p for p in (f"root={device}", f"rootflags={rootflags}" if rootflags else "", "ro",
+                                    f"rootfstype={fstype}") if p)
+
+    if getattr(config, "runtime_rs", False):
+        driver = str(table.get("vm_rootfs_driver") or ("virtio-pmem" if hv == "qemu" else "virtio-blk-pci"))
+        if "pmem" in driver:
+            return RootAttachment("virtio-pmem", params("/dev/pmem0p1", True), None,
+                                  f"runtime-rs attaches the image with vm_rootfs_driver {driver}; whether the "
+                                  "device is read-only cannot be told from the configuration")
+        return RootAttachment("virtio-blk", params("/dev/vda1", False), None,
+                              f"runtime-rs attaches the image with vm_rootfs_driver {driver}")
+    if hv == "qemu" and not table.get("disable_image_nvdimm", False):
+        if str(table.get("machine_type", "")) == "virt":
+            return RootAttachment("nvdimm", params("/dev/pmem0p1", True), True,
+                                  "QEMU NVDIMM on arm64 (machine_type virt) cannot be read-only "
+                                  "(GHSA-wwj6-vghv-5p64): the guest can write the image's DAX window")
+        return RootAttachment("nvdimm", params("/dev/pmem0p1", True), False,
+                              "the Go runtime attaches the image as a read-only QEMU nvdimm "
+                              "(disable_image_nvdimm = false)")
+    if hv == "clh" and not table.get("disable_image_nvdimm", True):
+        return RootAttachment("virtio-pmem", params("/dev/pmem0p1", True), True,
+                              "Cloud Hypervisor virtio-pmem (disable_image_nvdimm = false) has a writable DAX "
+                              "window (GHSA-wwj6-vghv-5p64): a container with CAP_MKNOD rewrites guest binaries")
+    if hv == "clh":
+        return RootAttachment("virtio-blk", params("/dev/vda1", False), False,
+                              "Cloud Hypervisor attaches the image as a read-only virtio-blk disk "
+                              "(disable_image_nvdimm = true)")
+    return RootAttachment("virtio-blk", params("/dev/vda1", False), None,
+                          f"{hv or 'the hypervisor'} attaches the image as a virtio-blk disk")
+
+
+def image_facts(root: RootView, *, cmdline: str | None = None, verity_params: str | None = None,
+                attachment: RootAttachment | None = None) -> ImageFacts:
     """Collect the facts of one image. ``cmdline`` is the kernel command line Kata passes (config
-    ``kernel_params`` plus the runtime's defaults) when known; ``verity_params`` Kata's ``kernel_verity_params``."""
+    ``kernel_params`` plus the runtime's defaults) when known; ``verity_params`` Kata's ``kernel_verity_params``;
+    ``attachment`` how the configuration attaches the image (a writable device makes the root writable)."""
     facts = ImageFacts()
     v = facts.values
     entries = root.entries()
@@ -97,7 +166,7 @@ def image_facts(root: RootView, *, cmdline: str | None = None, verity_params: st
     _init(root, v)
     _services(root, v)
     _cmdline(v, cmdline, verity_params)
-    _root_readonly(root, v, cmdline)
+    _root_readonly(root, v, cmdline, attachment)
     _sysctls(root, v, cmdline, facts.notes)
     return facts
 
@@ -238,8 +307,10 @@ def _cmdline(v: dict[str, Any], cmdline: str | None, verity_params: str | None) 
     v["root.dm_verity"] = verity
 
 
-def _root_readonly(root: RootView, v: dict[str, Any], cmdline: str | None) -> None:
-    """Kernel mounts root ro unless ``rw`` is given; systemd then applies fstab's options for ``/``."""
+def _root_readonly(root: RootView, v: dict[str, Any], cmdline: str | None,
+                   attachment: RootAttachment | None = None) -> None:
+    """Kernel mounts root ro unless ``rw`` is given; systemd then applies fstab's options for ``/``; a device
+    the guest can write (a DAX window without read-only) makes any mount option moot."""
     tokens = _cmdline_tokens(cmdline)
     kernel_ro = True
     for t in tokens:  # the last of ro/rw wins, as in the kernel
@@ -262,6 +333,10 @@ def _root_readonly(root: RootView, v: dict[str, Any], cmdline: str | None) -> No
             if re.search(r"mount\s+.*remount,\s*rw|mount\s+-o\s+rw,remount|remount,rw", text):
                 readonly = False
                 reasons.append(f"{path} remounts / read-write")
+    if attachment is not None and root.kind != "initrd":
+        reasons.insert(0, f"image attached as {attachment.device}: {attachment.why}")
+        if attachment.writable:
+            readonly = False
     if root.kind == "initrd":
         readonly = False
         reasons = ["an initrd root is a writable tmpfs/ramfs"]

@@ -150,8 +150,8 @@ def drift(shipped: KataConfig, installed: KataConfig) -> list[str]:
 
 
 def config_subjects(bundle: Any, shim: str | None, installed_path: str | None) -> list[ConfigSubject]:
-    """The configurations to check: the chosen shim's (default: the bundle's default), or all with ``all``."""
-    shims = list(bundle.shims.values()) if shim == "all" else [bundle.shim(shim)]
+    """The configurations to check: every shipped one (default, or ``all``), or the one ``shim`` names."""
+    shims = list(bundle.shims.values()) if shim in (None, "", "all") else [bundle.shim(shim)]
     installed = load_config(installed_path) if installed_path else None
     if installed is not None:
         target = _installed_target(bundle, installed)

@@ -118,7 +118,16 @@ def display_key(facts: FactSource, key: str) -> str:
     return ".".join(parts)
 
 
-def _leaf(check: Check, facts: FactSource) -> _Leaf:
+def _context_default(check: Check, context: dict[str, Any]) -> tuple[Any, str]:
+    """The built-in default of an absent key for this subject (ABSENT when the rule names none)."""
+    for name, table in check.context_default.items():
+        have = context.get(name)
+        if have is not None and str(have) in table:
+            return table[str(have)], f"{name} {have} defaults to {_show(table[str(have)])}"
+    return ABSENT, ""
+
+
+def _leaf(check: Check, facts: FactSource, context: dict[str, Any] | None = None) -> _Leaf:
     assert check.key is not None and check.op is not None
     value = facts.get(check.key, ABSENT)
     key = display_key(facts, check.key)
@@ -139,6 +148,9 @@ def _leaf(check: Check, facts: FactSource) -> _Leaf:
         return _Leaf(True, "pass", None, shown, f"{key} is not set")
     if value is ABSENT and check.has_default:
         value = check.default
+    default_note = ""
+    if value is ABSENT and check.context_default:
+        value, default_note = _context_default(check, context or {})
     if value is ABSENT:
         text = f"{key} is not set"
         if check.op == "exists":
@@ -150,6 +162,9 @@ def _leaf(check: Check, facts: FactSource) -> _Leaf:
         ok = OPERATORS[check.op](compared, expected_value)
     except (TypeError, ValueError) as exc:
         return _Leaf(None, "error", value, shown, f"{key} = {value!r} cannot be compared: {exc}")
+    if default_note:
+        return _Leaf(ok, "pass" if ok else "fail", value, shown,
+                     f"{key} is not set ({default_note}), expected {shown}")
     return _Leaf(ok, "pass" if ok else "fail", value, shown, f"{key} is {_show(value)}, expected {shown}")
 
 
@@ -159,10 +174,10 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
-def run_check(check: Check, facts: FactSource) -> Outcome:
+def run_check(check: Check, facts: FactSource, context: dict[str, Any] | None = None) -> Outcome:
     """Evaluate a check (no applicability, no waivers): pass/fail/error/notapplicable with evidence."""
     if not check.composite:
-        leaf = _leaf(check, facts)
+        leaf = _leaf(check, facts, context)
         return Outcome(
             leaf.status,
             leaf.actual,
@@ -170,7 +185,7 @@ def run_check(check: Check, facts: FactSource) -> Outcome:
             leaf.message,
             [display_key(facts, k) for k in check.fact_keys()],
         )
-    subs = [run_check(sub, facts) for sub in (check.all or check.any)]
+    subs = [run_check(sub, facts, context) for sub in (check.all or check.any)]
     actual = {(s.keys[0] if s.keys else "?"): s.actual for s in subs}
     expected = (" and " if check.all else " or ").join(f"({s.expected})" if len(subs) > 1 else s.expected for s in subs)
     by_status = {st: [s for s in subs if s.status == st] for st in ("pass", "fail", "error", "notapplicable")}
@@ -196,7 +211,7 @@ def evaluate(rule: Rule, facts: FactSource, context: dict[str, Any] | None = Non
     if not ok:
         return Outcome("notapplicable", None, "", f"{rule.id} does not apply: {why}", rule.check.fact_keys())
     if rule.when is not None:
-        pre = run_check(rule.when, facts)
+        pre = run_check(rule.when, facts, context)
         if pre.status != "pass":
             return Outcome(
                 "notapplicable",
@@ -205,4 +220,4 @@ def evaluate(rule: Rule, facts: FactSource, context: dict[str, Any] | None = Non
                 f"precondition not met: {pre.message}",
                 rule.check.fact_keys(),
             )
-    return run_check(rule.check, facts)
+    return run_check(rule.check, facts, context)

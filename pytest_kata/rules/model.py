@@ -15,7 +15,9 @@ A rule file (``pytest_kata/data/rules/<set>.toml``) is a list of ``[[rule]]`` ta
     good = { "runtime.disable_guest_seccomp" = false }
 
 A check is either a leaf (``key``, ``op``, ``expected`` or ``expected_key``, ``missing``, ``default``,
-``join``, ``missing_note``) or a composition (``all = [...]`` / ``any = [...]``). Every problem in a rule
+``context_default``, ``join``, ``missing_note``) or a composition (``all = [...]`` / ``any = [...]``).
+``context_default = { runtime = { go = false, runtime-rs = true } }`` gives the value an absent key has in
+each runtime (or hypervisor, ...), because an absent key means the runtime's built-in default. Every problem in a rule
 file is a :class:`~pytest_kata.errors.ConfigError` naming the file and the rule id.
 """
 
@@ -47,7 +49,8 @@ RULE_FIELDS = {
     "test",
     "description",
 }
-LEAF_FIELDS = {"key", "op", "expected", "expected_key", "missing", "missing_note", "default", "join"}
+LEAF_FIELDS = {"key", "op", "expected", "expected_key", "missing", "missing_note", "default", "context_default",
+               "join"}
 # What subjects tell the engine about themselves (applies = {...} keys); a rule file can add its own.
 CONTEXT_KEYS = frozenset(
     {"runtime", "hypervisor", "confidential", "shim", "config", "kernel_version", "arch", "image_kind", "init"}
@@ -67,6 +70,9 @@ class Check:
     missing_note: str | None = None  # what an absent key means, in words, for the report
     default: Any = None
     has_default: bool = False
+    # the value an absent key has, per subject context: {"runtime": {"go": false, "runtime-rs": true}} says
+    # each runtime's built-in default; a context value not listed falls back to ``missing``
+    context_default: dict[str, dict[str, Any]] = field(default_factory=dict)
     join: str | None = None
     all: tuple[Check, ...] = ()
     any: tuple[Check, ...] = ()
@@ -256,6 +262,10 @@ def parse_check(raw: Any, path: Path | str, where: str) -> Check:
     missing = raw.get("missing", "fail")
     if missing not in MISSING_POLICIES:
         raise ConfigError(f"{where}: missing = {missing!r} not in {', '.join(MISSING_POLICIES)}", path=path)
+    context_default = raw.get("context_default", {})
+    if not isinstance(context_default, dict) or not all(isinstance(v, dict) for v in context_default.values()):
+        raise ConfigError(f"{where}: context_default must be a table of context key -> {{value = default}}",
+                          path=path)
     return Check(
         key=key,
         op=op,
@@ -265,5 +275,6 @@ def parse_check(raw: Any, path: Path | str, where: str) -> Check:
         missing_note=raw.get("missing_note"),
         default=raw.get("default"),
         has_default="default" in raw,
+        context_default={str(k): dict(v) for k, v in context_default.items()},
         join=raw.get("join"),
     )

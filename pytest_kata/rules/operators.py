@@ -78,6 +78,7 @@ OPERATORS: dict[str, Operator] = {
     "regex": lambda a, e: all(_search(e, item) for item in _items(a)),
     "not_regex": lambda a, e: not any(_search(e, item) for item in _items(a)),
     "no_pattern_matches": _no_pattern_matches,
+    "bits_clear": lambda a, e: int(a) & int(e) == 0,
     "gte": lambda a, e: _number(a) >= _number(e),
     "lte": lambda a, e: _number(a) <= _number(e),
     "exists": lambda a, e: True,  # reached only when the key is present
@@ -103,6 +104,7 @@ DESCRIBE = {
     "regex": "matching /{e}/",
     "not_regex": "not matching /{e}/",
     "no_pattern_matches": "no pattern matching any of {e}",
+    "bits_clear": "with bits {e} clear",
     "gte": ">= {e}",
     "lte": "<= {e}",
     "exists": "set",

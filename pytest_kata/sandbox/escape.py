@@ -38,8 +38,10 @@ def annotation_exec(config: Any, version: str | None) -> Outcome:
         hits = annotation_enabled(config, name)
         allow = config.get(f"hypervisor.*.{allow_key}", []) or []
         ev[name] = {"enabled_by": hits, allow_key: allow}
-        if hits and (not allow or any(ch in str(p) for p in allow for ch in "*?[")):
-            problems.append(f"annotation '{name}' enabled by {hits} with allowlist {allow or 'empty (any path)'}")
+        if not allow:  # both runtimes reject every value of a restricted annotation without an allowlist
+            ev[name]["note"] = f"{allow_key} empty or absent: every value of the annotation is rejected"
+        elif hits and any(ch in str(p) for p in allow for ch in "*?["):
+            problems.append(f"annotation '{name}' enabled by {hits} with a glob allowlist {allow}")
     config_outcome = Outcome("fail", "mode: static: " + "; ".join(problems), _ev(annotations=ev)) if problems else \
         Outcome("pass", "mode: static: binary-path annotations are disabled or pinned to exact paths",
                 _ev(annotations=ev))

@@ -1,10 +1,14 @@
-"""Advisory gate: one check per advisory in the feed, failing when the candidate's release is affected.
+"""Advisory gate: one check per advisory in the feed, failing when the candidate is affected.
 
 Run: ``pytest suites/advisories --kata-candidate BUNDLE [--kata-advisories FEED ...]``. The feed defaults to
 the Kata advisories shipped with pytest-kata (``pytest-kata advisories refresh`` updates it). Each item's id
 is the advisory id; the verdict carries the evidence that decided (``decided_by``), the fixed release and the
-candidate's release number. The decision logic lives in :mod:`pytest_kata.advisories` (it never compares a
-release number with a Go pseudo-version range).
+candidate's build. An advisory about a component or mode that none of the judged configurations ships
+(runtime-rs, a hypervisor, Confidential Containers) is ``notapplicable`` with the reason. A commit build
+(``--kata-commit SHA --kata-repo PATH``, or a pseudo-version / ``git describe`` version) is decided by git
+ancestry of the fix commit; a vendor build (``3.19.1.kata2``) by its upstream base plus ``--kata-backports``.
+An affected candidate is rejected whatever the advisory's CVSS severity (``--kata-fail-on`` is for rules).
+The decision logic lives in :mod:`pytest_kata.advisories`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,16 @@ from typing import Any
 
 import pytest
 
-from pytest_kata.advisories import Advisory, ReleaseVersion, decide, normalise_release
+from pytest_kata.advisories import (
+    Advisory,
+    CandidateBuild,
+    Deployment,
+    candidate_build,
+    decide_build,
+    load_backports,
+)
+from pytest_kata.errors import KataError
+from pytest_kata.options import KataSettings
 from pytest_kata.plugin import ADVISORY_PREFIXES
 from pytest_kata.plugins.advisories import advisory_feed
 from pytest_kata.recorder import CheckRecorder
@@ -29,14 +42,31 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("advisory", params)
 
 
-def test_advisory(advisory: Advisory, kata_candidate: Any, kata_result: CheckRecorder) -> None:
-    """The candidate's Kata release is not affected by this advisory."""
+@pytest.fixture(scope="module")
+def advisory_subject(kata_candidate: Any, kata_settings: KataSettings) -> dict[str, Any]:
+    """What every advisory is judged against: the build, its binaries, the configurations, the backports."""
+    try:
+        build = candidate_build(kata_candidate, commit=kata_settings.commit)
+        backports = load_backports(kata_settings.backports) if kata_settings.backports else {}
+        deployment = Deployment.from_bundle(kata_candidate, kata_settings.shim)
+    except KataError as exc:
+        return {"error": str(exc)}
+    return {"build": build, "backports": backports, "deployment": deployment}
+
+
+def test_advisory(advisory: Advisory, kata_candidate: Any, kata_settings: KataSettings,
+                  advisory_subject: dict[str, Any], kata_result: CheckRecorder) -> None:
+    """The candidate is not affected by this advisory (or does not ship what it is about)."""
     kata_result.record(id=advisory.id, severity=advisory.severity, title=advisory.title, suite="advisories",
                        advisory=advisory.id, aliases=advisory.aliases, url=advisory.url,
-                       severity_source=advisory.severity_source)
-    version = getattr(kata_candidate, "version", None)
-    if not version or ReleaseVersion.parse(normalise_release(str(version))) is None:
+                       severity_source=advisory.severity_source, rejects_whatever_severity=True)
+    if "error" in advisory_subject:
+        kata_result.conclude("error", f"cannot check {advisory.id}: {advisory_subject['error']}")
+    build: CandidateBuild = advisory_subject["build"]
+    kata_result.record(build=build.to_json())
+    if build.build is None:
         where = ", ".join(str(s) for s in getattr(kata_candidate, "sources", []) or []) or "the candidate"
+        version = getattr(kata_candidate, "version", None)
         kata_result.record(version=version, decided_by=None, fixed=advisory.fixed_in,
                            version_evidence=getattr(kata_candidate, "version_evidence", {}))
         state = "unknown" if not version else f"{version!r}, not a release number"
@@ -44,9 +74,20 @@ def test_advisory(advisory: Advisory, kata_candidate: Any, kata_result: CheckRec
                              "put the release number (X.Y.Z) in opt/kata/VERSION of the bundle as "
                              "kata-static tarballs do, or check by hand with "
                              "`pytest-kata advisories --version X.Y.Z`")
-    decision = decide(advisory, str(version))
+    if build.mismatches:
+        kata_result.conclude("error", f"cannot check {advisory.id}: the candidate's versions disagree: "
+                             + "; ".join(build.mismatches))
+    try:
+        decision = decide_build(advisory, build.build or "", repo=kata_settings.repo,
+                                backports=advisory_subject["backports"],
+                                deployment=advisory_subject["deployment"],
+                                backports_file=kata_settings.backports)
+    except KataError as exc:
+        kata_result.conclude("error", f"cannot check {advisory.id}: {exc}")
     kata_result.record(version=decision.version, decided_by=decision.evidence, fixed=decision.fixed,
-                       notes=decision.notes)
+                       notes=decision.notes, backported=decision.backported)
+    if not decision.applicable:
+        kata_result.conclude("notapplicable", decision.evidence)
     if decision.undecided:
         kata_result.conclude("error", f"{advisory.id}: {decision.evidence}")
     if decision.affected:

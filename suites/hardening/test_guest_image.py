@@ -15,16 +15,13 @@ from typing import Any
 import pytest
 
 from pytest_kata.errors import KataError
-from pytest_kata.images.facts import ImageFacts, image_facts
+from pytest_kata.images.facts import ImageFacts, image_facts, root_attachment
 from pytest_kata.images.read import open_image
 from pytest_kata.recorder import CheckRecorder
 from pytest_kata.rules import judge as judge_rule
 from pytest_kata.rules import load_rules
 
 STATUS_ORDER = ("notapplicable", "waived", "pass", "fail", "error")  # worst last
-# What the Go runtime puts in front of kernel_params for an image rootfs (virtio-blk / nvdimm), see
-# src/runtime/virtcontainers/hypervisor.go (kernelRootParams): the root is mounted read-only.
-IMAGE_ROOT_PARAMS = "rootflags=data=ordered,errors=remount-ro ro rootfstype=ext4"
 
 
 @dataclass
@@ -57,19 +54,6 @@ def _host_path(bundle: Any, configured: str | None) -> str | None:
     return None
 
 
-def kata_cmdline(config: Any, is_image: bool) -> str:
-    """The guest kernel command line Kata builds from this configuration (best static estimate)."""
-    parts = [IMAGE_ROOT_PARAMS] if is_image else []
-    params = config.get("hypervisor.*.kernel_params", "") if config is not None else ""
-    if params:
-        parts.append(str(params))
-    if config is not None and config.get("agent.kata.debug_console_enabled", False):
-        parts.append("agent.debug_console agent.debug_console_vport=1026")
-    if config is not None and config.get("agent.kata.enable_debug", False):
-        parts.append("agent.log=debug")
-    return " ".join(parts)
-
-
 def candidate_images(bundle: Any, settings: Any) -> list[GuestImage]:
     """The images the selected shim's configuration boots (all shipped images if it names none we have)."""
     try:
@@ -95,7 +79,9 @@ def candidate_images(bundle: Any, settings: Any) -> list[GuestImage]:
         seen.add(path)
         with open_image(path) as root:
             verity = config.get("hypervisor.*.kernel_verity_params", "") if config is not None else ""
-            facts = image_facts(root, cmdline=kata_cmdline(config, kind == "image"), verity_params=verity)
+            attachment = root_attachment(config, is_image=kind == "image") if config is not None else None
+            cmdline = attachment.cmdline(config) if attachment is not None else None
+            facts = image_facts(root, cmdline=cmdline, verity_params=verity, attachment=attachment)
             context = {"image_kind": root.kind, "init": facts.get("init.kind"),
                        "confidential": bool(config.confidential) if config is not None else None}
         out.append(GuestImage(rel, root.kind, facts, context))

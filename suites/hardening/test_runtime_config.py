@@ -1,7 +1,7 @@
 """Runtime configuration hardening: every rule of ``runtime-config.toml`` on every checked configuration.
 
-Items are generated per (rule, configuration file) from the candidate (``--kata-shim``: the default shim's
-configuration, or ``all``), with ids such as ``KATA-CFG-006[configuration-qemu.toml]``. Drift of an
+Items are generated per (rule, configuration file) for every configuration the candidate ships (``--kata-shim X``
+narrows to one), with ids such as ``KATA-CFG-006[configuration-qemu.toml]``; the verdict table groups them by file. Drift of an
 installed configuration (``--kata-installed-config``) is rule KATA-CFG-060.
 """
 
