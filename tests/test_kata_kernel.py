@@ -295,16 +295,18 @@ def _boot_image_mode(kernel_path: Path, image: Path) -> dict[str, str]:
             return {"died": child.before or ""}
         ready = child.match.group(1)
         child.expect("kata-guest# ")
-        # $((..)) so that the echoed command never matches what is expected from its output
-        child.sendline("echo ROOT-$((1+1)) $(awk '$5 == \"/\" {print $3, $6, $9, $11}' /proc/self/mountinfo) "
-                       "PMEM $(cat /sys/block/pmem0/pmem0p1/dev) KREL $(uname -r) END-$((1+1))")
-        child.expect(r"ROOT-2 ([^\r\n]*) END-2")
-        probe = child.match.group(1)
+        # split words and $((..)): the echoed command never contains what its output is matched on
+        child.sendline("awk '$5 == \"/\" {print \"MOU\" \"NT\", $0}' /proc/self/mountinfo; "
+                       "echo PM\"\"EM $(cat /sys/block/pmem0/pmem0p1/dev); echo KR\"\"EL $(uname -r); "
+                       "echo END-$((1+1))")
+        child.expect("END-2")
+        probe = {line.split(" ", 1)[0]: line.split(" ", 1)[1].strip() for line in child.before.splitlines()
+                 if line.startswith(("MOUNT ", "PMEM ", "KREL "))}
         child.sendline("touch /probe 2>/dev/null && echo ROOT-RW-$((1+1)) || echo ROOT-RO-$((1+1))")
         readonly = child.expect(["ROOT-RO-2", "ROOT-RW-2"]) == 0
         child.sendline("poweroff -f")
         child.expect(pexpect.EOF, timeout=60)
-        return {"ready": ready, "probe": probe, "readonly": str(readonly)}
+        return {"ready": ready, "readonly": str(readonly), **probe}
     finally:
         child.close(force=True)
 
@@ -315,12 +317,12 @@ def test_kata_kernel_boots_the_image_as_a_read_only_pmem_root(kata_kernel: kerne
                                                               reference_nvdimm: tuple[Path, Path]) -> None:
     seen = _boot_image_mode(kata_kernel.container, reference_nvdimm[1])
     assert "ready" in seen, seen.get("died", "")[-2000:]
-    fields = seen["probe"].split()
-    # mountinfo of /: device, mount options, fstype, super options; then pmem0p1's device and the kernel
-    root_dev, mount_opts, fstype, super_opts = fields[:4]
-    assert fields[4] == "PMEM" and fields[5] == root_dev, seen["probe"]  # / is /dev/pmem0p1
-    assert mount_opts.split(",")[0] == "ro" and fstype == "ext4" and "dax" in super_opts, seen["probe"]
-    assert fields[6:] == ["KREL", kata_kernel.kernel_version]  # the built kernel, not Debian's
+    # /proc/self/mountinfo: id parent major:minor root mountpoint options [optional] - fstype source superoptions
+    mount = seen["MOUNT"].split()
+    fstype, superoptions = mount[mount.index("-") + 1], mount[mount.index("-") + 3]
+    assert mount[2] == seen["PMEM"], seen  # / is /dev/pmem0p1
+    assert mount[5].split(",")[0] == "ro" and fstype == "ext4" and "dax" in superoptions, seen
+    assert seen["KREL"] == kata_kernel.kernel_version  # the built kernel, not Debian's
     assert seen["readonly"] == "True" and "root=ro" in seen["ready"]
 
 

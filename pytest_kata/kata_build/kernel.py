@@ -17,10 +17,12 @@ checked against the source's Kconfig, or tolerated by Kata's ``whitelist.conf``)
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tarfile
 import time
@@ -38,7 +40,7 @@ from pytest_kata.resources import cache_dir
 
 AREA = "kernel"
 CACHE_KIND = "kata-kernel"
-# Part of every cache key, with this module's source and the adaptations file: any builder change rebuilds.
+# Part of every cache key, with the build functions' source and the adaptations file (see kernel_key).
 BUILDER_VERSION = "1"
 DEFAULT_SOURCE = Path("/usr/src/linux-source-6.1.tar.xz")
 ADAPTATIONS = Path(__file__).with_name("kernel_adaptations.toml")
@@ -358,9 +360,14 @@ def _toolchain() -> str:
 
 
 def kernel_key(config: KataKernelConfig, adaptations_path: Path, source: dict[str, str], toolchain: str) -> str:
-    """Content hash of everything that decides the kernel's bytes."""
+    """Content hash of everything that decides the kernel's bytes.
+
+    The builder enters as the source of the functions that unpack, configure, compile and install (not the
+    whole module), so a change to the checks or the messages does not cost a kernel build.
+    """
+    recipe = [inspect.getsource(fn) for fn in (_build_into, _build_env, _unpack, _make, _install)]
     return content_hash(BUILDER_VERSION, source, [(f.name, f.text) for f in config.fragments],
-                        list(config.whitelist), config.config_version, adaptations_path, Path(__file__),
+                        list(config.whitelist), config.config_version, adaptations_path, recipe,
                         toolchain, ARCH)[:20]
 
 
@@ -386,7 +393,7 @@ def build_guest_kernel(packaging: str | Path, *, source: str | Path = DEFAULT_SO
 
     def build(out: Path) -> None:
         nonlocal built
-        work = out.parent / f".work-{entry}-{os.getpid()}"
+        work = out.parent / f".tmp-work-{entry}-{os.getpid()}"  # swept by cached() if this process dies
         safe_rmtree(work)
         work.mkdir()
         try:
@@ -502,7 +509,7 @@ def _make(tree: Path, env: dict[str, str], sink, log: Path, progress: Progress) 
     sink.flush()
     try:
         proc = subprocess.Popen(argv, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace")
+                                text=True, errors="replace", start_new_session=True)
     except FileNotFoundError:
         raise KataError("building the guest kernel needs make", hint="run scripts/setup")
     assert proc.stdout is not None
@@ -516,8 +523,8 @@ def _make(tree: Path, env: dict[str, str], sink, log: Path, progress: Progress) 
             if percent >= shown + 10 or (time.monotonic() - last > 60 and percent != shown):
                 shown, last = percent, time.monotonic()
                 progress(AREA, f"compile: ~{percent}% ({steps} files)")
-    except BaseException:
-        proc.kill()
+    except BaseException:  # Ctrl-C or a progress callback failing: stop make and its compilers
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
         raise
     sink.flush()
