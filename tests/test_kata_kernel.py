@@ -191,6 +191,84 @@ def test_missing_source_tarball_is_one_line(shared_dir: Path, tmp_path: Path) ->
     assert "linux-source-6.1" in str(exc.value)
 
 
+# A stand-in for the linux source with the same interface (top Makefile with a bzImage target, Kconfig,
+# scripts/kconfig/merge_config.sh), so that the pipeline around the compiler runs in a second: unpack, the
+# merge, the check, make's output and failure, the install layout and the cache.
+FAKE_MERGE = """#!/bin/sh
+while [ "${1#-}" != "$1" ]; do shift; done
+cat "$@" | grep -E '^CONFIG_[A-Z0-9_]+=' | grep -v -e CONFIG_GONE -e CONFIG_NOT_IN_KCONFIG > "$KCONFIG_CONFIG"
+"""
+FAKE_MAKEFILE = """VERSION = 6
+PATCHLEVEL = 1
+SUBLEVEL = 99
+EXTRAVERSION =
+bzImage:
+\t@echo "  CC      init/main.o"
+\t@echo "  AS      arch/x86/entry/entry_64.o"
+\t@if grep -q CONFIG_BREAK=y .config; then echo "init/main.c:1:1: error: broken on purpose"; exit 2; fi
+\t@mkdir -p arch/x86/boot && printf 'bz' > arch/x86/boot/bzImage && printf 'elf' > vmlinux
+"""
+
+
+def _fake_inputs(tmp_path: Path, *fragment_lines: str) -> tuple[Path, Path, Path]:
+    tree = tmp_path / "src/linux-fake"
+    (tree / "scripts/kconfig").mkdir(parents=True)
+    (tree / "Makefile").write_text(FAKE_MAKEFILE)
+    (tree / "Kconfig").write_text("config A\n\tbool\nconfig B\n\tbool\nconfig BREAK\n\tbool\nconfig NEW\n\tbool\n")
+    merge = tree / "scripts/kconfig/merge_config.sh"
+    merge.write_text(FAKE_MERGE)
+    merge.chmod(0o755)
+    source = tmp_path / "linux-fake.tar.xz"
+    subprocess.run(["tar", "-cJf", str(source), "-C", str(tmp_path / "src"), "linux-fake"], check=True)
+    packaging = tmp_path / "packaging/kernel"
+    (packaging / "configs/fragments/common").mkdir(parents=True)
+    (packaging / "configs/fragments/x86_64").mkdir(parents=True)
+    (packaging / "configs/fragments/common/a.conf").write_text("CONFIG_A=y\nCONFIG_GONE=y\n")
+    (packaging / "configs/fragments/x86_64/b.conf").write_text("\n".join(("CONFIG_B=y", *fragment_lines)) + "\n")
+    (packaging / "kata_config_version").write_text("99\n")
+    adaptations = tmp_path / "adaptations.toml"
+    adaptations.write_text('[[option]]\nname = "CONFIG_GONE"\naction = "renamed"\nadd = ["CONFIG_NEW=y"]\n'
+                           'reason = "renamed in this kernel"\n')
+    return packaging.parent, source, adaptations
+
+
+def test_build_pipeline_installs_like_kata_and_caches(tmp_path: Path, private_cache: Path) -> None:
+    packaging, source, adaptations = _fake_inputs(tmp_path)
+    lines: list[str] = []
+    built = kernel.build_guest_kernel(packaging, source=source, adaptations_file=adaptations,
+                                      progress=lambda area, msg: lines.append(msg))
+    assert built.built and built.version == "6.1.99-99"
+    assert built.vmlinuz.name == "vmlinuz-6.1.99-99" and built.vmlinuz.read_bytes() == b"bz"
+    assert built.container.is_symlink() and built.container.resolve() == built.vmlinuz
+    assert (built.dir / "vmlinux.container").resolve() == built.vmlinux and built.config.name == "config-6.1.99"
+    report = json.loads(built.report.read_text())
+    assert report["dropped"][0]["option"] == "CONFIG_GONE" and report["present"] == 3  # A, B, NEW
+    assert any(m.startswith("unpack: 100%") for m in lines) and any("compile: done (2 files)" in m for m in lines)
+    assert not list((private_cache / kernel.CACHE_KIND).glob(".tmp-*"))  # the source tree is gone
+    again = kernel.build_guest_kernel(packaging, source=source, adaptations_file=adaptations,
+                                      progress=lambda area, msg: None)
+    assert not again.built and again.dir == built.dir
+
+
+def test_build_failure_is_one_line_with_the_log_tail(tmp_path: Path, private_cache: Path) -> None:
+    packaging, source, adaptations = _fake_inputs(tmp_path, "CONFIG_BREAK=y")
+    with pytest.raises(KataError) as exc:
+        kernel.build_guest_kernel(packaging, source=source, adaptations_file=adaptations,
+                                  progress=lambda area, msg: None)
+    message = str(exc.value)
+    assert "\n" not in message and "kernel build failed (exit 2)" in message
+    assert "init/main.c:1:1: error: broken on purpose" in message and message.startswith(str(private_cache))
+    assert not [p for p in (private_cache / kernel.CACHE_KIND).iterdir() if p.is_dir()]  # nothing half-built
+
+
+def test_unexplained_missing_option_fails_the_build(tmp_path: Path, private_cache: Path) -> None:
+    packaging, source, adaptations = _fake_inputs(tmp_path, "CONFIG_NOT_IN_KCONFIG=y")
+    with pytest.raises(KataError, match=r"1 Kata fragment option.* CONFIG_NOT_IN_KCONFIG=y .x86_64/b.conf. does not "
+                                        r"exist in linux 6\.1\.99"):
+        kernel.build_guest_kernel(packaging, source=source, adaptations_file=adaptations,
+                                  progress=lambda area, msg: None)
+
+
 # ---------------------------------------------------------------------------------------------- NVDIMM image
 def test_pfn_info_block_is_osbuilders_nsdax_byte_for_byte(shared_dir: Path, tmp_path: Path) -> None:
     with tarfile.open(shared_dir / OSBUILDER) as tar:

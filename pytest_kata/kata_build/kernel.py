@@ -373,16 +373,21 @@ def kernel_key(config: KataKernelConfig, adaptations_path: Path, source: dict[st
 
 # ---------------------------------------------------------------------------------------------- building
 def build_guest_kernel(packaging: str | Path, *, source: str | Path = DEFAULT_SOURCE,
-                       progress: Progress = step, force: bool = False) -> KernelArtifacts:
-    """Build (or reuse from the cache) Kata's guest kernel from a packaging archive or directory."""
+                       adaptations_file: Path = ADAPTATIONS, progress: Progress = step,
+                       force: bool = False) -> KernelArtifacts:
+    """Build (or reuse from the cache) Kata's guest kernel from a packaging archive or directory.
+
+    ``source`` is a linux source tarball (Debian's ``linux-source-6.1`` by default); ``adaptations_file`` says
+    how that kernel differs from what Kata's fragments were written for.
+    """
     config = load_packaging(packaging)
-    adaptations = load_adaptations()
+    adaptations = load_adaptations(adaptations_file)
     source = Path(source)
     if not source.is_file():
         raise KataError("no linux source tarball", path=source, hint="apt-get install linux-source-6.1 "
                         "(scripts/setup)")
     identity = source_identity(source)
-    key = kernel_key(config, ADAPTATIONS, identity, _toolchain())
+    key = kernel_key(config, adaptations_file, identity, _toolchain())
     entry = f"{identity['version']}-{config.config_version}-{key}"
     final = cache_dir() / CACHE_KIND / entry
     if final.is_dir() and not force:
