@@ -14,6 +14,7 @@ import re
 import subprocess
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pexpect
@@ -48,6 +49,12 @@ IMAGE_MODE_BUILTINS = (
     "CONFIG_VIRTIO_CONSOLE", "CONFIG_VIRTIO_VSOCKETS", "CONFIG_9P_FS", "CONFIG_NET_9P_VIRTIO",
     "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_DEVTMPFS",
 )
+
+
+def kernel_build(test: Callable[..., None]) -> Callable[..., None]:
+    """A cold kernel build is far longer than the suite's per-test timeout (tox.ini: 900 s) and the first test
+    that asks for the kernel pays for it; one xdist group, since other workers would only wait on its lock."""
+    return pytest.mark.timeout(3600)(pytest.mark.xdist_group("kata-kernel")(test))
 
 
 @pytest.fixture
@@ -337,6 +344,7 @@ def reference_nvdimm() -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
+@kernel_build
 def test_kernel_is_installed_like_kata(kata_kernel: kernel.KernelArtifacts, shared_dir: Path) -> None:
     k = kata_kernel
     assert k.kernel_version == "6.1.192" or k.kernel_version.startswith("6.1.")
@@ -358,6 +366,7 @@ def test_kernel_is_installed_like_kata(kata_kernel: kernel.KernelArtifacts, shar
 
 
 @pytest.mark.slow
+@kernel_build
 def test_kernel_cache_hit_is_fast(kata_kernel: kernel.KernelArtifacts, shared_dir: Path) -> None:
     start = time.monotonic()
     again = kernel.build_guest_kernel(shared_dir / PACKAGING, progress=lambda area, msg: None)
@@ -391,6 +400,7 @@ def _boot_image_mode(kernel_path: Path, image: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.vm
+@kernel_build
 def test_kata_kernel_boots_the_image_as_a_read_only_pmem_root(kata_kernel: kernel.KernelArtifacts,
                                                               reference_nvdimm: tuple[Path, Path]) -> None:
     seen = _boot_image_mode(kata_kernel.container, reference_nvdimm[1])
@@ -406,6 +416,7 @@ def test_kata_kernel_boots_the_image_as_a_read_only_pmem_root(kata_kernel: kerne
 
 @pytest.mark.slow
 @pytest.mark.vm
+@kernel_build
 def test_debian_kernel_cannot_mount_the_nvdimm_root(reference_nvdimm: tuple[Path, Path]) -> None:
     seen = _boot_image_mode(host_kernel().vmlinuz, reference_nvdimm[1])
     assert "ready" not in seen
@@ -414,6 +425,7 @@ def test_debian_kernel_cannot_mount_the_nvdimm_root(reference_nvdimm: tuple[Path
 
 @pytest.mark.slow
 @pytest.mark.vm
+@kernel_build
 def test_kata_kernel_needs_the_dax_header(kata_kernel: kernel.KernelArtifacts,
                                           reference_nvdimm: tuple[Path, Path]) -> None:
     """The plain disk (no NVDIMM pfn block) as the NVDIMM: rootflags=dax cannot mount it."""
