@@ -11,17 +11,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pytest_kata.images.common import DEBIAN_SOURCES, cached, content_hash, mmdebstrap, mounts_under, safe_rmtree
-from pytest_kata.progress import timed
+from pytest_kata.progress import step, timed
 from pytest_kata.resources import cache_dir
 
 pytestmark = pytest.mark.slow
@@ -94,14 +96,30 @@ def mounted(plan: list[tuple[list[str], Path]]) -> Iterator[None]:
 
 
 def in_root(root: Path, script: str, log: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    """``script`` by bash in the chroot, with a fresh environment: no PYTHON, this machine's PIP_* settings."""
+    """``script`` by bash in the chroot, with a fresh environment: no PYTHON, this machine's PIP_* settings.
+
+    setup's own progress lines (``[setup] ...``) are passed on as they come: setup takes minutes.
+    """
     env = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "TERM": "dumb", "PYTEST_KATA_NO_SWEEP": "1",
            **{k: v for k, v in os.environ.items() if k.startswith("PIP_")}}
-    proc = subprocess.run(["chroot", str(root), "/usr/bin/env", "-i", *[f"{k}={v}" for k, v in env.items()],
-                           "/bin/bash", "-c", f"set -euo pipefail; cd {CHECKOUT}; {script}"],
-                          capture_output=True, text=True, timeout=timeout)
-    log.write_text(f"$ {script}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    cmd = ["chroot", str(root), "/usr/bin/env", "-i", *[f"{k}={v}" for k, v in env.items()],
+           "/bin/bash", "-c", f"set -euo pipefail; cd {CHECKOUT}; {script}"]
+    lines: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                plain = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+                if plain.startswith("[setup]"):
+                    step("debian-root", plain)
+        finally:
+            timer.cancel()
+    output = "".join(lines)
+    log.write_text(f"$ {script}\n{output}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, output, "")
 
 
 def reference(which: str, variant: str) -> Path:
@@ -117,6 +135,7 @@ def statuses(report: Path) -> dict[str, str]:
     return {r["nodeid"]: r["status"] for r in json.loads(report.read_text())["results"]}
 
 
+@pytest.mark.timeout(2400)  # cold: mmdebstrap ~70 s, then setup's apt and pip downloads and builds (~5-6 min)
 @pytest.mark.skipif(os.geteuid() != 0, reason="mmdebstrap, chroot and mounts need root")
 @pytest.mark.skipif(shutil.which("mmdebstrap") is None, reason="mmdebstrap is not installed (scripts/setup)")
 def test_setup_and_a_static_validation_on_a_clean_debian_12(kata_run_id: str, tmp_path: Path) -> None:
