@@ -26,6 +26,7 @@ from pytest_kata.resources import cache_dir
 from pytest_kata.verdict import Result, Verdict
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("allure-static-run")  # one static run (session fixture) per CI run
 CHECKS = """
 import pytest
 
@@ -125,7 +126,7 @@ def test_table_fits_the_width_and_lists_passes_only_when_verbose() -> None:
 # ------------------------------------------------------------------------ allure, on the reference candidate
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: a module fixture is redone whenever xdist interleaves modules
 def static_run(tmp_path_factory: pytest.TempPathFactory, reference_bundle: Callable[[str], Path]) -> Path:
     """The static suites (hardening, advisories) on the reference candidate, with allure and JUnit output."""
     out = tmp_path_factory.mktemp("static-run")
@@ -189,7 +190,7 @@ def allure_cli() -> Path:
     return Path(found) if found else cache_dir() / "allure-cli/node_modules/.bin/allure"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def allure_report(static_run: Path) -> Path:
     cli = allure_cli()
     assert cli.exists(), f"{cli} missing: scripts/setup installs allure-commandline (npm) and Java"
