@@ -211,9 +211,11 @@ def warn_below_fail_on(item: pytest.Item, report: pytest.TestReport, payload: di
     if result.blocks(fail_on):
         return
     crash = getattr(report.longrepr, "reprcrash", None)
-    message = " ".join((crash.message if crash is not None else report.longreprtext).split())[:500]
+    message = " ".join((crash.message if crash is not None else report.longreprtext).split())
+    message = message.removeprefix("Failed: ")[:500]
     warning = f"{result.severity} {result.status} is below fail-on {fail_on}: {message}"
     report.outcome = "passed"
+    payload["evidence"]["warning"] = warning
     report.user_properties.append((WARNING_KEY, warning))
     item.user_properties.append((WARNING_KEY, warning))
 

@@ -138,10 +138,12 @@ class Verdict:
             for r in groups[subject]:
                 lines.append(fit(f"{labels[id(r)]:<{status_width}} {r.severity:<8} {r.id[:id_width]:<{id_width}} "
                                  f"{r.title}"))
+                if verbose and r.evidence.get("warning"):
+                    lines.append(fit(f"{'':<{status_width}} {r.evidence['warning']}"))
         lines.append("-" * width)
         t = self.totals
         lines.append(fit("totals: " + ", ".join(f"{k} {v}" for k, v in t.items() if v)
-                         + ("" if verbose else " (every check listed with -v)")))
+                         + ("" if verbose else " (-v: every check, and why each warning)")))
         warnings = sum(1 for r in self.results if r.status in BLOCKING and not r.blocks(self.fail_on))
         if warnings:
             lines.append(f"warnings: {warnings} fail/error below fail-on {self.fail_on} (they do not reject)")

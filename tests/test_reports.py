@@ -7,11 +7,14 @@ suites on the reference candidate carry labels, one-to-one severities, evidence 
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +26,7 @@ from pytest_kata.resources import cache_dir
 from pytest_kata.verdict import Result, Verdict
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("allure-static-run")  # one static run (session fixture) per CI run
 CHECKS = """
 import pytest
 
@@ -122,7 +126,7 @@ def test_table_fits_the_width_and_lists_passes_only_when_verbose() -> None:
 # ------------------------------------------------------------------------ allure, on the reference candidate
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: a module fixture is redone whenever xdist interleaves modules
 def static_run(tmp_path_factory: pytest.TempPathFactory, reference_bundle: Callable[[str], Path]) -> Path:
     """The static suites (hardening, advisories) on the reference candidate, with allure and JUnit output."""
     out = tmp_path_factory.mktemp("static-run")
@@ -186,14 +190,20 @@ def allure_cli() -> Path:
     return Path(found) if found else cache_dir() / "allure-cli/node_modules/.bin/allure"
 
 
-@pytest.mark.slow
-def test_generated_allure_report_shows_the_verdict(static_run: Path) -> None:
+@pytest.fixture(scope="session")
+def allure_report(static_run: Path) -> Path:
     cli = allure_cli()
     assert cli.exists(), f"{cli} missing: scripts/setup installs allure-commandline (npm) and Java"
     report = static_run / "allure-report"
     proc = subprocess.run([str(cli), "generate", "--clean", "-o", str(report), str(static_run / "allure-results")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return report
+
+
+@pytest.mark.slow
+def test_generated_allure_report_shows_the_verdict(allure_report: Path) -> None:
+    report = allure_report
     summary = json.loads((report / "widgets/summary.json").read_text())
     assert summary["reportName"] == "Kata verdict: ACCEPT - candidate 4.1.0, fail-on high"
     assert summary["statistic"]["failed"] == 0 and summary["statistic"]["broken"] == 0
@@ -205,3 +215,25 @@ def test_generated_allure_report_shows_the_verdict(static_run: Path) -> None:
     assert categories["Warnings: failed below --kata-fail-on (do not reject)"]["passed"] >= 10
     size = sum(p.stat().st_size for p in report.rglob("*") if p.is_file())
     assert size < 20 * 1024 * 1024, f"the generated report is {size} bytes"
+
+
+@pytest.mark.slow
+def test_allure_overview_screenshot(allure_report: Path, tmp_path: Path) -> None:
+    """The overview page rendered by a headless browser (the report is a web app: it needs HTTP, not file://);
+    the PNG is kept beside the report for a person to look at."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium: apt-get install chromium to take the overview screenshot")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(allure_report))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            png = allure_report / "overview.png"
+            proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                                   f"--user-data-dir={tmp_path}", "--window-size=1400,1000",
+                                   "--virtual-time-budget=8000", f"--screenshot={png}",
+                                   f"http://127.0.0.1:{server.server_address[1]}/index.html"],
+                                  capture_output=True, text=True, timeout=120)
+        finally:
+            server.shutdown()
+    assert proc.returncode == 0 and png.stat().st_size > 20_000, proc.stderr[-2000:]
