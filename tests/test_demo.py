@@ -84,8 +84,10 @@ def test_a_broken_validation_run_exits_non_zero_with_one_line(tmp_path: Path, ca
 
 
 def test_plugin_fails_the_run_when_the_verdict_cannot_be_written(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_a=CHECK.format(ok=True))
-    (pytester.path / "verdict.json").mkdir()
+    # The path is checked before the run (a directory there is a usage error); one that turns into a
+    # directory during the run is only found when the verdict is written.
+    pytester.makepyfile(test_a="import os\n" + CHECK.format(ok=True)
+                        + "\n\ndef test_takes_the_path():\n    os.mkdir('verdict.json')\n")
     result = pytester.runpytest_subprocess("--kata-report", "verdict.json", "-p", "no:cacheprovider")
     assert result.ret == pytest.ExitCode.INTERNAL_ERROR
     result.stdout.fnmatch_lines(["ERROR: cannot write the verdict to *verdict.json: Is a directory"])
