@@ -504,3 +504,15 @@ def test_extra_shells_are_named_by_path(images: dict[str, Path]) -> None:
     assert outcome.status == "fail"
     for shell in ("/usr/bin/bash", "/usr/bin/dash", "/usr/bin/busybox"):
         assert shell in outcome.message, outcome.message
+
+
+def test_findings_name_the_paths_they_are_about(images: dict[str, Path]) -> None:
+    """Findings whose value is a yes/no or a number say which files they are about."""
+    with open_image(images["baseline"]) as root:
+        f = image_facts(root, cmdline=CMDLINE)
+    assert f.about(["init.kind"]) == {"init.path": "/sbin/init", "init.target": "/usr/lib/systemd/systemd"}
+    assert f.about(["agent.root_owned_not_writable"])["agent.path"] == "/usr/bin/kata-agent"
+    sysctl = f.about(["sysctl.kernel.kptr_restrict"])
+    assert sysctl["sysctl.applied_by"] == "systemd-sysctl" and "sysctl.files" in sysctl
+    assert "/etc/fstab" in f.about(["root.readonly"])["root.readonly_reason"]
+    assert f.about(["image.setuid_files"]) == {}  # already a list of paths

@@ -42,6 +42,16 @@ SERVICE_ALLOWLIST = ("kata-agent.service", "kata-containers.target", "chrony.ser
                      "kata-opa.service")
 
 
+# by the key a rule reads: the facts that say which files it is about
+ABOUT = {
+    "sysctl.": ("sysctl.applied_by", "sysctl.files"),
+    "init.": ("init.path", "init.target"),
+    "root.readonly": ("root.readonly_reason",),
+    "agent.": ("agent.path", "agent.mode"),
+    "root.dm_verity": ("cmdline.text",),
+}
+
+
 @dataclass
 class ImageFacts:
     """Flat ``{"dotted.key": value}`` with the ``.get(key, default)`` the rules engine reads."""
@@ -60,6 +70,16 @@ class ImageFacts:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.values, "notes": list(self.notes)}
+
+    def about(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The facts that name the files a finding on ``keys`` is about (for findings whose own value is a
+        yes/no, a kind or a number rather than a list of paths)."""
+        out: dict[str, Any] = {}
+        for key in keys:
+            for prefix, related in ABOUT.items():
+                if key.startswith(prefix):
+                    out.update({k: self.values[k] for k in related if k in self.values})
+        return out
 
 
 @dataclass(frozen=True)
@@ -325,7 +345,7 @@ def _root_readonly(root: RootView, v: dict[str, Any], cmdline: str | None,
             if len(fields) >= 4 and not fields[0].startswith("#") and fields[1] == "/":
                 opts = fields[3].split(",")
                 readonly = "ro" in opts
-                reasons.append(f"systemd-remount-fs applies fstab options {fields[3]!r} for /")
+                reasons.append(f"systemd-remount-fs applies /etc/fstab options {fields[3]!r} for /")
                 break
     if v.get("init.kind") in ("script", "kata-agent", "busybox") and root.kind != "initrd":
         for path in ("/sbin/init", "/init"):
@@ -468,7 +488,7 @@ def _sysctl_applier(root: RootView, v: dict[str, Any]) -> BootSysctl:
             if not line.strip():
                 continue
             for m in _SYSCTL.finditer(line):
-                args = m.group(1).split()
+                args = [a for a in m.group(1).split() if not re.match(r"\d*[<>]", a)]  # not redirections
                 flags = [a for a in args if a.startswith("-")]
                 files = [a.strip("\"'") for a in args if not a.startswith("-")]
                 system = "--system" in flags
