@@ -516,3 +516,14 @@ def test_findings_name_the_paths_they_are_about(images: dict[str, Path]) -> None
     assert sysctl["sysctl.applied_by"] == "systemd-sysctl" and "sysctl.files" in sysctl
     assert "/etc/fstab" in f.about(["root.readonly"])["root.readonly_reason"]
     assert f.about(["image.setuid_files"]) == {}  # already a list of paths
+
+
+def test_conditional_proc_sys_write_counts_only_when_its_file_test_holds(tmp_path: Path) -> None:
+    """`if [ -f /etc/kata-guest/lock-modules ]; then echo 1 > /proc/sys/kernel/modules_disabled; fi` (the
+    reference agent's shape) sets the value only when the image has that file."""
+    init = ("#!/bin/sh\nif [ -f /etc/kata-guest/lock-modules ]; then\n"
+            "  echo 1 > /proc/sys/kernel/modules_disabled\nfi\nexec /usr/bin/kata-agent\n")
+    f, outcomes = sysctl_outcomes(init_tree(tmp_path / "off", init))
+    assert "sysctl.kernel.modules_disabled" not in f and outcomes["KATA-IMG-027"].status == "fail"
+    f, outcomes = sysctl_outcomes(init_tree(tmp_path / "on", init, {"etc/kata-guest/lock-modules": ""}))
+    assert f["sysctl.kernel.modules_disabled"] == 1 and outcomes["KATA-IMG-027"].status == "pass"

@@ -440,6 +440,23 @@ _PROC_WRITE = re.compile(r"(?:>|\btee\s+(?:-a\s+)?)\s*/proc/sys/")
 _MAX_SCRIPTS = 16
 
 
+_NO_BLOCK = object()
+_FILE_TEST = re.compile(r"^\s*if\s+(!\s+)?\[\s+-[efsd]\s+[\"']?(/[^\s\"']+)[\"']?\s+\]")
+
+
+def _block_open(root: RootView, line: str) -> object:
+    """For a line opening an if/case block: True/False when it tests a file of the image, None otherwise;
+    ``_NO_BLOCK`` for any other line."""
+    if re.match(r"\s*case\b", line):
+        return None
+    if not re.match(r"\s*if\b", line) or re.search(r"\bfi\s*$", line):
+        return _NO_BLOCK
+    test = _FILE_TEST.match(line)
+    if test is None:
+        return None
+    return root.exists(test.group(2)) != bool(test.group(1))
+
+
 def _is_script(root: RootView, path: str) -> bool:
     return root.read(path)[:2] == b"#!" if root.exists(path) else False
 
@@ -483,10 +500,19 @@ def _sysctl_applier(root: RootView, v: dict[str, Any]) -> BootSysctl:
             continue
         text = root.read_text(real) or ""
         mentions_sysctl_d = "/etc/sysctl.d" in text or "sysctl.d/" in text
+        conditions: list[bool | None] = []  # enclosing if/case blocks: True/False for a file test, None unknown
         for raw in text.splitlines():
             line = raw.split("#", 1)[0] if not raw.lstrip().startswith("#!") else ""
             if not line.strip():
                 continue
+            opened = _block_open(root, line)
+            if opened is not _NO_BLOCK:
+                conditions.append(opened)  # type: ignore[arg-type]
+            elif re.match(r"\s*(fi|esac)\b", line) and conditions:
+                conditions.pop()
+                continue
+            elif re.match(r"\s*(elif|else)\b", line) and conditions:
+                conditions[-1] = None
             for m in _SYSCTL.finditer(line):
                 args = [a for a in m.group(1).split() if not re.match(r"\d*[<>]", a)]  # not redirections
                 flags = [a for a in args if a.startswith("-")]
@@ -501,7 +527,7 @@ def _sysctl_applier(root: RootView, v: dict[str, Any]) -> BootSysctl:
                 else:  # named files; -p alone loads /etc/sysctl.conf
                     named.update(files or ["/etc/sysctl.conf"])
             for m in _PROC_ECHO.finditer(line):
-                if "$" not in m.group(1):
+                if "$" not in m.group(1) and all(c is True for c in conditions):
                     result.direct[m.group(2).replace("/", ".")] = m.group(1)
             if _PROC_WRITE.search(line) and "$" in line and mentions_sysctl_d:
                 result.applier = result.applier or f"{path}: writes /proc/sys from /etc/sysctl.d"
