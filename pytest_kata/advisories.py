@@ -930,13 +930,18 @@ def _agent_versions(bundle: Any) -> tuple[dict[str, str], list[str]]:
 
     found: dict[str, str] = {}
     notes: list[str] = []
+    seen: set[str] = set()
     for rel in [*bundle.images, *bundle.initrds]:
-        where = f"agent.version in {rel}:{OSBUILDER_RECORD}"
+        real = bundle.resolve(rel) or rel  # kata-containers.img is usually a link to the versioned image
+        if real in seen:
+            continue
+        seen.add(real)
+        where = f"agent.version in {real}:{OSBUILDER_RECORD}"
         try:
-            with open_image(bundle.path(rel)) as root:
+            with open_image(bundle.path(real)) as root:
                 text = root.read_text(OSBUILDER_RECORD)
         except KataError as exc:
-            notes.append(f"{rel}: cannot read the guest image ({exc})")
+            notes.append(f"{real}: cannot read the guest image ({exc})")
             continue
         try:
             record = yaml.safe_load(text) if text else None

@@ -710,3 +710,19 @@ def test_refresh_merges_and_keeps_explicit_version_lists(tmp_path: Path,
     rc, out, _ = run_cli(capsys, "advisories", "refresh", "--from", str(source), "--to", str(target),
                          "--replace", "--dry-run")
     assert rc == 0 and "would write 2" in out and "15 removed" in out
+
+
+def test_version_is_checked_against_the_agent_in_the_guest_image(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """A real ext4 guest image whose osbuilder record names another agent version than the bundle's VERSION."""
+    from pytest_kata.images.common import make_ext4_disk
+
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "var/lib/osbuilder").mkdir(parents=True)
+    (rootfs / "var/lib/osbuilder/osbuilder.yaml").write_text("agent:\n  version: 3.30.0\n  url: x\n")
+    tree = make_shipping_tree(tmp_path / "t", "4.1.0", go=("qemu",))
+    (tree / "share/kata-containers").mkdir(parents=True)
+    make_ext4_disk(rootfs, tree / "share/kata-containers/kata-containers.img")
+    result, verdict = run_suite(pytester, tree)
+    assert verdict["verdict"] == "reject" and {r["status"] for r in verdict["results"]} == {"error"}
+    result.stdout.fnmatch_lines(["*agent.version in share/kata-containers/kata-containers.img:"
+                                 "/var/lib/osbuilder/osbuilder.yaml says 3.30.0 but VERSION says 4.1.0*"])

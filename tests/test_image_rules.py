@@ -133,7 +133,7 @@ def test_baseline_fails_for_concrete_reasons(images: dict[str, Path]) -> None:
     failed = {rid for rid, o in outcomes.items() if o.status == "fail"}
     expected_failures = {
         "KATA-IMG-001": "/usr/bin/su", "KATA-IMG-002": "cap_net_raw", "KATA-IMG-003": "/etc/kata-hooks",
-        "KATA-IMG-004": "toor", "KATA-IMG-005": "root", "KATA-IMG-006": "3", "KATA-IMG-007": "/usr/bin/apt",
+        "KATA-IMG-004": "toor", "KATA-IMG-005": "root", "KATA-IMG-006": "/usr/bin/dash", "KATA-IMG-007": "/usr/bin/apt",
         "KATA-IMG-008": "/usr/sbin/sshd", "KATA-IMG-009": "/usr/bin/gdb", "KATA-IMG-010": "ssh.service",
         "KATA-IMG-011": "systemd", "KATA-IMG-012": "False", "KATA-IMG-016": "not set",
     }
@@ -438,3 +438,92 @@ def root_cmdline(config: Any) -> str:
     from pytest_kata.images.facts import root_attachment
 
     return root_attachment(config).cmdline(config)
+
+
+# ---- sysctl.d applied at boot: decided from what the init runs ------------------------------------------
+
+
+def init_tree(root: Path, init: str, extra: dict[str, str] | None = None) -> Path:
+    """The minimal guest with its init (/sbin/init) replaced by ``init`` (and other files)."""
+    minimal_tree(root)
+    _exe(root, "usr/bin/kata-agent")  # an ELF, like the real agent: it applies no sysctl file
+    (root / "usr/sbin/init").unlink()
+    script = root / "usr/sbin/init"
+    script.write_text(init)
+    os.chmod(script, 0o755)
+    for rel, text in (extra or {}).items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+SYSCTL_RULE_IDS = ("KATA-IMG-016", "KATA-IMG-017", "KATA-IMG-020", "KATA-IMG-027")
+
+
+def sysctl_outcomes(tree: Path) -> tuple[Any, dict[str, Any]]:
+    with open_image(tree) as root:
+        f = image_facts(root, cmdline=CMDLINE)
+    rules = {r.id: r for r in load_rules("image")}
+    return f, {rid: evaluate(rules[rid], f, {"image_kind": "directory"}) for rid in SYSCTL_RULE_IDS}
+
+
+@pytest.mark.parametrize(("init", "extra", "applier"), [
+    ("#!/bin/sh\n. /etc/init.d/functions\napply_sysctls\nexec /usr/bin/kata-agent\n",
+     {"etc/init.d/functions": 'apply_sysctls() {\n  for f in /etc/sysctl.d/*.conf; do\n'
+                              '    busybox sysctl -e -p "$f"\n  done\n}\n'}, "/etc/init.d/functions"),
+    ("#!/bin/sh\nsysctl -p -q /etc/sysctl.d/90-kata-hardening.conf\nexec /usr/bin/kata-agent\n", {}, "sysctl -p"),
+    ("#!/bin/sh\n/sbin/sysctl --system >/dev/null\nexec /usr/bin/kata-agent\n", {}, "--system"),
+    ("#!/bin/sh\ncat /etc/sysctl.d/*.conf | while IFS='= ' read -r k v; do\n"
+     "  echo \"$v\" > /proc/sys/$(echo \"$k\" | tr . /)\ndone\nexec /usr/bin/kata-agent\n", {}, "/proc/sys"),
+    ("#!/bin/sh\nsource /lib/kata/boot.sh\nexec /usr/bin/kata-agent\n",
+     {"lib/kata/boot.sh": "for conf in /etc/sysctl.d/*; do sysctl -qp \"$conf\"; done\n"}, "/lib/kata/boot.sh"),
+])
+def test_sysctl_d_applied_by_ordinary_inits(tmp_path: Path, init: str, extra: dict[str, str],
+                                            applier: str) -> None:
+    f, outcomes = sysctl_outcomes(init_tree(tmp_path / "t", init, extra))
+    assert applier in f["sysctl.applied_by"], f["sysctl.applied_by"]
+    assert {rid: o.status for rid, o in outcomes.items()} == dict.fromkeys(SYSCTL_RULE_IDS, "pass")
+
+
+def test_sysctl_cannot_tell_is_not_reported_as_not_set(tmp_path: Path) -> None:
+    """An init that hands over to a program that cannot be read as a script: cannot tell, not "not set"."""
+    tree = init_tree(tmp_path / "t", "#!/bin/sh\nexec /usr/local/bin/vendor-init\n")
+    _exe(tree, "usr/local/bin/vendor-init")  # an ELF binary
+    f, outcomes = sysctl_outcomes(tree)
+    assert f["sysctl.applied_by"].startswith("cannot tell") and "/usr/local/bin/vendor-init" in f["sysctl.applied_by"]
+    for outcome in outcomes.values():
+        assert outcome.status == "notapplicable" and "cannot tell" in outcome.message, outcome
+    # an init that plainly applies nothing is still "not set"
+    tree = init_tree(tmp_path / "n", "#!/bin/sh\nexec /usr/bin/kata-agent\n")
+    f, outcomes = sysctl_outcomes(tree)
+    assert f["sysctl.applied_by"] == "nothing" and outcomes["KATA-IMG-016"].status == "fail"
+
+
+def test_extra_shells_are_named_by_path(images: dict[str, Path]) -> None:
+    outcome = judge_all(images["baseline"])["KATA-IMG-006"]
+    assert outcome.status == "fail"
+    for shell in ("/usr/bin/bash", "/usr/bin/dash", "/usr/bin/busybox"):
+        assert shell in outcome.message, outcome.message
+
+
+def test_findings_name_the_paths_they_are_about(images: dict[str, Path]) -> None:
+    """Findings whose value is a yes/no or a number say which files they are about."""
+    with open_image(images["baseline"]) as root:
+        f = image_facts(root, cmdline=CMDLINE)
+    assert f.about(["init.kind"]) == {"init.path": "/sbin/init", "init.target": "/usr/lib/systemd/systemd"}
+    assert f.about(["agent.root_owned_not_writable"])["agent.path"] == "/usr/bin/kata-agent"
+    sysctl = f.about(["sysctl.kernel.kptr_restrict"])
+    assert sysctl["sysctl.applied_by"] == "systemd-sysctl" and "sysctl.files" in sysctl
+    assert "/etc/fstab" in f.about(["root.readonly"])["root.readonly_reason"]
+    assert f.about(["image.setuid_files"]) == {}  # already a list of paths
+
+
+def test_conditional_proc_sys_write_counts_only_when_its_file_test_holds(tmp_path: Path) -> None:
+    """`if [ -f /etc/kata-guest/lock-modules ]; then echo 1 > /proc/sys/kernel/modules_disabled; fi` (the
+    reference agent's shape) sets the value only when the image has that file."""
+    init = ("#!/bin/sh\nif [ -f /etc/kata-guest/lock-modules ]; then\n"
+            "  echo 1 > /proc/sys/kernel/modules_disabled\nfi\nexec /usr/bin/kata-agent\n")
+    f, outcomes = sysctl_outcomes(init_tree(tmp_path / "off", init))
+    assert "sysctl.kernel.modules_disabled" not in f and outcomes["KATA-IMG-027"].status == "fail"
+    f, outcomes = sysctl_outcomes(init_tree(tmp_path / "on", init, {"etc/kata-guest/lock-modules": ""}))
+    assert f["sysctl.kernel.modules_disabled"] == 1 and outcomes["KATA-IMG-027"].status == "pass"

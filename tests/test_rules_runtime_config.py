@@ -194,16 +194,20 @@ def test_absent_keys_follow_each_runtimes_default() -> None:
 # Rules that no real 4.1.0 configuration gives a key to change, and why that is right.
 CANNOT_FIRE_ON_SHIPPED_FILES = {
     "KATA-CFG-060": "drift: judged on the installed configuration (--kata-installed-config), not on a shipped file",
+    "KATA-CFG-023": "no 4.1.0 file sets a ctlpath (dragonball ships it empty): the rule guards a drop-in that does",
+    "KATA-CFG-036": "every 4.1.0 file leaves VFIO at no-port: the rule guards a drop-in that plugs devices",
 }
 
 
 def can_fire(rule, config: KataConfig) -> bool:
-    """The rule applies to the file, and the file fails it now, or sets a key it reads (so a wrong value of
-    that key fails it), or leaves a key unset whose absence fails it."""
-    from pytest_kata.rules.engine import applicable
+    """The rule applies to the file and its precondition holds there, and the file fails it now, or sets a key
+    it reads (so a wrong value of that key fails it), or leaves a key unset whose absence fails it."""
+    from pytest_kata.rules.engine import applicable, run_check
 
     if not applicable(rule, context_of(config))[0]:
         return False
+    if rule.when is not None and run_check(rule.when, config, context_of(config)).status != "pass":
+        return False  # its precondition does not hold on this file
     if evaluate(rule, config, context_of(config)).status == "fail":
         return True
 

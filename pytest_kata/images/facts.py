@@ -42,6 +42,16 @@ SERVICE_ALLOWLIST = ("kata-agent.service", "kata-containers.target", "chrony.ser
                      "kata-opa.service")
 
 
+# by the key a rule reads: the facts that say which files it is about
+ABOUT = {
+    "sysctl.": ("sysctl.applied_by", "sysctl.files"),
+    "init.": ("init.path", "init.target"),
+    "root.readonly": ("root.readonly_reason",),
+    "agent.": ("agent.path", "agent.mode"),
+    "root.dm_verity": ("cmdline.text",),
+}
+
+
 @dataclass
 class ImageFacts:
     """Flat ``{"dotted.key": value}`` with the ``.get(key, default)`` the rules engine reads."""
@@ -60,6 +70,16 @@ class ImageFacts:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.values, "notes": list(self.notes)}
+
+    def about(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The facts that name the files a finding on ``keys`` is about (for findings whose own value is a
+        yes/no, a kind or a number rather than a list of paths)."""
+        out: dict[str, Any] = {}
+        for key in keys:
+            for prefix, related in ABOUT.items():
+                if key.startswith(prefix):
+                    out.update({k: self.values[k] for k in related if k in self.values})
+        return out
 
 
 @dataclass(frozen=True)
@@ -325,7 +345,7 @@ def _root_readonly(root: RootView, v: dict[str, Any], cmdline: str | None,
             if len(fields) >= 4 and not fields[0].startswith("#") and fields[1] == "/":
                 opts = fields[3].split(",")
                 readonly = "ro" in opts
-                reasons.append(f"systemd-remount-fs applies fstab options {fields[3]!r} for /")
+                reasons.append(f"systemd-remount-fs applies /etc/fstab options {fields[3]!r} for /")
                 break
     if v.get("init.kind") in ("script", "kata-agent", "busybox") and root.kind != "initrd":
         for path in ("/sbin/init", "/init"):
@@ -363,13 +383,20 @@ def _sysctls(root: RootView, v: dict[str, Any], cmdline: str | None, notes: list
     for path in ordered:
         for key, value in _parse_sysctl(contents.get(path, b"").decode("utf-8", "replace")):
             from_files[key] = value
-    applier = _sysctl_applier(root, v)
-    v["sysctl.applied_by"] = applier or "nothing"
-    values: dict[str, str] = dict(from_files) if applier else {}
+    boot = _sysctl_applier(root, v)
+    applier = boot.applier
+    v["sysctl.applied_by"] = applier or (f"cannot tell: {boot.undecided}" if boot.undecided else "nothing")
+    v["sysctl.decided"] = True if applier or not boot.undecided else f"cannot tell: {boot.undecided}"
+    values: dict[str, str] = {}
+    if applier:
+        for path in ordered if boot.files is None else [p for p in ordered if p in boot.files]:
+            values.update(_parse_sysctl(contents.get(path, b"").decode("utf-8", "replace")))
+    values.update(boot.direct)
     if from_files and not applier:
         v["sysctl.unapplied"] = sorted(from_files)
-        notes.append(f"{len(from_files)} sysctl(s) set in sysctl.d but nothing in the guest applies them "
-                     f"(init is {v.get('init.kind')})")
+        what = f"cannot tell whether the guest applies them ({boot.undecided})" if boot.undecided else \
+            f"nothing in the guest applies them (init is {v.get('init.kind')})"
+        notes.append(f"{len(from_files)} sysctl(s) set in {', '.join(ordered)} but {what}")
     for t in _cmdline_tokens(cmdline):
         if t.startswith("sysctl.") and "=" in t:
             key, _, value = t[len("sysctl."):].partition("=")
@@ -389,18 +416,140 @@ def _parse_sysctl(text: str) -> Iterable[tuple[str, str]]:
             yield key.strip().lstrip("-").replace("/", "."), value.strip()
 
 
-def _sysctl_applier(root: RootView, v: dict[str, Any]) -> str | None:
-    if v.get("init.kind") == "systemd":
+@dataclass
+class BootSysctl:
+    """What the guest's init does about sysctls at boot."""
+
+    applier: str | None = None  # what applies sysctl.d files, with the command that does it
+    files: set[str] | None = None  # the files it applies (None: every sysctl.d/sysctl.conf file)
+    direct: dict[str, str] = field(default_factory=dict)  # echo V > /proc/sys/a/b: a.b = V
+    undecided: str | None = None  # why it cannot be told
+
+
+# programs an init runs that are known not to apply sysctl files (the real Kata agent included)
+NOT_SYSCTL_APPLIERS = frozenset({
+    "kata-agent", "busybox", "sh", "dash", "bash", "ash", "mount", "umount", "mkdir", "insmod", "modprobe",
+    "hostname", "setsid", "sleep", "cttyhack", "switch_root", "chroot", "echo", "cat", "ln", "cp", "rm", "tr",
+    "basename", "uname", "udevadm", "true", "false", "chmod", "chown", "ip", "ifconfig", "mdev", "getty",
+})
+_SOURCE = re.compile(r"^\s*(?:\.|source)\s+[\"']?(/[^\s\"';]+)")
+_RUN = re.compile(r"^\s*(?:exec\s+)?[\"']?(/[^\s\"';|&]+)")
+_SYSCTL = re.compile(r"(?:^|[\s;&|(`])(?:\S*/)?sysctl((?:[ \t]+[^\s;&|`)]+)*)")
+_PROC_ECHO = re.compile(r"\becho\s+[\"']?([0-9A-Za-z_./|-]+)[\"']?\s*>\s*/proc/sys/([\w./-]+)")
+_PROC_WRITE = re.compile(r"(?:>|\btee\s+(?:-a\s+)?)\s*/proc/sys/")
+_MAX_SCRIPTS = 16
+
+
+_NO_BLOCK = object()
+_FILE_TEST = re.compile(r"^\s*if\s+(!\s+)?\[\s+-[efsd]\s+[\"']?(/[^\s\"']+)[\"']?\s+\]")
+
+
+def _block_open(root: RootView, line: str) -> object:
+    """For a line opening an if/case block: True/False when it tests a file of the image, None otherwise;
+    ``_NO_BLOCK`` for any other line."""
+    if re.match(r"\s*case\b", line):
+        return None
+    if not re.match(r"\s*if\b", line) or re.search(r"\bfi\s*$", line):
+        return _NO_BLOCK
+    test = _FILE_TEST.match(line)
+    if test is None:
+        return None
+    return root.exists(test.group(2)) != bool(test.group(1))
+
+
+def _is_script(root: RootView, path: str) -> bool:
+    return root.read(path)[:2] == b"#!" if root.exists(path) else False
+
+
+def _sysctl_applier(root: RootView, v: dict[str, Any]) -> BootSysctl:
+    """Follow what the init runs (scripts it sources or runs, busybox inittab) and find what applies sysctls:
+    ``sysctl`` with -p/--load/--system in any flag order (also as a busybox applet), a loop writing
+    /proc/sys from /etc/sysctl.d, or literal ``echo V > /proc/sys/...``."""
+    kind = v.get("init.kind")
+    if kind == "systemd":
         for p in ("/usr/lib/systemd/systemd-sysctl", "/lib/systemd/systemd-sysctl"):
             masked = root.entry("/etc/systemd/system/systemd-sysctl.service")
             if root.exists(p) and (masked is None or masked.target != "/dev/null"):
-                return "systemd-sysctl"
-        return None
-    for path in ("/init", "/sbin/init", "/etc/init.d/rcS"):
-        text = root.read_text(path) or ""
-        if re.search(r"\bsysctl\s+(-p|--system|-q\s+-p)|>\s*/proc/sys/", text):
-            return f"{path} (runs sysctl)"
-    return None
+                return BootSysctl("systemd-sysctl")
+        return BootSysctl()
+    init = v.get("init.path")
+    if not init:
+        return BootSysctl()
+    queue: list[tuple[str, bool]] = [(str(init), False)]  # (path, sourced: read whatever its first line)
+    if kind == "busybox":  # busybox init runs the inittab's actions, or /etc/init.d/rcS without one
+        queue = []
+        for line in (root.read_text("/etc/inittab") or "").splitlines():
+            parts = line.split(":", 3)
+            if len(parts) == 4 and parts[3].strip().startswith("/") and not line.lstrip().startswith("#"):
+                queue.append((parts[3].split()[0], False))
+        queue = queue or [("/etc/init.d/rcS", False)]
+    result = BootSysctl()
+    every_file = False
+    named: set[str] = set()
+    unknown: list[str] = []
+    seen: set[str] = set()
+    while queue and len(seen) < _MAX_SCRIPTS:
+        path, sourced = queue.pop(0)
+        real = root.resolve(path)
+        if real is None or real in seen or not root.exists(real):
+            continue
+        seen.add(real)
+        if not sourced and not _is_script(root, real):
+            if path == init and posixpath.basename(real) not in NOT_SYSCTL_APPLIERS:
+                unknown.append(path)
+            continue
+        text = root.read_text(real) or ""
+        mentions_sysctl_d = "/etc/sysctl.d" in text or "sysctl.d/" in text
+        conditions: list[bool | None] = []  # enclosing if/case blocks: True/False for a file test, None unknown
+        for raw in text.splitlines():
+            line = raw.split("#", 1)[0] if not raw.lstrip().startswith("#!") else ""
+            if not line.strip():
+                continue
+            opened = _block_open(root, line)
+            if opened is not _NO_BLOCK:
+                conditions.append(opened)  # type: ignore[arg-type]
+            elif re.match(r"\s*(fi|esac)\b", line) and conditions:
+                conditions.pop()
+                continue
+            elif re.match(r"\s*(elif|else)\b", line) and conditions:
+                conditions[-1] = None
+            for m in _SYSCTL.finditer(line):
+                args = [a for a in m.group(1).split() if not re.match(r"\d*[<>]", a)]  # not redirections
+                flags = [a for a in args if a.startswith("-")]
+                files = [a.strip("\"'") for a in args if not a.startswith("-")]
+                system = "--system" in flags
+                load = any(f.startswith("--load") or (not f.startswith("--") and "p" in f[1:]) for f in flags)
+                if not (system or load):
+                    continue
+                result.applier = result.applier or f"{path}: sysctl {' '.join(args)}"
+                if system or any("$" in f or "*" in f for f in files):  # every file, or a loop over them
+                    every_file = True
+                else:  # named files; -p alone loads /etc/sysctl.conf
+                    named.update(files or ["/etc/sysctl.conf"])
+            for m in _PROC_ECHO.finditer(line):
+                if "$" not in m.group(1) and all(c is True for c in conditions):
+                    result.direct[m.group(2).replace("/", ".")] = m.group(1)
+            if _PROC_WRITE.search(line) and "$" in line and mentions_sysctl_d:
+                result.applier = result.applier or f"{path}: writes /proc/sys from /etc/sysctl.d"
+                every_file = True
+            source, run = _SOURCE.match(line), _RUN.match(line)
+            if source:
+                queue.append((source.group(1), True))
+            elif run:
+                target = run.group(1)
+                real_target = root.resolve(target)
+                if real_target is None:
+                    continue
+                if _is_script(root, real_target):
+                    queue.append((target, False))
+                elif posixpath.basename(real_target) == "systemd":
+                    return _sysctl_applier(root, {**v, "init.kind": "systemd"})
+                elif posixpath.basename(real_target) not in NOT_SYSCTL_APPLIERS:
+                    unknown.append(target)
+    result.files = None if every_file else named
+    if not result.applier and unknown:
+        result.undecided = f"the init runs {', '.join(sorted(set(unknown)))}, which is not a script that can be read"
+    return result
 
 
 def _number(value: str) -> Any:

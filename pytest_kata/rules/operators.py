@@ -79,6 +79,7 @@ OPERATORS: dict[str, Operator] = {
     "not_regex": lambda a, e: not any(_search(e, item) for item in _items(a)),
     "no_pattern_matches": _no_pattern_matches,
     "bits_clear": lambda a, e: int(a) & int(e) == 0,
+    "max_items": lambda a, e: len(_items(a)) <= int(e),
     "gte": lambda a, e: _number(a) >= _number(e),
     "lte": lambda a, e: _number(a) <= _number(e),
     "exists": lambda a, e: True,  # reached only when the key is present
@@ -105,6 +106,7 @@ DESCRIBE = {
     "not_regex": "not matching /{e}/",
     "no_pattern_matches": "no pattern matching any of {e}",
     "bits_clear": "with bits {e} clear",
+    "max_items": "at most {e} item(s)",
     "gte": ">= {e}",
     "lte": "<= {e}",
     "exists": "set",

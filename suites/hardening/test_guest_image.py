@@ -109,7 +109,8 @@ def test_image_rule(image_rule: Any, kata_guest_images: list[GuestImage], kata_r
     for img in kata_guest_images:
         judged = judge_rule(image_rule, img.facts, img.context, profile=profile, waivers=waivers,
                             scopes=[img.rel, Path(img.rel).name])
-        per_image[img.rel] = {**judged.evidence(), "status": judged.status}
+        about = img.facts.about(image_rule.check.fact_keys())
+        per_image[img.rel] = {**judged.evidence(), "status": judged.status, **({"about": about} if about else {})}
         if worst is None or STATUS_ORDER.index(judged.status) > STATUS_ORDER.index(worst.status):
             worst = judged
     assert worst is not None
@@ -119,8 +120,14 @@ def test_image_rule(image_rule: Any, kata_guest_images: list[GuestImage], kata_r
     notes = sorted({n for img in kata_guest_images for n in img.facts.notes})
     if notes:
         kata_result.record(notes=notes)
-    failing = [f"{rel}: {ev['message']}" for rel, ev in per_image.items() if ev["status"] == worst.status]
+    failing = [f"{rel}: {ev['message']}" + (f" ({_about_text(ev['about'])})" if ev.get("about") else "")
+               for rel, ev in per_image.items() if ev["status"] == worst.status]
     kata_result.conclude(worst.status, f"{image_rule.id} {worst.status}: " + "; ".join(failing))
+
+
+def _about_text(about: dict[str, Any]) -> str:
+    return "; ".join(f"{key}: {', '.join(map(str, value)) if isinstance(value, list) else value}"
+                     for key, value in about.items())
 
 
 @pytest.mark.kata_check("KATA-IMG-100", severity="medium",
