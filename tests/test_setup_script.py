@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from pytest_kata.resources import cache_dir
+
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = os.path.realpath("/usr/bin/python3")
 # An interpreter as setup sees it: `-c ...` prints its real base executable, `-m venv .venv` makes a venv of
-# stand-ins that print the same, `--version` answers.
+# stand-ins that print the same, `--version` answers; its pytest-kata names the real cache, where setup already put
+# the allure command line.
 FAKE_PYTHON = """#!/bin/sh
 case "$1" in
   -c) echo "{base}" ;;
@@ -23,14 +26,15 @@ case "$1" in
   -m) mkdir -p .venv/bin
       printf '#!/bin/sh\\necho "{base}"\\n' > .venv/bin/python
       printf '#!/bin/sh\\nexit 0\\n' > .venv/bin/pip
-      chmod +x .venv/bin/python .venv/bin/pip ;;
+      printf '#!/bin/sh\\necho "{cache}"\\n' > .venv/bin/pytest-kata
+      chmod +x .venv/bin/python .venv/bin/pip .venv/bin/pytest-kata ;;
 esac
 """
 
 
 def interpreter(where: Path, base: str) -> Path:
     where.parent.mkdir(parents=True, exist_ok=True)
-    where.write_text(FAKE_PYTHON.format(base=base))
+    where.write_text(FAKE_PYTHON.format(base=base, cache=cache_dir()))
     where.chmod(0o755)
     return where
 
