@@ -15,13 +15,16 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from pytest_kata.errors import ConfigError
+from pytest_kata.errors import ConfigError, KataError
+from pytest_kata.images.common import host_kernel
 from pytest_kata.rules import Facts, evaluate, judge, load_profile, load_rules
 from pytest_kata.rules.kconfig import extract_ikconfig, load_kconfig, parse_kconfig, run_kernel_hardening_checker
 
 REPO = Path(__file__).resolve().parents[1]
-DEBIAN_CONFIG = Path("/boot/config-6.1.0-56-amd64")
-DEBIAN_KERNEL = Path("/boot/vmlinuz-6.1.0-56-amd64")
+try:
+    DEBIAN_KERNEL, DEBIAN_CONFIG = host_kernel().vmlinuz, host_kernel().config
+except KataError:  # no Debian kernel installed: the tests that need one skip and say so
+    DEBIAN_KERNEL, DEBIAN_CONFIG = Path("/boot/vmlinuz-amd64"), Path("/boot/config-amd64")
 RULES = load_rules("kernel")
 needs_debian = pytest.mark.skipif(not DEBIAN_CONFIG.is_file(), reason=f"{DEBIAN_CONFIG} absent (Debian kernel)")
 
