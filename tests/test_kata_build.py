@@ -21,9 +21,9 @@ import pytest
 from pytest_kata.bundle import open_bundle, unpack_archive
 from pytest_kata.cli import main
 from pytest_kata.errors import BundleError, KataError
-from pytest_kata.kata_build import REPOS, SourceError, discover
-from pytest_kata.kata_build.kernel import bzimage_release, guest_kernel
+from pytest_kata.kata_build.kernel_choice import bzimage_release, guest_kernel
 from pytest_kata.kata_build.smoke import boot_agent
+from pytest_kata.kata_build.sources import REPOS, SourceError, discover
 
 REPO = Path(__file__).resolve().parents[1]
 KATA_SRC = REPO.parent / "shared" / "kata-src"
@@ -226,7 +226,6 @@ def test_builds_a_real_bundle_from_upstream_source(kata_src: Path, tmp_path: Pat
 
     bundle = open_bundle(tarball)
     assert bundle.version == version
-    assert bundle.version_evidence["containerd-shim-kata-v2 --version (go)"] == version
     for rel in ("bin/containerd-shim-kata-v2", "bin/kata-runtime", "libexec/kata-containers/kata-proxy",
                 "libexec/kata-containers/kata-netmon", "bin/qemu-system-x86_64"):
         assert bundle.files[rel].kind == "file" and bundle.files[rel].mode & 0o111, rel
@@ -235,7 +234,17 @@ def test_builds_a_real_bundle_from_upstream_source(kata_src: Path, tmp_path: Pat
     assert re.search(rf"kata-runtime\s*:\s*{re.escape(version)}\b", runtime.stdout), runtime.stdout
     shim = subprocess.run([str(bundle.root / "bin/containerd-shim-kata-v2"), "--version"], capture_output=True,
                           text=True, cwd=tmp_path)
-    assert f"version {version}" in shim.stdout + shim.stderr
+    if "flag provided but not defined: -version" in shim.stderr:
+        # 1.11.0's shim vendors a containerd shim library without -version and embeds no version: it can
+        # only show that it is a working shim v2 binary (its flags); the release is the runtime's word.
+        assert version == "1.11.0", shim.stderr
+        usage = subprocess.run([str(bundle.root / "bin/containerd-shim-kata-v2"), "-h"], capture_output=True,
+                               text=True, cwd=tmp_path)
+        assert "-publish-binary" in usage.stderr and "grpc address back to main containerd" in usage.stderr
+        assert "containerd-shim-kata-v2 --version (go)" not in bundle.version_evidence
+    else:
+        assert f"version {version}" in shim.stdout + shim.stderr
+        assert bundle.version_evidence["containerd-shim-kata-v2 --version (go)"] == version
 
     # The runtime Makefile's own render, paths under /opt/kata, nothing else touched.
     assert {"qemu", "qemu-virtiofs", "fc", "clh", "acrn"} <= set(bundle.shims)
@@ -268,8 +277,9 @@ def test_real_agent_starts_as_init_under_tcg(kata_src: Path, tmp_path: Path) -> 
     tarball, _, _ = _cli_build(kata_src, "1.11.5", tmp_path)  # cached by the build test
     bundle = open_bundle(tarball)
     boot = boot_agent(bundle.root, timeout=300)
-    assert "name=kata-agent" in boot.first_line and "pid=1" in boot.first_line, boot.first_line
-    assert "version=1.11.5" in boot.console or "1.11.5" in boot.first_line
+    first = boot.first_line
+    assert re.search(r'name="?kata-agent', first) and re.search(r'pid="?1\b', first), first
+    assert re.search(r'version="?1\.11\.5\b', first), first
     assert boot.grpc_started, boot.console[-2000:]
 
 
