@@ -251,7 +251,10 @@ def _cli_build(src: Path, version: str, out: Path) -> tuple[Path, float, str]:
     return Path(last), seconds, proc.stdout + proc.stderr
 
 
+# One worker builds both releases in turn: the second reuses Go's build cache instead of competing for the
+# same two cores with a second cold build.
 @pytest.mark.slow
+@pytest.mark.xdist_group("kata-build")
 @pytest.mark.parametrize("version", ["1.11.0", "1.11.5"])
 def test_builds_a_real_bundle_from_upstream_source(kata_src: Path, tmp_path: Path, version: str) -> None:
     tarball, first_seconds, _ = _cli_build(kata_src, version, tmp_path)
@@ -310,6 +313,7 @@ def test_builds_a_real_bundle_from_upstream_source(kata_src: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("kata-build")
 def test_real_agent_starts_as_init_under_tcg(kata_src: Path, tmp_path: Path) -> None:
     """The bundle's kernel + initrd boot with plain qemu and the real agent logs as PID 1 on the console."""
     tarball, _, _ = _cli_build(kata_src, "1.11.5", tmp_path)  # cached by the build test
