@@ -9,6 +9,7 @@ and check them with :func:`pytest_kata.bundle.open_bundle`.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -338,3 +339,24 @@ def test_agent_smoke_fails_loudly_without_an_agent(tmp_path: Path) -> None:
     with pytest.raises(KataError, match="the agent never logged") as info:
         boot_agent(root, timeout=60)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("kata-build")
+def test_builds_from_checkouts_given_per_repository(kata_src: Path, tmp_path: Path) -> None:
+    """Git checkouts a user points at (here: the 1.11.5 trees unpacked), one --<repo>-src each, no DIR."""
+    args = []
+    for repo in ("runtime", "agent", "proxy"):
+        top = f"kata-{repo}-1.11.5"
+        unpack_archive(kata_src / f"{top}.tar.xz", tmp_path / f"unpacked-{repo}", prefix=top)
+        args += [f"--{repo}-src", str(tmp_path / f"unpacked-{repo}" / top)]
+    proc = subprocess.run([str(REPO / ".venv/bin/pytest-kata"), "build", *args, "--output", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tarball = Path(proc.stdout.strip().splitlines()[-1])
+    bundle = open_bundle(tarball)
+    assert bundle.version == "1.11.5"
+    assert bundle.version_evidence["containerd-shim-kata-v2 --version (go)"] == "1.11.5"
+    record = json.loads(bundle.path("kata-build.json").read_text())
+    assert {record["sources"][r]["kind"] for r in ("runtime", "agent", "proxy")} == {"checkout"}
+    assert record["binaries"]["kata-agent"] == "kata-agent version 1.11.5"
