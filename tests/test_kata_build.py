@@ -180,6 +180,12 @@ def test_kernel_release_is_read_from_the_bzimage(tmp_path: Path) -> None:
         guest_kernel(not_a_kernel, kernel.config)
     with pytest.raises(KataError, match="cannot tell which kernel config"):
         guest_kernel(_copy(kernel.vmlinuz, tmp_path / "k"))  # no config-* beside it
+    # Kata's install_kata layout: config-<release> beside vmlinuz-<release>-<config version>, and the
+    # kernel builder's config-report.json, which is not a config.
+    built = _copy(kernel.vmlinuz, tmp_path / "kata-kernel")
+    (built.parent / f"config-{kernel.release}").write_text("CONFIG_VIRTIO_PCI=y\n")
+    (built.parent / "config-report.json").write_text("{}")
+    assert guest_kernel(built).config == built.parent / f"config-{kernel.release}"
 
 
 def _copy(src: Path, dest_dir: Path) -> Path:
