@@ -1,0 +1,1 @@
+"""Building Kata Containers parts from upstream sources (guest kernel, bundle), cached by content hash."""
