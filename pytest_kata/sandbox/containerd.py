@@ -142,9 +142,16 @@ class ContainerdDriver(SandboxDriver):
             self.host = LocalHost()
         return self.host
 
-    def ctr(self, *args: str, check: bool = True, timeout: float = 120.0) -> Any:
-        """``ctr -a ADDRESS -n NAMESPACE ARGS`` on the sandbox's host; a failure raises when ``check``."""
-        result = self._on().run(["ctr", "-a", self.address, "-n", self.namespace, *args], timeout=timeout)
+    def ctr(self, *args: str, check: bool = True, timeout: float = 120.0, no_host_devices: bool = False) -> Any:
+        """``ctr -a ADDRESS -n NAMESPACE ARGS`` on the sandbox's host; a failure raises when ``check``.
+
+        ``no_host_devices``: ctr runs with an empty ``/dev`` of its own, so that ``--privileged`` (which copies
+        every device node ctr sees into the spec) means containerd's ``privileged_without_host_devices``."""
+        argv = ["ctr", "-a", self.address, "-n", self.namespace, *args]
+        if no_host_devices:
+            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    'mount -t tmpfs -o size=64k,mode=755 pytest-kata-nodev /dev && exec "$0" "$@"', *argv]
+        result = self._on().run(argv, timeout=timeout)
         if check and result.rc != 0:
             tail = (result.stderr or result.stdout).strip()[-300:]
             raise SandboxError(f"ctr {' '.join(args[:3])} failed with exit {result.rc}: {tail}",
@@ -265,7 +272,7 @@ class ContainerdDriver(SandboxDriver):
         cid = self.pod_id(name)
         start = time.monotonic()
         result = self.ctr("run", "--rm", *self.run_args(workload, cid), self.image, cid, *command, check=False,
-                          timeout=timeout)
+                          timeout=timeout, no_host_devices=self._without_host_devices(workload))
         self.last_seconds = time.monotonic() - start
         if result.rc != 0:  # a pod the runtime refused can leave its container record behind
             self.remove_pod(cid)
@@ -275,8 +282,12 @@ class ContainerdDriver(SandboxDriver):
         """Start ``command`` in a pod that keeps running (``ctr run -d``); returns its id for :meth:`exec`,
         :meth:`pod_pids` and :meth:`remove_pod`."""
         cid = self.pod_id(name)
-        self.ctr("run", "-d", *self.run_args(workload, cid), self.image, cid, *command, timeout=timeout)
+        self.ctr("run", "-d", *self.run_args(workload, cid), self.image, cid, *command, timeout=timeout,
+                 no_host_devices=self._without_host_devices(workload))
         return cid
+
+    def _without_host_devices(self, workload: Workload) -> bool:
+        return self.is_vm and workload.privileged and not workload.host_devices
 
     def exec(self, cid: str, command: list[str], *, timeout: float = 120.0) -> Any:
         """Run ``command`` inside the running pod ``cid`` (``ctr tasks exec``); returns the host's result."""
