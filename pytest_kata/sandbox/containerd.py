@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from pytest_kata.sandbox.shimconfig import ShimConfig, write_shim_config
 CONTROL_HANDLERS = {"runc": "io.containerd.runc.v2", "runsc": "io.containerd.runsc.v1"}
 CONTROL_SHIMS = {"runc": ("containerd-shim-runc-v2", "runc"), "runsc": ("containerd-shim-runsc-v1", "runsc")}
 KATA_NAMESPACE = "pytest-kata"
+CAPS_NEWER_THAN_KATA1 = ("perfmon", "bpf", "checkpoint_restore")  # Linux 5.8/5.9: unknown to Kata 1.x agents
 VMM_NAMES = ("qemu", "cloud-hypervisor", "firecracker", "dragonball", "stratovirt")
 
 
@@ -142,16 +144,10 @@ class ContainerdDriver(SandboxDriver):
             self.host = LocalHost()
         return self.host
 
-    def ctr(self, *args: str, check: bool = True, timeout: float = 120.0, no_host_devices: bool = False) -> Any:
-        """``ctr -a ADDRESS -n NAMESPACE ARGS`` on the sandbox's host; a failure raises when ``check``.
-
-        ``no_host_devices``: ctr runs with an empty ``/dev`` of its own, so that ``--privileged`` (which copies
-        every device node ctr sees into the spec) means containerd's ``privileged_without_host_devices``."""
-        argv = ["ctr", "-a", self.address, "-n", self.namespace, *args]
-        if no_host_devices:
-            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                    'mount -t tmpfs -o size=64k,mode=755 pytest-kata-nodev /dev && exec "$0" "$@"', *argv]
-        result = self._on().run(argv, timeout=timeout)
+    def ctr(self, *args: str, check: bool = True, timeout: float = 120.0, prefix: Sequence[str] = ()) -> Any:
+        """``ctr -a ADDRESS -n NAMESPACE ARGS`` on the sandbox's host (after ``prefix``, a command that execs
+        the rest: see :meth:`_ctr_prefix`); a failure raises when ``check``."""
+        result = self._on().run([*prefix, "ctr", "-a", self.address, "-n", self.namespace, *args], timeout=timeout)
         if check and result.rc != 0:
             tail = (result.stderr or result.stdout).strip()[-300:]
             raise SandboxError(f"ctr {' '.join(args[:3])} failed with exit {result.rc}: {tail}",
@@ -272,7 +268,7 @@ class ContainerdDriver(SandboxDriver):
         cid = self.pod_id(name)
         start = time.monotonic()
         result = self.ctr("run", "--rm", *self.run_args(workload, cid), self.image, cid, *command, check=False,
-                          timeout=timeout, no_host_devices=self._without_host_devices(workload))
+                          timeout=timeout, prefix=self._ctr_prefix(workload))
         self.last_seconds = time.monotonic() - start
         if result.rc != 0:  # a pod the runtime refused can leave its container record behind
             self.remove_pod(cid)
@@ -283,11 +279,22 @@ class ContainerdDriver(SandboxDriver):
         :meth:`pod_pids` and :meth:`remove_pod`."""
         cid = self.pod_id(name)
         self.ctr("run", "-d", *self.run_args(workload, cid), self.image, cid, *command, timeout=timeout,
-                 no_host_devices=self._without_host_devices(workload))
+                 prefix=self._ctr_prefix(workload))
         return cid
 
-    def _without_host_devices(self, workload: Workload) -> bool:
-        return self.is_vm and workload.privileged and not workload.host_devices
+    def _ctr_prefix(self, workload: Workload) -> list[str]:
+        """How ctr runs for a privileged pod on a VM runtime. ``--privileged`` copies into the spec every device
+        node ctr sees and every capability ctr holds: without ``host_devices`` ctr gets an empty ``/dev`` of its
+        own (containerd's ``privileged_without_host_devices``, what Kata deployments set), and it never holds
+        the capabilities newer than the ones a Kata 1.x agent knows (its runc refuses "unknown capability
+        CAP_PERFMON"), so "privileged" is every capability the candidate's agent can grant."""
+        if not (self.is_vm and workload.privileged):
+            return []
+        prefix = ["setpriv", "--bounding-set", "-" + ",-".join(CAPS_NEWER_THAN_KATA1), "--"]
+        if not workload.host_devices:
+            prefix += ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       'mount -t tmpfs -o size=64k,mode=755 pytest-kata-nodev /dev && exec "$0" "$@"']
+        return prefix
 
     def exec(self, cid: str, command: list[str], *, timeout: float = 120.0) -> Any:
         """Run ``command`` inside the running pod ``cid`` (``ctr tasks exec``); returns the host's result."""
