@@ -6,6 +6,14 @@ like the reference candidate, makes this driver unavailable with the bundle's ow
 containerd is private to the run (own root/state/socket, helper F's :func:`pytest_kata.services.start_containerd`),
 so no system containerd or image store is touched. Annotations, privileged mode, mounts and devices are
 workload parameters because most escape regressions need one of them.
+
+For ``kata``/``kata-*`` on this machine the shim runs as the candidate ships it, handed a configuration copy
+(:mod:`pytest_kata.sandbox.shimconfig`: bundle paths, what the host lacks, the TCG wrapper where KVM is
+unusable) through ``KATA_CONF_FILE``; containerd runs in a mount namespace of its own with ``/`` shared inside,
+and a ``/dev/log`` is lent for the run (:func:`pytest_kata.services.lend_syslog`). Escape tests drive pods with
+:meth:`ContainerdDriver.run`, :meth:`~ContainerdDriver.start_pod`, :meth:`~ContainerdDriver.exec`,
+:meth:`~ContainerdDriver.remove_pod` and read the host side with :meth:`~ContainerdDriver.pod_processes` and
+:meth:`~ContainerdDriver.hypervisor_argv`.
 """
 
 from __future__ import annotations
