@@ -169,6 +169,10 @@ def test_device_network_vsock_and_memory_checks():
     assert checks.vsock_ports({"vsock": {"2:1026": "reachable"}}).status == "fail"
     assert checks.vsock_ports({"vsock": {"2:1024": "untestable: no socat"}}).status == "notapplicable"
     assert checks.vsock_ports({"vsock": {"2:1024": "unreachable: no AF_VSOCK"}}).status == "pass"
+    serial = {"agent.channel.0": "reachable", "console": "unreachable: Device or resource busy"}
+    assert checks.vsock_ports({"vsock": {}, "agent_serial": serial}).status == "fail"
+    serial["agent.channel.0"] = "unreachable: no /dev/vport1p1 in the workload"
+    assert checks.vsock_ports({"vsock": {}, "agent_serial": serial}).status == "pass"
     assert checks.memory_bounded({"mem_total_kb": 500_000}, HOST, limit_mb=512, is_vm=True,
                                  handler="d").status == "pass"
     assert checks.memory_bounded({"mem_total_kb": 4_000_000}, HOST, limit_mb=512, is_vm=True,

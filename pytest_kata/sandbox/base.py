@@ -44,6 +44,9 @@ class Workload:
     targets: list[str] = field(default_factory=list)  # "ip:port" (tcp) or "ip" (icmp)
     host_paths: list[str] = field(default_factory=list)  # host markers whose visibility is reported
     writes: bool = False  # attempt core_pattern/uevent_helper/root-device writes (only inside a VM)
+    # privileged on a VM runtime: also hand every host device to the pod (ctr's --privileged does; Kata's
+    # deployments set containerd's privileged_without_host_devices, which is the default here)
+    host_devices: bool = False
     mark: str = "kata-probe"
 
     def env(self) -> dict[str, str]:
@@ -160,6 +163,11 @@ class SandboxDriver:
     def guest_kernel_release(self) -> str | None:
         """The kernel release the candidate ships (what ``uname -r`` must say inside), if known."""
         return None
+
+    def evidence(self) -> dict[str, Any]:
+        """What every result that used this sandbox carries (e.g. a rewrite of the candidate's hypervisor
+        argv); empty when the candidate runs as it is."""
+        return {}
 
     def __enter__(self) -> SandboxDriver:
         self.start()
