@@ -896,6 +896,17 @@ def remove_kata_state(run_id: str, *, dry_run: bool = False) -> list[str]:
     return removed
 
 
+def prune_kata_run_dirs() -> None:
+    """Remove the empty ``/run/vc`` and ``/run/kata-containers`` trees Kata shims create, when none runs: like
+    :func:`prune_containerd_run_dirs`, they would be a trace of the run (only empty directories go)."""
+    for _pid, argv in process_cmdlines():
+        if argv and os.path.basename(argv[0]).startswith("containerd-shim-kata"):
+            return
+    for d in (*KATA_STATE_DIRS[:3], Path("/run/vc"), Path("/run/kata-containers/shared"), KATA_STATE_DIRS[3]):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
 def _tail(path: Path, lines: int = 3) -> str:
     try:
         text = path.read_text(errors="replace").strip().splitlines()

@@ -277,6 +277,7 @@ def _clean_run(rid: str, conn: Any, report: SweepReport) -> None:
             report.add(rid, item)
     if not dry:
         services.prune_containerd_run_dirs()
+        services.prune_kata_run_dirs()
     with contextlib.suppress(Exception):
         for item in services.return_syslog(rid, dry_run=dry):
             report.add(rid, item)
