@@ -44,6 +44,7 @@ class Workload:
     targets: list[str] = field(default_factory=list)  # "ip:port" (tcp) or "ip" (icmp)
     host_paths: list[str] = field(default_factory=list)  # host markers whose visibility is reported
     writes: bool = False  # attempt core_pattern/uevent_helper/root-device writes (only inside a VM)
+    volume_write: str = ""  # a read-only volume's mount point that the workload tries to make writable
     mark: str = "kata-probe"
 
     def env(self) -> dict[str, str]:
@@ -54,6 +55,8 @@ class Workload:
             env["KATA_PROBE_HOST_PATHS"] = " ".join(self.host_paths)
         if self.writes:
             env["KATA_PROBE_WRITES"] = "1"
+        if self.volume_write:
+            env["KATA_PROBE_VOLUME_WRITE"] = self.volume_write
         return env
 
 
