@@ -29,6 +29,9 @@ def finish(kata_result: Any, outcome: Outcome, sandbox: Any = None) -> None:
     outcome.evidence.setdefault("mode", "static" if sandbox is None else "dynamic")
     outcome.evidence.setdefault("effect", outcome.message)
     if sandbox is not None:
+        described = sandbox.describe()
+        if described.get("scope"):
+            outcome.evidence["driver_scope"] = described["scope"]
         note = exploits.wrapper_note(sandbox)
         if note:
             outcome.evidence["hypervisor_wrapper"] = note
