@@ -34,7 +34,7 @@ def finish(kata_result: Any, outcome: Outcome, sandbox: Any = None) -> None:
             outcome.evidence["driver_scope"] = described["scope"]
         note = exploits.wrapper_note(sandbox)
         if note:
-            outcome.evidence["hypervisor_wrapper"] = note
+            outcome.evidence["hypervisor_rewrite"] = note
     outcome.apply(kata_result)
 
 
