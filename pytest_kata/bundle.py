@@ -11,7 +11,7 @@ Why it is built this way:
   no absolute names, nothing outside ``opt/kata`` (Kata's ``assert-tarball-host-safe.sh`` rule: the merged
   tarball is unpacked with ``tar -C /``), no device/fifo files, no link that leaves the tree (checked
   lexically per member and again by following every link through the finished tree), no oversize member.
-  ``tarfile.data_filter`` runs too, as a second opinion.
+  ``tarfile.data_filter`` runs too where Python has it (3.11.4+), as a second opinion.
 * One read of the archive: the raw bytes are hashed while they stream through the decompressor into
   ``tarfile``; each member is hashed while it is written. The extracted tree lands atomically in
   ``cache_dir()/bundles/<sha256>/`` with its inventory, so a second open (and :func:`identify` in the
@@ -581,8 +581,19 @@ def _extract_archive(source: Path, fmt: str, store: _Store, limits: tuple[int, i
         raise
 
 
-def _stream_members(source: Path, fmt: str, tree: Path,
-                    limits: tuple[int, int]) -> tuple[dict[str, FileEntry], str]:
+def unpack_archive(source: Path, tree: Path, *, prefix: str, member_limit: int = MEMBER_LIMIT,
+                   total_limit: int = TOTAL_LIMIT) -> tuple[dict[str, FileEntry], str]:
+    """Unpack any tar archive whose members all live under ``prefix/`` into the new directory ``tree``.
+
+    The same one-pass, check-before-write extraction as a bundle (used for upstream source archives, whose
+    top directory is ``prefix``). Returns the inventory (paths relative to ``tree/prefix``) and the archive's
+    sha256; any unsafe member is a one-line :class:`BundleError`.
+    """
+    return _stream_members(source, _sniff(source), tree, (member_limit, total_limit), prefix=prefix)
+
+
+def _stream_members(source: Path, fmt: str, tree: Path, limits: tuple[int, int],
+                    prefix: str = PREFIX) -> tuple[dict[str, FileEntry], str]:
     import zstandard
 
     tree.mkdir(mode=0o755)
@@ -591,7 +602,7 @@ def _stream_members(source: Path, fmt: str, tree: Path,
         stream = _decompressor(fmt, raw)
         try:
             with tarfile.open(fileobj=stream, mode="r|") as archive:
-                files = _Unpacker(source, tree, limits).run(archive)
+                files = _Unpacker(source, tree, limits, prefix).run(archive)
             while stream is not raw and stream.read(CHUNK):
                 pass  # the end-of-archive padding still belongs to the stream (and to the hash)
             raw.drain()
@@ -620,14 +631,15 @@ def _stream_members(source: Path, fmt: str, tree: Path,
 class _Unpacker:
     """Checks each member before writing it; writes files with O_EXCL|O_NOFOLLOW and hashes them."""
 
-    def __init__(self, source: Path, tree: Path, limits: tuple[int, int]) -> None:
+    def __init__(self, source: Path, tree: Path, limits: tuple[int, int], prefix: str = PREFIX) -> None:
         self.source = source
         self.tree = tree
+        self.prefix = prefix
         self.member_limit, self.total_limit = limits
         self.files: dict[str, FileEntry] = {}
         self.total = 0
         self.count = 0
-        (tree / PREFIX).mkdir(parents=True, mode=0o755)
+        (tree / prefix).mkdir(parents=True, mode=0o755)
 
     def refuse(self, message: str) -> BundleError:
         return BundleError(message, path=self.source, hint="refusing to unpack an unsafe archive")
@@ -652,12 +664,13 @@ class _Unpacker:
         if self.count > COUNT_LIMIT:
             raise self.refuse(f"more than {COUNT_LIMIT} members (a kata-static release has a few thousand)")
         norm = self.normalise(member.name)
-        if norm is None or (member.isdir() and norm in ("opt", PREFIX)):
+        if norm is None or (member.isdir() and (self.prefix + "/").startswith(norm + "/")):
             return
-        if not norm.startswith(PREFIX + "/"):
-            raise self.refuse(f"member {member.name!r} is outside opt/kata (kata-static tarballs are rooted "
-                              f"at ./opt/kata/ and are unpacked with tar -C /)")
-        rel = norm[len(PREFIX) + 1:]
+        if not norm.startswith(self.prefix + "/"):
+            why = ("kata-static tarballs are rooted at ./opt/kata/ and are unpacked with tar -C /"
+                   if self.prefix == PREFIX else f"every member of this archive must be under {self.prefix}/")
+            raise self.refuse(f"member {member.name!r} is outside {self.prefix} ({why})")
+        rel = norm[len(self.prefix) + 1:]
         if member.ischr() or member.isblk():
             raise self.refuse(f"member {member.name!r} is a device file")
         if member.isfifo():
@@ -684,7 +697,7 @@ class _Unpacker:
             self.files[rel] = FileEntry(rel, "dir", 0, mode, uid=member.uid, gid=member.gid)
         elif member.issym():
             on_disk = self.link_on_disk(rel, member)
-            self.second_opinion(member.replace(linkname=on_disk, deep=False))
+            self.second_opinion(member, linkname=on_disk)
             os.symlink(on_disk, dest)
             self.files[rel] = FileEntry(rel, "symlink", 0, mode or 0o777, None, member.linkname,
                                         member.uid, member.gid)
@@ -700,7 +713,7 @@ class _Unpacker:
             parent = "/".join(parts[:i])
             entry = self.files.get(parent)
             if entry is None:
-                (self.tree / PREFIX / parent).mkdir(mode=0o755)
+                (self.tree / self.prefix / parent).mkdir(mode=0o755)
                 self.files[parent] = FileEntry(parent, "dir", 0, 0o755)
             elif entry.kind != "dir":
                 raise self.refuse(f"member {name!r} goes through the {entry.kind} {parent!r}")
@@ -715,9 +728,9 @@ class _Unpacker:
 
     def hardlink(self, rel: str, member: tarfile.TarInfo, dest: Path) -> None:
         target = self.normalise(member.linkname, "hardlink target of")
-        if target is None or not target.startswith(PREFIX + "/"):
+        if target is None or not target.startswith(self.prefix + "/"):
             raise self.refuse(f"hardlink {member.name!r} -> {member.linkname!r} points outside the bundle")
-        source_entry = self.files.get(target[len(PREFIX) + 1:])
+        source_entry = self.files.get(target[len(self.prefix) + 1:])
         if source_entry is None or source_entry.kind != "file":
             raise self.refuse(f"hardlink {member.name!r} -> {member.linkname!r} does not point at a file "
                               f"unpacked before it")
@@ -726,10 +739,15 @@ class _Unpacker:
         self.files[rel] = FileEntry(rel, "file", source_entry.size, member.mode & 0o7777, source_entry.sha256,
                                     None, member.uid, member.gid)
 
-    def second_opinion(self, member: tarfile.TarInfo) -> None:
+    def second_opinion(self, member: tarfile.TarInfo, linkname: str | None = None) -> None:
+        data_filter = getattr(tarfile, "data_filter", None)  # Python 3.11.4+ (Debian 12's 3.11.2 lacks it)
+        if data_filter is None:
+            return
+        if linkname is not None:
+            member = member.replace(linkname=linkname, deep=False)  # type: ignore[attr-defined,unused-ignore]
         try:
-            tarfile.data_filter(member, str(self.tree))
-        except tarfile.FilterError as exc:
+            data_filter(member, str(self.tree))
+        except tarfile.FilterError as exc:  # type: ignore[attr-defined,unused-ignore]
             raise self.refuse(str(exc)) from None
 
     def write_file(self, archive: tarfile.TarFile, member: tarfile.TarInfo, rel: str, dest: Path,

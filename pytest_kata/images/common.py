@@ -26,6 +26,7 @@ import re
 import shutil
 import stat
 import subprocess
+import tarfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -347,6 +348,40 @@ def make_initrd(rootdir: str | Path, out: str | Path, compress: str = "gzip") ->
             raise KataError(f"unknown initrd compression {compress!r} (use gzip, zstd or none)", path=target)
     os.replace(partial, target)
     return count
+
+
+# ---------------------------------------------------------------------------------------------- tarball
+def _tar_members(root: Path) -> Iterator[tuple[str, Path]]:
+    yield ".", root
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted([*dirnames, *filenames]):
+            full = Path(dirpath, name)
+            yield "./" + full.relative_to(root).as_posix(), full
+
+
+def write_tarball(root: Path, out: Path) -> None:
+    """A kata-static-style ``.tar.zst``: members ``./opt/kata/...``, owner 0, fixed mtime, sorted order."""
+    import zstandard
+
+    partial = out.with_name(out.name + ".partial")
+    with open(partial, "wb") as raw, \
+            zstandard.ZstdCompressor(level=3, threads=-1).stream_writer(raw) as sink, \
+            tarfile.open(fileobj=sink, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+        entries = sorted(_tar_members(root), key=lambda m: m[0])
+        for name, path in entries:
+            info = tar.gettarinfo(str(path), arcname=name)
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            info.mtime = SOURCE_DATE_EPOCH
+            if info.islnk():  # a hard link inside the tree: store the content again, keep it simple
+                info.type, info.linkname, info.size = tarfile.REGTYPE, "", path.stat().st_size
+            if info.isreg():
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+    os.replace(partial, out)
 
 
 # ---------------------------------------------------------------------------------------------- hashing

@@ -7,8 +7,12 @@ guest files, the kernel whose modules are copied in and the *resolved versions* 
 (``apt-cache``), so a new Debian point release or security update rebuilds the image while an unchanged
 input reuses it instantly. Given the same package versions, the output is byte-for-byte the same.
 
-Every image carries ``/usr/bin/kata-agent``, a clearly named placeholder (no Kata agent can be had here),
-and the initrd's ``/init`` doubles as a loader that mounts a guest image read-only (see ``files/init``).
+Every image carries ``/usr/bin/kata-agent``: by default a clearly named placeholder, and the initrd's
+``/init`` doubles as a loader that mounts a guest image read-only (see ``files/init``). A recipe with
+``agent = "real"`` takes a real agent binary (:class:`RealAgent`, built by :mod:`pytest_kata.kata_build`)
+and osbuilder's ``AGENT_INIT=yes`` layout instead: ``/sbin/init`` is the agent (or, when the kernel has
+the agent's transports as modules, ``files/kata-preinit``, which loads them and execs the agent as PID 1)
+and the initrd's ``/init`` links to ``/sbin/init``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import subprocess
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import tomli
 import yaml
@@ -74,12 +78,14 @@ _KEYS: dict[str, tuple[type, Any]] = {
     "read_only_root": (bool, False),
     "lock_modules": (bool, False),
     "sysctl": (dict, {}),
+    "agent": (str, "placeholder"),
 }
 _CHOICES = {
     "init": {"agent", "systemd"},
     "initrd_compression": {"gzip", "zstd"},
     "partition_table": {"msdos", "gpt"},
     "variant": {"custom", "extract", *MINBASE_VARIANTS},
+    "agent": {"placeholder", "real"},
 }
 
 
@@ -164,6 +170,8 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     if settings["variant"] == "custom" and "dpkg" not in settings["packages"]:
         raise ConfigError("variant 'custom' needs 'dpkg' in packages (mmdebstrap installs with it)",
                           path=path)
+    if settings["agent"] == "real" and settings["init"] != "agent":
+        raise ConfigError("agent = 'real' is osbuilder's AGENT_INIT=yes layout: set init = 'agent'", path=path)
     if settings["init"] == "agent" and not settings["busybox_links"]:
         raise ConfigError("init = 'agent' runs a shell script: set busybox_links = true", path=path)
     return Recipe(path.stem, path, settings)
@@ -262,11 +270,21 @@ def _kernel_identity(kernel: HostKernel) -> dict[str, str]:
     return {"release": kernel.release, "package_version": ident}
 
 
-def guest_key(recipe: Recipe, versions: dict[str, str], kernel: HostKernel) -> str:
-    """The cache key: recipe settings, guest files, the builder's code, kernel, resolved package versions."""
+class RealAgent(NamedTuple):
+    """A real ``kata-agent`` binary for a recipe with ``agent = "real"``, and the version it reports."""
+
+    binary: Path
+    version: str
+
+
+def guest_key(recipe: Recipe, versions: dict[str, str], kernel: HostKernel,
+              agent: RealAgent | None = None) -> str:
+    """The cache key: recipe settings, guest files, the builder's code, kernel, resolved package versions,
+    and the real agent's bytes when there is one."""
     builder = [Path(__file__), Path(__file__).with_name("common.py")]
+    agent_part = [agent.binary, agent.version] if agent else []
     return content_hash(BUILDER_VERSION, recipe.name, recipe.settings, guest_files_dir(), *builder, versions,
-                        _kernel_identity(kernel))[:20]
+                        _kernel_identity(kernel), *agent_part)[:20]
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -297,13 +315,22 @@ class GuestImage:
                    packages=info.get("packages", {}), built=built)
 
 
-def build_guest(recipe_name: str | Path, *, force: bool = False) -> GuestImage:
-    """Build (or reuse from the cache) the guest image of a recipe."""
+def build_guest(recipe_name: str | Path, *, force: bool = False, kernel: HostKernel | None = None,
+                agent: RealAgent | None = None) -> GuestImage:
+    """Build (or reuse from the cache) the guest image of a recipe.
+
+    ``kernel`` (default: the host's newest Debian kernel) is the guest kernel whose modules go in;
+    ``agent`` is required by, and only accepted for, a recipe with ``agent = "real"``.
+    """
     recipe = load_recipe(recipe_name)
-    kernel = host_kernel()
+    if (recipe.agent == "real") != (agent is not None):
+        need = "needs a real kata-agent binary (agent=)" if agent is None else "takes no agent binary"
+        raise KataError(f"guest-{recipe.name} {need}", path=recipe.path,
+                        hint="pytest-kata build --from-source builds the agent" if agent is None else None)
+    kernel = kernel or host_kernel()
     with timed(AREA, f"guest-{recipe.name}: resolving package versions"):
         versions = resolve_versions(recipe)
-    key = guest_key(recipe, versions, kernel)
+    key = guest_key(recipe, versions, kernel, agent)
     entry = f"{recipe.name}-{key}"
     final = cache_dir() / CACHE_KIND / entry
     if final.is_dir() and not force:
@@ -317,7 +344,7 @@ def build_guest(recipe_name: str | Path, *, force: bool = False) -> GuestImage:
     def build(out: Path) -> None:
         nonlocal built
         with timed(AREA, f"guest-{recipe.name}: building {len(versions)} resolved packages into {entry}"):
-            _build_into(recipe, key, versions, kernel, out)
+            _build_into(recipe, key, versions, kernel, out, agent)
         built = True
 
     directory = cached(CACHE_KIND, entry, build, force=force)
@@ -343,6 +370,8 @@ def prune_cache(*, dry_run: bool = False) -> list[Path]:
     kernel = host_kernel()
     for name in list_recipes():
         recipe = load_recipe(name)
+        if recipe.agent == "real":
+            continue  # keyed by the agent built from source: the kata-build cache owns these entries
         current = guest_key(recipe, resolve_versions(recipe), kernel)
         removed += [p for p in find_cached(name) if not p.name.endswith(f"-{current}")]
     reference = cache_dir() / "reference"
@@ -361,7 +390,8 @@ def prune_cache(*, dry_run: bool = False) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- the build
-def _build_into(recipe: Recipe, key: str, versions: dict[str, str], kernel: HostKernel, out: Path) -> None:
+def _build_into(recipe: Recipe, key: str, versions: dict[str, str], kernel: HostKernel, out: Path,
+                agent: RealAgent | None = None) -> None:
     rootfs = out / "rootfs"
     total = 6
     n = iter(range(1, total + 1))
@@ -376,12 +406,13 @@ def _build_into(recipe: Recipe, key: str, versions: dict[str, str], kernel: Host
         say(f"purging {len(recipe.purge)} packages, adding {len(recipe.kernel_modules)} kernel modules")
         _purge(rootfs, recipe)
         modules = _install_modules(rootfs, kernel, recipe.kernel_modules)
-        say(f"installing init={recipe.init}, agent placeholder, loader, sysctl and hardening")
-        _install_guest_files(rootfs, recipe, modules)
+        say(f"installing init={recipe.init}, agent {agent.version if agent else 'placeholder'}, sysctl and "
+            "hardening")
+        _install_guest_files(rootfs, recipe, modules, agent)
         _apply_removals(rootfs, recipe)
         _make_deterministic(rootfs)
         installed = _installed_packages(rootfs)
-        record = _osbuilder_record(recipe, key, installed, kernel, modules)
+        record = _osbuilder_record(recipe, key, installed, kernel, modules, agent)
         record["pytest-kata"]["rootfs-hash"] = content_hash(rootfs)
         (rootfs / "var/lib/osbuilder").mkdir(parents=True, exist_ok=True)
         (rootfs / "var/lib/osbuilder/osbuilder.yaml").write_text(_yaml(record))
@@ -432,7 +463,7 @@ def module_load_order(kernel: HostKernel, names: list[str]) -> list[str]:
     by_name: dict[str, str] = {}
     dep_file = kernel.modules_dir / "modules.dep"
     if not dep_file.exists():
-        raise KataError("no modules.dep for the host kernel", path=dep_file, hint="reinstall the kernel")
+        return _require_built_in(kernel, names, dep_file)
     for line in dep_file.read_text().splitlines():
         mod, _, rest = line.partition(":")
         deps[mod] = rest.split()
@@ -456,6 +487,33 @@ def module_load_order(kernel: HostKernel, names: list[str]) -> list[str]:
                             path=dep_file)
         visit(by_name[key])
     return order
+
+
+# Kconfig symbols of the modules the recipes name: a kernel without a module tree (one built the way Kata
+# builds its guest kernel) must have them built in, and only its config can say so.
+MODULE_KCONFIG = {
+    "virtio_pci": "VIRTIO_PCI", "virtio_blk": "VIRTIO_BLK", "virtio_console": "VIRTIO_CONSOLE",
+    "virtio_net": "VIRTIO_NET", "virtio_scsi": "SCSI_VIRTIO", "vsock": "VSOCKETS",
+    "vmw_vsock_virtio_transport": "VIRTIO_VSOCKETS", "9p": "9P_FS", "9pnet_virtio": "NET_9P_VIRTIO",
+    "nfit": "ACPI_NFIT", "nd_pmem": "BLK_DEV_PMEM", "ext4": "EXT4_FS", "crc32c_generic": "CRYPTO_CRC32C",
+}
+
+
+def _require_built_in(kernel: HostKernel, names: list[str], dep_file: Path) -> list[str]:
+    """No module tree: every module must be built in according to the kernel's config (nothing to load)."""
+    try:
+        config = kernel.config.read_text(errors="replace")
+    except OSError:
+        raise KataError("no modules.dep and no readable config for the kernel", path=dep_file,
+                        hint="give the kernel's config, or install its modules") from None
+    built_in = set(re.findall(r"^CONFIG_(\w+)=y$", config, re.M))
+    for name in names:
+        symbol = MODULE_KCONFIG.get(name.replace("-", "_"))
+        if symbol not in built_in:
+            what = f"CONFIG_{symbol} is not =y" if symbol else "its Kconfig symbol is unknown"
+            raise KataError(f"kernel module {name!r} is needed but {kernel.release} has no module tree and "
+                            f"{what} in its config", path=kernel.config)
+    return []
 
 
 def _builtin_modules(kernel: HostKernel) -> set[str]:
@@ -483,11 +541,11 @@ def _install_modules(rootfs: Path, kernel: HostKernel, names: list[str]) -> list
     return order
 
 
-def _install_guest_files(rootfs: Path, recipe: Recipe, modules: list[str]) -> None:
+def _install_guest_files(rootfs: Path, recipe: Recipe, modules: list[str], real: RealAgent | None = None) -> None:
     files = guest_files_dir()
     agent = rootfs / AGENT_PATH
     agent.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(files / "kata-agent", agent)
+    shutil.copyfile(real.binary if real else files / "kata-agent", agent)
     agent.chmod(0o755)
     conf = rootfs / "etc/kata-guest"
     conf.mkdir(parents=True, exist_ok=True)
@@ -509,6 +567,9 @@ def _install_guest_files(rootfs: Path, recipe: Recipe, modules: list[str]) -> No
         lines = ["# Hardening sysctls of the pytest-kata guest image (KSPP/CIS), applied at boot.",
                  *(f"{k} = {v}" for k, v in sorted(recipe.sysctl.items()))]
         (sysctl_dir / "90-kata-hardening.conf").write_text("\n".join(lines) + "\n")
+    if real is not None:
+        _install_agent_init(rootfs, modules)
+        return
     (conf / "init").write_text("/usr/bin/kata-agent\n" if recipe.init == "agent" else "/lib/systemd/systemd\n")
     if recipe.init == "agent":
         init_link = rootfs / "sbin/init"
@@ -521,6 +582,28 @@ def _install_guest_files(rootfs: Path, recipe: Recipe, modules: list[str]) -> No
         loader.chmod(0o755)
     else:
         _install_systemd_units(rootfs)
+
+
+def _install_agent_init(rootfs: Path, modules: list[str]) -> None:
+    """osbuilder's AGENT_INIT=yes: the agent is ``/sbin/init`` and the initrd's ``/init`` links to it.
+
+    A kernel with the agent's transports built in (Kata's own) boots the agent directly; one that has them as
+    modules (Debian's) boots ``files/kata-preinit``, which only loads them and execs the agent as PID 1.
+    """
+    init = rootfs / "sbin/init"
+    init.parent.mkdir(parents=True, exist_ok=True)
+    if init.is_symlink() or init.exists():
+        init.unlink()
+    if modules:
+        shutil.copyfile(guest_files_dir() / "kata-preinit", init)
+        init.chmod(0o755)
+    else:
+        init.symlink_to("/" + AGENT_PATH)
+    loader = rootfs / "init"
+    if loader.is_symlink() or loader.exists():
+        loader.unlink()
+    loader.symlink_to("/sbin/init")
+    (rootfs / "etc/kata-guest/init").write_text("/sbin/init\n")
 
 
 def _install_systemd_units(rootfs: Path) -> None:
@@ -593,7 +676,7 @@ def _installed_packages(rootfs: Path) -> dict[str, str]:
 
 
 def _osbuilder_record(recipe: Recipe, key: str, installed: dict[str, str], kernel: HostKernel,
-                      modules: list[str]) -> dict[str, Any]:
+                      modules: list[str], agent: RealAgent | None = None) -> dict[str, Any]:
     """The fields of osbuilder's ``create_summary_file`` (format 0.0.2) plus what pytest-kata needs."""
     created = datetime.fromtimestamp(SOURCE_DATE_EPOCH, UTC).strftime("%Y-%m-%dT%H:%M:%S.000000000+0000")
     return {
@@ -605,8 +688,10 @@ def _osbuilder_record(recipe: Recipe, key: str, installed: dict[str, str], kerne
         "architecture": "x86_64",
         "base-distro": {"name": recipe.settings["os"].capitalize(), "version": recipe.settings["os_version"],
                         "packages": {"default": sorted(recipe.packages), "extra": []}},
-        "agent": {"url": "https://github.com/kata-containers/kata-containers", "name": "kata-agent",
-                  "version": "placeholder (pytest-kata reference candidate, no real agent)",
+        "agent": {"url": "https://github.com/kata-containers/" + ("agent" if agent else "kata-containers"),
+                  "name": "kata-agent",
+                  "version": agent.version if agent else "placeholder (pytest-kata reference candidate, no real "
+                                                          "agent)",
                   "agent-is-init-daemon": "yes" if recipe.init == "agent" else "no"},
         "pytest-kata": {
             "recipe": recipe.name, "key": key, "builder-version": BUILDER_VERSION,
