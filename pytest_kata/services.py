@@ -459,12 +459,24 @@ def containerd_config(workdir: Path) -> dict:
     return config
 
 
+# containerd in a mount namespace of its own whose mounts are shared among themselves (what Kata's shim needs
+# of ``/``) and with the host's in neither direction: private first cuts the copies off the host's peer groups
+PRIVATE_MOUNTS_ARGV = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       'mount --make-rshared / && exec "$0" "$@"']
+
+
 def start_containerd(workdir: str | Path | None = None, run_id: str | None = None, *,
-                     namespace: str | None = None, timeout: float = 60.0) -> Containerd:
+                     namespace: str | None = None, timeout: float = 60.0, private_mounts: bool = False,
+                     path: Sequence[str | Path] = (), env: dict[str, str] | None = None) -> Containerd:
     """Start a private containerd under ``workdir`` (default ``cache_dir()/runs/<run-id>/containerd-N``).
 
     The namespace defaults to the run id, so that the cgroups of its containers (``/<namespace>/<id>``)
-    carry the run id too and a sweep can find them.
+    carry the run id too and a sweep can find them. ``path``: directories put before ``$PATH`` for it (where
+    it finds a shim such as ``containerd-shim-kata-v2``); ``env``: variables for it and its shims (e.g. Kata's
+    ``KATA_CONF_FILE``). ``private_mounts``: run it (and so its shims and
+    their VMs) in its own mount namespace with ``/`` shared inside it, which Kata's shim needs to share the
+    container rootfs; the host's propagation is never changed, and every mount made in there goes away with
+    the last process of the namespace.
     """
     import tomli_w
 
@@ -490,9 +502,13 @@ def start_containerd(workdir: str | Path | None = None, run_id: str | None = Non
     config = containerd_config(workdir)
     (workdir / "config.toml").write_text(tomli_w.dumps(config))
     log = workdir / "containerd.log"
+    environ = {**os.environ, **(env or {})}
+    if path:
+        environ["PATH"] = os.pathsep.join([*(str(p) for p in path), environ.get("PATH", os.defpath)])
+    argv = [*(PRIVATE_MOUNTS_ARGV if private_mounts else []), "containerd", "--config", str(workdir / "config.toml")]
     with open(log, "ab") as out:
-        proc = subprocess.Popen(["containerd", "--config", str(workdir / "config.toml")], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=environ)
     record = register_daemon(run_id, "containerd", proc.pid)
     ctd = Containerd(workdir, socket, namespace or run_id, run_id, record, log, owns_workdir=owns)
     with timed("containerd", f"starting containerd (pid {proc.pid}) on {socket}"):
@@ -510,6 +526,99 @@ def start_containerd(workdir: str | Path | None = None, run_id: str | None = Non
                                    f"{_tail(log)}", path=socket)
             time.sleep(0.1)
     return ctd
+
+
+# --------------------------------------------------------------------------------------------------------
+# A syslog socket for Kata shims, lent to the runs that need one
+
+DEVLOG = Path("/dev/log")
+SYSLOG_LEASE = "syslog-lease.json"  # in the state dir: the listener and the runs that use it
+
+
+def _read_lease(path: Path) -> dict:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def lend_syslog(run_id: str, *, devlog: Path = DEVLOG, timeout: float = 10.0) -> Path | None:
+    """Make sure a syslog socket answers at ``devlog`` while ``run_id`` lives (Kata's shim refuses to start
+    without one); returns the file the lent listener writes to, or None when the machine has its own socket.
+
+    The first run that needs it starts a listener (``socat``) and every later run joins the lease; the last
+    user's :func:`return_syslog` (or a sweep of the dead users) stops it and removes the socket it created,
+    so the machine is left as it was found."""
+    with _machine_lock("syslog"):
+        lease_path = runid.state_dir() / SYSLOG_LEASE
+        lease = _read_lease(lease_path)
+        users = {run_id}
+        if lease:
+            if process_starttime(int(lease["pid"])) == lease["starttime"] and devlog.is_socket():
+                lease["users"] = sorted(set(lease["users"]) | users)
+                lease_path.write_text(json.dumps(lease))
+                return Path(lease["log"])
+            with contextlib.suppress(OSError):  # the listener died: its socket file answers no one
+                if devlog.is_socket() and devlog.stat().st_ino == lease["inode"]:
+                    devlog.unlink()
+            users |= {u for u in lease.get("users", []) if runid.is_alive(u)}
+        if devlog.exists() or devlog.is_symlink():
+            return None  # the machine's own syslog: nothing to lend
+        if not shutil.which("socat"):
+            raise ServiceError("no syslog socket and no socat to provide one", path=str(devlog),
+                               hint="apt-get install socat")
+        log = runid.state_dir() / f"syslog-{os.getpid()}.log"
+        proc = subprocess.Popen(["socat", "-u", f"UNIX-RECV:{devlog},mode=666", f"OPEN:{log},creat,append"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not devlog.is_socket():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise ServiceError("the syslog listener did not create its socket", path=str(devlog))
+            time.sleep(0.02)
+        lease = {"pid": proc.pid, "starttime": process_starttime(proc.pid), "inode": devlog.stat().st_ino,
+                 "devlog": str(devlog), "log": str(log), "users": sorted(users)}
+        lease_path.write_text(json.dumps(lease))
+        return log
+
+
+def return_syslog(run_id: str, *, dry_run: bool = False) -> list[str]:
+    """``run_id`` no longer needs the lent syslog socket; the last live user takes it away. Returns what was
+    (or, in a dry run, would be) removed, for a sweep's report."""
+    with _machine_lock("syslog"):
+        lease_path = runid.state_dir() / SYSLOG_LEASE
+        lease = _read_lease(lease_path)
+        if not lease or run_id not in lease.get("users", []):
+            return []
+        users = [u for u in lease["users"] if u != run_id and runid.is_alive(u)]
+        if users:
+            if not dry_run:
+                lease["users"] = users
+                lease_path.write_text(json.dumps(lease))
+            return []
+        removed = []
+        pid = int(lease["pid"])
+        if process_starttime(pid) == lease["starttime"]:
+            if not dry_run:
+                _signal(pid, signal.SIGKILL)
+                _reap(pid)
+            removed.append(f"process {pid} socat (syslog listener)")
+        devlog = Path(lease["devlog"])
+        with contextlib.suppress(OSError):
+            if devlog.is_socket() and devlog.stat().st_ino == lease["inode"]:
+                if not dry_run:
+                    devlog.unlink()
+                removed.append(f"socket {devlog}")
+        if not dry_run:
+            Path(lease["log"]).unlink(missing_ok=True)
+            lease_path.unlink(missing_ok=True)
+        return removed
+
+
+def syslog_users() -> list[str]:
+    """The runs holding the lent syslog socket (empty: none lent)."""
+    return list(_read_lease(runid.state_dir() / SYSLOG_LEASE).get("users", []))
 
 
 def _unique_dir(base: Path, stem: str) -> Path:

@@ -15,7 +15,8 @@ What is found, per run id, and how it is removed (in this order):
 4. mounts whose mount point carries it (lazy unmount, deepest first);
 5. network namespaces named with it, and root-netns links ``k<8hex><n>`` (see :mod:`pytest_kata.network`);
 6. containerd's cgroups for a namespace named after it (their processes are killed first: a container
-   outlives a killed shim) and its runc state;
+   outlives a killed shim) and its runc state; its hold on the ``/dev/log`` socket lent to Kata shims (the
+   last run holding it removes the listener and the socket, see :func:`services.lend_syslog`);
 7. libvirt's per-domain logs ``/var/log/libvirt/qemu/<name>.log`` of the run's domains, the run's scratch
    directory ``cache_dir()/runs/<run-id>/`` (overlays, volumes, containerd roots: every
    run keeps its scratch files there) and its state ``<state>/<run-id>/`` and ``<run-id>.pid``.
@@ -218,6 +219,7 @@ def _discover(conn: Any) -> dict[str, set[str]]:
         note([runid.run_id_of(group.name)], "cgroup")
     if services.RUNC_STATE_ROOT.is_dir():
         note((runid.run_id_of(p.name) for p in services.RUNC_STATE_ROOT.iterdir()), "runc")
+    note(services.syslog_users(), "syslog")
     return found
 
 
@@ -271,6 +273,9 @@ def _clean_run(rid: str, conn: Any, report: SweepReport) -> None:
             report.add(rid, item)
     if not dry:
         services.prune_containerd_run_dirs()
+    with contextlib.suppress(Exception):
+        for item in services.return_syslog(rid, dry_run=dry):
+            report.add(rid, item)
     _remove_files(rid, report)
 
 

@@ -21,9 +21,12 @@ import pytest
 from pytest_kata.bundle import open_bundle, unpack_archive
 from pytest_kata.cli import main
 from pytest_kata.errors import BundleError, KataError
-from pytest_kata.kata_build import REPOS, SourceError, discover
-from pytest_kata.kata_build.kernel import bzimage_release, guest_kernel
+from pytest_kata.images.common import HostKernel
+from pytest_kata.images.guest import module_load_order
+from pytest_kata.kata_build.build import _run_make, go_toolchain
+from pytest_kata.kata_build.kernel_choice import bzimage_release, guest_kernel
 from pytest_kata.kata_build.smoke import boot_agent
+from pytest_kata.kata_build.sources import REPOS, SourceError, discover
 
 REPO = Path(__file__).resolve().parents[1]
 KATA_SRC = REPO.parent / "shared" / "kata-src"
@@ -185,6 +188,41 @@ def _copy(src: Path, dest_dir: Path) -> Path:
     return target
 
 
+def test_kernel_without_module_tree_must_have_the_transports_built_in(tmp_path: Path) -> None:
+    """The --kernel hook: a kernel built like Kata's has no /lib/modules tree here, so its config decides."""
+    names = ["virtio_pci", "virtio_console", "9p", "9pnet_virtio", "vmw_vsock_virtio_transport"]
+    config = tmp_path / "config-6.1.192-kata"
+    symbols = ["VIRTIO_PCI", "VIRTIO_CONSOLE", "9P_FS", "NET_9P_VIRTIO", "VIRTIO_VSOCKETS"]
+    config.write_text("".join(f"CONFIG_{s}=y\n" for s in symbols))
+    kernel = HostKernel(tmp_path / "vmlinuz", None, config, "6.1.192-kata-no-such-modules")
+    assert module_load_order(kernel, names) == []  # nothing to copy, nothing for the pre-init to load
+    config.write_text(config.read_text().replace("CONFIG_VIRTIO_CONSOLE=y", "CONFIG_VIRTIO_CONSOLE=m"))
+    with pytest.raises(KataError, match=r"'virtio_console' is needed but .* CONFIG_VIRTIO_CONSOLE is not =y"):
+        module_load_order(kernel, names)
+
+
+def test_missing_go_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(KataError, match=r"go is not installed: .*golang-go") as info:
+        go_toolchain()
+    assert "apt-get install golang-go" in str(info.value)
+
+
+def test_build_error_names_the_log_and_its_tail(tmp_path: Path) -> None:
+    """A failing upstream make (here a real make on a tiny Makefile) ends in one line with the log's tail."""
+    tree = tmp_path / "runtime"
+    tree.mkdir()
+    (tree / "Makefile").write_text("all:\n\t@echo compiling virtcontainers\n"
+                                   "\t@echo 'qemu.go:12: undefined: govmmQemu.Foo' >&2\n\t@exit 3\n")
+    log = tmp_path / "runtime.log"
+    with pytest.raises(KataError) as info:
+        _run_make("runtime", tree, [], {"PATH": os.environ["PATH"]}, log)
+    message = str(info.value)
+    assert message.startswith(f"{log}: building runtime failed") and "exit 2" in message  # make's own status
+    assert "undefined: govmmQemu.Foo" in message and "\n" not in message
+    assert "compiling virtcontainers" in log.read_text()
+
+
 def test_cli_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _release(tmp_path, "1.12.0", ("runtime", "proxy"))
     assert main(["build", "--from-source", str(tmp_path), "--version", "1.12.0"]) == 2
@@ -226,7 +264,6 @@ def test_builds_a_real_bundle_from_upstream_source(kata_src: Path, tmp_path: Pat
 
     bundle = open_bundle(tarball)
     assert bundle.version == version
-    assert bundle.version_evidence["containerd-shim-kata-v2 --version (go)"] == version
     for rel in ("bin/containerd-shim-kata-v2", "bin/kata-runtime", "libexec/kata-containers/kata-proxy",
                 "libexec/kata-containers/kata-netmon", "bin/qemu-system-x86_64"):
         assert bundle.files[rel].kind == "file" and bundle.files[rel].mode & 0o111, rel
@@ -235,7 +272,17 @@ def test_builds_a_real_bundle_from_upstream_source(kata_src: Path, tmp_path: Pat
     assert re.search(rf"kata-runtime\s*:\s*{re.escape(version)}\b", runtime.stdout), runtime.stdout
     shim = subprocess.run([str(bundle.root / "bin/containerd-shim-kata-v2"), "--version"], capture_output=True,
                           text=True, cwd=tmp_path)
-    assert f"version {version}" in shim.stdout + shim.stderr
+    if "flag provided but not defined: -version" in shim.stderr:
+        # 1.11.0's shim vendors a containerd shim library without -version and embeds no version: it can
+        # only show that it is a working shim v2 binary (its flags); the release is the runtime's word.
+        assert version == "1.11.0", shim.stderr
+        usage = subprocess.run([str(bundle.root / "bin/containerd-shim-kata-v2"), "-h"], capture_output=True,
+                               text=True, cwd=tmp_path)
+        assert "-publish-binary" in usage.stderr and "grpc address back to main containerd" in usage.stderr
+        assert "containerd-shim-kata-v2 --version (go)" not in bundle.version_evidence
+    else:
+        assert re.search(rf"version: {re.escape(version)},", shim.stdout), shim.stdout
+        assert bundle.version_evidence["containerd-shim-kata-v2 --version (go)"] == version
 
     # The runtime Makefile's own render, paths under /opt/kata, nothing else touched.
     assert {"qemu", "qemu-virtiofs", "fc", "clh", "acrn"} <= set(bundle.shims)
@@ -268,8 +315,9 @@ def test_real_agent_starts_as_init_under_tcg(kata_src: Path, tmp_path: Path) -> 
     tarball, _, _ = _cli_build(kata_src, "1.11.5", tmp_path)  # cached by the build test
     bundle = open_bundle(tarball)
     boot = boot_agent(bundle.root, timeout=300)
-    assert "name=kata-agent" in boot.first_line and "pid=1" in boot.first_line, boot.first_line
-    assert "version=1.11.5" in boot.console or "1.11.5" in boot.first_line
+    first = boot.first_line
+    assert re.search(r'name="?kata-agent', first) and re.search(r'pid="?1\b', first), first
+    assert re.search(r'version="?1\.11\.5\b', first), first
     assert boot.grpc_started, boot.console[-2000:]
 
 

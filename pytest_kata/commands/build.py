@@ -15,7 +15,9 @@ import argparse
 from pathlib import Path
 
 from pytest_kata.errors import KataError
-from pytest_kata.kata_build import REPOS, build_bundle, discover, guest_kernel, publish
+from pytest_kata.kata_build.build import build_bundle, publish
+from pytest_kata.kata_build.kernel_choice import guest_kernel
+from pytest_kata.kata_build.sources import REPOS, discover
 
 
 def register(sub: argparse._SubParsersAction) -> None:

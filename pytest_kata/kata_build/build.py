@@ -47,7 +47,7 @@ from pytest_kata.images.guest import (
     load_recipe,
     resolve_versions,
 )
-from pytest_kata.kata_build.kernel import guest_kernel
+from pytest_kata.kata_build.kernel_choice import guest_kernel
 from pytest_kata.kata_build.sources import REQUIRED, Source, SourceSet, first_line
 from pytest_kata.progress import step, timed
 from pytest_kata.resources import cache_dir
@@ -58,9 +58,12 @@ BUILDER_VERSION = "1"
 PREFIX = "opt/kata"
 GUEST_RECIPE = "kata"
 QEMU = Path("/usr/bin/qemu-system-x86_64")
-# Debian's qemu loads its accelerator (accel-tcg-*.so) and device modules from <bindir>/../lib/<triplet>/qemu
-# first, so a copied binary needs them beside it (else: "could not load module for type 'tcg-accel-ops'").
-QEMU_MODULES = Path("/usr/lib/x86_64-linux-gnu/qemu")
+# Debian's qemu is relocatable: run from /opt/kata/bin it loads its accelerator and device modules, its
+# firmware (SeaBIOS, option ROMs, iPXE) and data from <bindir>/../<the configured path> only ("could not load
+# module for type 'tcg-accel-ops'", "could not load PC BIOS 'bios-256k.bin'"), so they go in beside it.
+QEMU_FILES = {Path("/usr/lib/x86_64-linux-gnu/qemu"): "lib/x86_64-linux-gnu/qemu",
+              Path("/usr/share/qemu"): "share/qemu", Path("/usr/share/seabios"): "share/seabios",
+              Path("/usr/lib/ipxe/qemu"): "lib/ipxe/qemu"}
 SHARE = "share/kata-containers"
 DEFAULTS = "share/defaults/kata-containers"
 GO_PROJECT = "src/github.com/kata-containers"
@@ -234,11 +237,12 @@ def _install_guest(root: Path, version: str, guest: GuestImage, kernel: HostKern
 
 
 def _install_qemu(root: Path) -> str:
-    """Debian's qemu binary and its loadable modules at the paths it looks for them; its --version line."""
+    """Debian's qemu binary, modules and firmware at the paths it looks for them; its --version line."""
     shutil.copyfile(QEMU, root / "bin/qemu-system-x86_64")
     (root / "bin/qemu-system-x86_64").chmod(0o755)
-    if QEMU_MODULES.is_dir():
-        shutil.copytree(QEMU_MODULES, root / "lib" / QEMU_MODULES.parent.name / "qemu")
+    for source, rel in QEMU_FILES.items():
+        if source.is_dir():  # links resolved: a bundle's links must stay inside it
+            shutil.copytree(source, root / rel, symlinks=False, ignore_dangling_symlinks=True)
     return _binary_version(root / "bin/qemu-system-x86_64", "--version")
 
 

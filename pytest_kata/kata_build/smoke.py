@@ -22,7 +22,7 @@ from pytest_kata import runid
 from pytest_kata.errors import KataError
 from pytest_kata.progress import timed
 
-AGENT_LOG = re.compile(rb"[^\r\n]*name=kata-agent[^\r\n]*")
+AGENT_LOG = re.compile(rb"[^\r\n]*name=\"?kata-agent[^\r\n]*")
 GRPC_UP = re.compile(rb"agent grpc server starts|Agent grpc server starts", re.I)
 FATAL = re.compile(rb"Kernel panic|Attempted to kill init|not syncing")
 

@@ -183,6 +183,18 @@ def kata_sandbox(kata_settings: Any, kata_sandbox_candidate: Any, kata_host_base
         driver.stop()
 
 
+@pytest.fixture(autouse=True)
+def _kata_sandbox_evidence(request: pytest.FixtureRequest) -> None:
+    """Every result of a test that used the session's sandbox carries what the sandbox says of itself (e.g.
+    that Kata's hypervisor argv was rewritten for TCG), whatever the test records."""
+    if "kata_sandbox" not in request.fixturenames:
+        return
+    sandbox = request.getfixturevalue("kata_sandbox")
+    extra = sandbox.evidence()
+    if extra:
+        request.getfixturevalue("kata_result").record(**extra)
+
+
 @pytest.fixture(scope="session")
 def kata_probe(kata_sandbox: SandboxDriver, kata_host_marker: str) -> Callable[..., ProbeFacts]:
     """``kata_probe(privileged=False, writes=False, targets=(), mounts=(), annotations=None)`` → facts (cached)."""

@@ -46,7 +46,7 @@ def choose_driver(driver: str = "auto", runtime: str | None = None, candidate: A
                                              and _has_shim(candidate, shim) and Path("/dev/vhost-vsock").exists()):
         handler = runtime or f"kata-{shim or getattr(candidate, 'default_shim', None) or 'qemu'}"
         return ContainerdDriver(handler, bundle=candidate if handler.startswith("kata") else None, shim=shim,
-                                host=host)
+                                host=host, accel=accel)
     if host is not None:
         raise KataError("the direct driver boots the guest on this machine; a staging host needs --kata-driver "
                         "containerd (with --kata-runtime)", path="--kata-host-provider")

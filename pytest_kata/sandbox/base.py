@@ -164,6 +164,11 @@ class SandboxDriver:
         """The kernel release the candidate ships (what ``uname -r`` must say inside), if known."""
         return None
 
+    def evidence(self) -> dict[str, Any]:
+        """What every result that used this sandbox carries (e.g. a rewrite of the candidate's hypervisor
+        argv); empty when the candidate runs as it is."""
+        return {}
+
     def __enter__(self) -> SandboxDriver:
         self.start()
         return self

@@ -28,10 +28,19 @@ from pytest_kata.sandbox.base import (
     Workload,
 )
 from pytest_kata.sandbox.probe import build_oci_image, parse_output
+from pytest_kata.sandbox.shimconfig import ShimConfig, write_shim_config
 
 CONTROL_HANDLERS = {"runc": "io.containerd.runc.v2", "runsc": "io.containerd.runsc.v1"}
 CONTROL_SHIMS = {"runc": ("containerd-shim-runc-v2", "runc"), "runsc": ("containerd-shim-runsc-v1", "runsc")}
+KATA_NAMESPACE = "pytest-kata"
 VMM_NAMES = ("qemu", "cloud-hypervisor", "firecracker", "dragonball", "stratovirt")
+
+
+def shim_binary_name(runtime: str) -> str:
+    """The binary containerd looks up on its PATH for a runtime type: ``io.containerd.kata.v2`` →
+    ``containerd-shim-kata-v2``."""
+    parts = runtime.split(".")
+    return f"containerd-shim-{'.'.join(parts[2:-1])}-{parts[-1]}"
 
 
 def runtime_type(handler: str) -> str:
@@ -98,7 +107,8 @@ class ContainerdDriver(SandboxDriver):
     _instances = 0
 
     def __init__(self, handler: str = "runc", *, bundle: Any = None, shim: str | None = None,
-                 containerd: Any = None, host: Any = None, address: str = "/run/containerd/containerd.sock") -> None:
+                 containerd: Any = None, host: Any = None, address: str = "/run/containerd/containerd.sock",
+                 accel: str = "auto", guest: str = "initrd") -> None:
         self.handler = handler
         self.runtime = runtime_type(handler)
         self.is_vm = handler.startswith("kata")
@@ -118,6 +128,12 @@ class ContainerdDriver(SandboxDriver):
         ContainerdDriver._instances += 1
         self.instance = ContainerdDriver._instances  # runc's state dir is per namespace, shared by containerds
         self.last_seconds: float | None = None
+        self.accel = accel
+        self.guest = guest
+        self.shim_config: ShimConfig | None = None  # what the kata shim is handed (local candidate)
+        self.syslog: Path | None = None  # the lent /dev/log listener's file (None: the machine's own or none)
+        self._shim_dirs: list[Path] = []
+        self._syslog_lent = False
 
     def _on(self) -> Any:
         if self.host is None:
@@ -155,12 +171,33 @@ class ContainerdDriver(SandboxDriver):
             reason = getattr(self.bundle, "missing", {}).get("containerd-shim-kata-v2", "the bundle has no shim")
             raise SandboxUnavailable(f"no containerd-shim-kata-v2 in the candidate: {reason}",
                                      path=str(self.bundle.root))
-        if host.run("test -e /dev/vhost-vsock", timeout=30).rc != 0 and not os.environ.get("PYTEST_KATA_ASSUME_VSOCK"):
-            raise SandboxUnavailable("the host has no /dev/vhost-vsock: a Kata shim cannot reach its agent; "
-                                     "run on a KVM host (--kata-host-provider libvirt)", path="/dev/vhost-vsock")
-        self.runtime_args = ["--runtime-config-path", str(shim.config_path)]
-        if self._own_ctd:
-            os.environ["PATH"] = f"{(Path(self.bundle.root) / shim.binary).parent}:{os.environ.get('PATH', '')}"
+        if not self._own_ctd:  # a staging host: the candidate is installed there at /opt/kata
+            self.runtime_args = ["--runtime-config-path", f"/opt/kata/{shim.config_path.relative_to(self.bundle.root)}"]
+            return
+        self._prepare_local_shim(shim)
+
+    def _prepare_local_shim(self, shim: Any) -> None:
+        """Write the runnable copy of the shim's configuration (see :mod:`~pytest_kata.sandbox.shimconfig`)
+        and a directory where containerd finds the shim under the name its runtime type asks for."""
+        from pytest_kata.resources import cache_dir
+        from pytest_kata.sandbox.direct import detect_accel
+        from pytest_kata.services import _unique_dir
+
+        accel, why = detect_accel(self.accel)
+        base = cache_dir() / "runs" / self.run_id
+        base.mkdir(parents=True, exist_ok=True)
+        out = _unique_dir(base, "kata-shim")
+        try:
+            self.shim_config = write_shim_config(shim.config, Path(self.bundle.root), out, accel=accel,
+                                                 vhost_net=Path("/dev/vhost-net").exists(),
+                                                 vhost_vsock=Path("/dev/vhost-vsock").exists(), guest=self.guest)
+        except SandboxError as exc:
+            raise SandboxUnavailable(str(exc), path=exc.path) from None
+        self.shim_config.changes.setdefault("accel", f"{accel} ({why})")
+        bindir = out / "bin"
+        bindir.mkdir()
+        (bindir / shim_binary_name(self.runtime)).symlink_to(Path(self.bundle.root) / shim.binary)
+        self._shim_dirs = [bindir]
 
     # lifecycle -------------------------------------------------------------------------------------------
 
@@ -170,9 +207,19 @@ class ContainerdDriver(SandboxDriver):
         self.check_available()
         tar, name = build_oci_image()
         if self._own_ctd:
-            from pytest_kata.services import start_containerd
+            from pytest_kata.services import lend_syslog, start_containerd
 
-            self.ctd = start_containerd(run_id=self.run_id)
+            if self.is_vm:
+                self._syslog_lent = True
+                self.syslog = lend_syslog(self.run_id)  # the Kata shim refuses to start without /dev/log
+            # Kata's shim wants a namespace whose dash-separated parts start with a letter, which a run id
+            # (kt-<8 hex>) need not; the run id is in every pod id and cgroup path instead
+            # the configuration goes to the shim as KATA_CONF_FILE: Kata 1.x shims do not understand the runtime
+            # options type ctr 1.6+ sends for --runtime-config-path (the create fails with "not found")
+            self.ctd = start_containerd(run_id=self.run_id, private_mounts=self.is_vm, path=self._shim_dirs,
+                                        namespace=KATA_NAMESPACE if self.is_vm else None,
+                                        env={"KATA_CONF_FILE": str(self.shim_config.path)} if self.shim_config
+                                        else None)
             self.address, self.namespace = str(self.ctd.socket), self.ctd.namespace
             source = str(tar)
         else:
@@ -184,14 +231,97 @@ class ContainerdDriver(SandboxDriver):
             self.ctr("images", "import", source)
         self.image = name
         # a long-lived container of the same kind, so that the host-side view has something to read
-        self.holder = f"{self.run_id}-hold-{os.getpid()}-{self.instance}"
-        self.ctr("run", "-d", "--runtime", self.runtime, *self.runtime_args, self.image, self.holder,
-                 "sleep", "3600", timeout=120)
+        self.holder = self.start_pod(Workload(), ["sleep", "3600"], name="hold")
+
+    # pods: what the probe, the escape tests and the rollback sequence run ----------------------------------
+
+    def pod_id(self, name: str = "pod") -> str:
+        """A fresh container (for Kata: sandbox) id carrying the run id, so a sweep finds whatever it leaves."""
+        self._counter += 1
+        return f"{self.run_id}-{name}-{os.getpid()}-{self.instance}-{self._counter}"
+
+    def run_args(self, workload: Workload, cid: str) -> list[str]:
+        """``ctr run`` options for ``workload``: runtime (and its configuration), privileged mode,
+        annotations, mounts, devices, environment, and a cgroup path named after the run."""
+        args = ["--runtime", self.runtime, *self.runtime_args, "--cgroup", f"/{self.run_id}/{cid}"]
+        if workload.privileged:
+            args.append("--privileged")
+        for key, value in workload.annotations.items():
+            args += ["--annotation", f"{key}={value}"]
+        for m in workload.mounts:
+            mode = "ro" if m.read_only else "rw"
+            args += ["--mount", f"type=bind,src={m.source},dst={m.destination},options=rbind:{mode}"]
+        for dev in workload.devices:
+            args += ["--device", dev]
+        for key, value in workload.env().items():
+            args += ["--env", f"{key}={value}"]
+        return args
+
+    def run(self, workload: Workload, command: list[str], *, timeout: float = 300.0, name: str = "run") -> Any:
+        """Run ``command`` in a fresh pod made from ``workload`` and remove the pod (``ctr run --rm``).
+
+        Returns the host's result (``rc``, ``stdout``, ``stderr``); never raises for the command's own exit
+        status, so a refused pod (e.g. a shim rejecting an annotation) is evidence, not an error."""
+        cid = self.pod_id(name)
+        start = time.monotonic()
+        result = self.ctr("run", "--rm", *self.run_args(workload, cid), self.image, cid, *command, check=False,
+                          timeout=timeout)
+        self.last_seconds = time.monotonic() - start
+        if result.rc != 0:  # a pod the runtime refused can leave its container record behind
+            self.remove_pod(cid)
+        return result
+
+    def start_pod(self, workload: Workload, command: list[str], *, name: str = "pod", timeout: float = 300.0) -> str:
+        """Start ``command`` in a pod that keeps running (``ctr run -d``); returns its id for :meth:`exec`,
+        :meth:`pod_pids` and :meth:`remove_pod`."""
+        cid = self.pod_id(name)
+        self.ctr("run", "-d", *self.run_args(workload, cid), self.image, cid, *command, timeout=timeout)
+        return cid
+
+    def exec(self, cid: str, command: list[str], *, timeout: float = 120.0) -> Any:
+        """Run ``command`` inside the running pod ``cid`` (``ctr tasks exec``); returns the host's result."""
+        self._counter += 1
+        return self.ctr("tasks", "exec", "--exec-id", f"x{self._counter}", cid, *command, check=False,
+                        timeout=timeout)
+
+    def remove_pod(self, cid: str) -> None:
+        """Kill and delete a pod's task and container; quiet when it is already gone."""
+        self.ctr("tasks", "kill", "-s", "SIGKILL", cid, check=False, timeout=30)
+        for _ in range(100):
+            if self.ctr("tasks", "delete", cid, check=False, timeout=60).rc == 0 or \
+                    cid not in self.ctr("tasks", "ls", "-q", check=False, timeout=30).stdout.split():
+                break
+            time.sleep(0.1)
+        self.ctr("containers", "delete", cid, check=False, timeout=60)
+
+    def pod_processes(self, cid: str) -> list[HostProcess]:
+        """The host processes a pod consists of (for Kata: its shim, qemu, proxy), found by its id in their
+        argv; what escape tests read for proof that nothing crossed the boundary."""
+        tasks = self.ctr("tasks", "ls", check=False, timeout=30).stdout
+        task_pids = [int(f[1]) for f in (line.split() for line in tasks.splitlines()[1:])
+                     if len(f) >= 2 and f[0] == cid and f[1].isdigit()]
+        roles = {p: "container" for p in task_pids} if not self.is_vm else {}
+        return read_processes(self._on(), task_pids, cid, roles)
 
     def describe(self) -> dict[str, Any]:
-        return {"driver": self.name, "is_vm": self.is_vm, "handler": self.handler, "runtime_type": self.runtime,
-                "host": getattr(self.host, "name", None), "containerd": self.address, "namespace": self.namespace,
-                "image": self.image}
+        out = {"driver": self.name, "is_vm": self.is_vm, "handler": self.handler, "runtime_type": self.runtime,
+               "host": getattr(self.host, "name", None), "containerd": self.address, "namespace": self.namespace,
+               "image": self.image}
+        if self.shim_config is not None:
+            out["shim_config"] = self.shim_config.to_json()
+        return out
+
+    def evidence(self) -> dict[str, Any]:
+        """What every result that used this sandbox must carry: above all, whether Kata's hypervisor argv was
+        rewritten for TCG (empty when the shim runs exactly as configured)."""
+        if self.shim_config is None or not self.shim_config.rewrite_note:
+            return {}
+        return {"hypervisor_rewrite": self.shim_config.rewrite_note}
+
+    def hypervisor_argv(self) -> list[list[str]]:
+        """Every qemu argv Kata's shim produced, as Kata wrote it (before the TCG rewrite; empty when no
+        wrapper runs: then :meth:`host_view` shows the VMM's real argv)."""
+        return self.shim_config.original_argv() if self.shim_config is not None else []
 
     def guest_kernel_release(self) -> str | None:
         if self.is_vm and self.bundle is not None:
@@ -208,57 +338,39 @@ class ContainerdDriver(SandboxDriver):
             refused = (f"{self.handler} is no VM: host-kernel writes (core_pattern, uevent_helper, block "
                        "devices) were not attempted")
             workload = dataclasses.replace(workload, writes=False)
-        self._counter += 1
-        cid = f"{self.run_id}-probe-{os.getpid()}-{self.instance}-{self._counter}"
-        args = ["run", "--rm", "--runtime", self.runtime, *self.runtime_args]
-        if workload.privileged:
-            args.append("--privileged")
-        for key, value in workload.annotations.items():
-            args += ["--annotation", f"{key}={value}"]
-        for m in workload.mounts:
-            mode = "ro" if m.read_only else "rw"
-            args += ["--mount", f"type=bind,src={m.source},dst={m.destination},options=rbind:{mode}"]
-        for dev in workload.devices:
-            args += ["--device", dev]
-        for key, value in workload.env().items():
-            args += ["--env", f"{key}={value}"]
-        args += [self.image, cid, "sh", "/probe.sh"]
-        start = time.monotonic()
-        result = self.ctr(*args, check=False, timeout=300)
-        self.last_seconds = time.monotonic() - start
+        result = self.run(workload, ["sh", "/probe.sh"], name="probe")
         if result.rc != 0 and "KATA-PROBE-END" not in result.stdout:
             raise SandboxError(f"ctr run through {self.handler} failed with exit {result.rc}: "
                                f"{(result.stderr or result.stdout).strip()[-300:]}",
                                path=f"{getattr(self.host, 'name', 'host')}:{self.address}")
-        facts = parse_output(result.stdout, source=f"ctr run {cid}")
+        facts = parse_output(result.stdout, source=f"ctr run through {self.handler}")
         facts.driver, facts.workload = f"{self.name}/{self.handler}", workload
         if refused:
             facts["writes_refused"] = refused
+        facts.update(self.evidence())
         return facts
 
     def host_view(self) -> HostView:
-        tasks = self.ctr("tasks", "ls", check=False, timeout=30).stdout
-        task_pids = [int(f[1]) for f in (line.split() for line in tasks.splitlines()[1:])
-                     if len(f) >= 2 and f[0] == self.holder and f[1].isdigit()]
-        processes = read_processes(self._on(), task_pids, self.holder, {p: "container" for p in task_pids})
-        note = "" if self.is_vm else f"{self.handler} is no VM: the workload runs on the host kernel"
+        processes = self.pod_processes(self.holder)
+        note = self.evidence().get("hypervisor_rewrite", "") if self.is_vm else \
+            f"{self.handler} is no VM: the workload runs on the host kernel"
         return HostView(is_vm=self.is_vm and any(p.role == "vmm" for p in processes), processes=processes, note=note)
 
     def stop(self) -> None:
         if self.host is None and self.ctd is None:
             return
         if self.holder:
-            self.ctr("tasks", "kill", "-s", "SIGKILL", self.holder, check=False, timeout=30)
-            for _ in range(50):
-                if self.ctr("tasks", "delete", self.holder, check=False, timeout=30).rc == 0:
-                    break
-                time.sleep(0.1)
-            self.ctr("containers", "delete", self.holder, check=False, timeout=30)
+            self.remove_pod(self.holder)
             self.holder = ""
         if self._own_ctd and self.ctd is not None:
             self.ctd.stop()
             step("sandbox", f"stopped the private containerd for {self.handler}")
             self.ctd = None
+        if self._syslog_lent:
+            from pytest_kata.services import return_syslog
+
+            return_syslog(self.run_id)
+            self._syslog_lent = False
         elif not self._own_ctd:
             if self.image:
                 self.ctr("images", "rm", "--sync", self.image, check=False, timeout=60)

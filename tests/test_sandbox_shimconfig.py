@@ -1,0 +1,150 @@
+"""The configuration the containerd driver hands a Kata shim, the generated TCG wrapper, and the lent /dev/log."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from pytest_kata import runid, services
+from pytest_kata.kataconfig import KataConfig
+from pytest_kata.sandbox.base import SandboxError
+from pytest_kata.sandbox.containerd import shim_binary_name
+from pytest_kata.sandbox.shimconfig import read_argv_log, rewritten, write_shim_config, write_tcg_wrapper
+
+KATA_ARGV = ["/opt/kata/bin/qemu-system-x86_64", "-name", "sandbox-kt-00000000-x", "-machine",
+             "q35,accel=kvm,kernel_irqchip", "-cpu", "host,pmu=off", "-m", "2048M,slots=10,maxmem=8G",
+             "-device", "virtio-serial-pci,disable-modern=true,id=serial0", "-append",
+             "tsc=reliable no_timer_check rcupdate.rcu_expedited=1 quiet accel=kvm", "-daemonize"]
+
+
+def test_wrapper_rewrites_only_accel_and_cpu_and_logs_the_original(tmp_path):
+    """The wrapper is run for real by sh with Kata's kind of argv; a stand-in "qemu" prints what it got."""
+    fake_qemu = tmp_path / "qemu"
+    fake_qemu.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    fake_qemu.chmod(0o755)
+    wrapper, log = write_tcg_wrapper(tmp_path / "w", fake_qemu)
+    argv = [*KATA_ARGV[1:], "arg with  spaces", ""]
+    got = subprocess.run([str(wrapper), *argv], capture_output=True, text=True, check=True).stdout
+    expected = [*argv]
+    expected[expected.index("q35,accel=kvm,kernel_irqchip")] = "q35,accel=tcg"  # KVM's irqchip means nothing in TCG
+    expected[expected.index("host,pmu=off")] = "max,pmu=off"
+    assert got.split("\n")[:-1] == expected  # the -append text keeps its own "accel=kvm": not a -machine value
+    assert rewritten(argv) == expected
+    assert read_argv_log(log) == [argv]  # logged exactly as Kata gave it
+    other = ["-cpu", "host", "-machine", "pc,kernel_irqchip=on,nvdimm=on", "-M", "q35,accel=kvm:tcg", "*"]
+    got = subprocess.run([str(wrapper), *other], capture_output=True, text=True, check=True).stdout
+    assert read_argv_log(log)[1] == other
+    # only accel=kvm exactly is KVM's: a -machine without it (or asking kvm:tcg) keeps every property
+    assert got.split("\n")[:-1] == rewritten(other) == ["-cpu", "max", *other[2:]]
+
+
+def _config(tmp_path: Path, **qemu: object) -> tuple[KataConfig, Path]:
+    root = tmp_path / "tree"
+    for rel in ("bin/qemu-system-x86_64", "libexec/kata-containers/kata-proxy", "share/kata-containers/vmlinuz"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x")
+    data = {"hypervisor": {"qemu": {"path": "/opt/kata/bin/qemu-system-x86_64",
+                                    "kernel": "/opt/kata/share/kata-containers/vmlinuz",
+                                    "valid_hypervisor_paths": ["/opt/kata/bin/qemu-system-x86_64"], **qemu}},
+            "proxy": {"kata": {"path": "/opt/kata/libexec/kata-containers/kata-proxy"}},
+            "runtime": {"enable_debug": False}}
+    return KataConfig(tmp_path / "configuration-qemu.toml", data), root
+
+
+def test_config_copy_maps_paths_and_names_every_change(tmp_path):
+    config, root = _config(tmp_path, use_vsock=True)
+    out = write_shim_config(config, root, tmp_path / "out", accel="tcg", vhost_net=False, vhost_vsock=False)
+    data = tomllib.loads(out.path.read_text())
+    qemu = data["hypervisor"]["qemu"]
+    assert qemu["kernel"] == str(root / "share/kata-containers/vmlinuz")
+    assert qemu["valid_hypervisor_paths"] == [str(root / "bin/qemu-system-x86_64")]
+    assert data["proxy"]["kata"]["path"] == str(root / "libexec/kata-containers/kata-proxy")
+    assert qemu["path"] == str(out.wrapper) and qemu["disable_vhost_net"] is True and qemu["use_vsock"] is False
+    assert sorted(out.changes) == ["hypervisor.qemu.disable_vhost_net", "hypervisor.qemu.path",
+                                   "hypervisor.qemu.use_vsock"]
+    assert str(root / "bin/qemu-system-x86_64") in out.wrapper.read_text()
+    assert out.rewrite_note.startswith("hypervisor argv rewritten for TCG:")
+    assert config.get("hypervisor.qemu.path") == "/opt/kata/bin/qemu-system-x86_64"  # the candidate's own: untouched
+
+
+def test_where_kvm_and_vhost_work_only_paths_change(tmp_path):
+    config, root = _config(tmp_path, use_vsock=True)
+    out = write_shim_config(config, root, tmp_path / "out", accel="kvm", vhost_net=True, vhost_vsock=True)
+    qemu = tomllib.loads(out.path.read_text())["hypervisor"]["qemu"]
+    assert out.changes == {} and out.wrapper is None and out.rewrite_note == ""
+    assert qemu["path"] == str(root / "bin/qemu-system-x86_64") and qemu["use_vsock"] is True
+
+
+def test_no_vsock_and_no_proxy_is_a_clear_error(tmp_path):
+    config, root = _config(tmp_path, use_vsock=True)
+    (root / "libexec/kata-containers/kata-proxy").unlink()
+    with pytest.raises(SandboxError, match="no /dev/vhost-vsock and the candidate ships no kata-proxy"):
+        write_shim_config(config, root, tmp_path / "out", accel="kvm", vhost_net=True, vhost_vsock=False)
+
+
+def test_shim_binary_names():
+    assert shim_binary_name("io.containerd.kata.v2") == "containerd-shim-kata-v2"
+    assert shim_binary_name("io.containerd.kata-qemu.v2") == "containerd-shim-kata-qemu-v2"
+
+
+@pytest.mark.skipif(not shutil.which("socat"), reason="needs socat")
+def test_lent_syslog_answers_and_the_last_user_takes_it_away(tmp_path, monkeypatch):
+    """A socket at a private path stands for /dev/log; two runs share it, the second one's return removes it."""
+    monkeypatch.setenv("PYTEST_KATA_STATE", str(tmp_path / "state"))
+    devlog = tmp_path / "log"
+    first, second = runid.new_run_id(), runid.new_run_id()
+    for rid in (first, second):
+        runid.register(rid)
+    try:
+        log = services.lend_syslog(first, devlog=devlog)
+        assert log is not None and devlog.is_socket()
+        assert services.lend_syslog(second, devlog=devlog) == log
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+            client.sendto(b"<14>kata-shim: hello", str(devlog))
+        assert services.return_syslog(first) == [] and devlog.is_socket()
+        assert services.syslog_users() == [second]
+        for _ in range(100):
+            if b"hello" in log.read_bytes():
+                break
+            time.sleep(0.05)
+        assert b"kata-shim: hello" in log.read_bytes()
+        removed = services.return_syslog(second)
+        assert any("socat" in r for r in removed) and f"socket {devlog}" in removed
+        assert not devlog.exists() and not log.exists() and services.syslog_users() == []
+    finally:
+        for rid in (first, second):
+            services.return_syslog(rid)
+            runid.unregister(rid)
+
+
+def test_machine_syslog_is_left_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTEST_KATA_STATE", str(tmp_path / "state"))
+    devlog = tmp_path / "log"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as own:
+        own.bind(str(devlog))
+        assert services.lend_syslog(runid.current_run_id(), devlog=devlog) is None
+        assert services.return_syslog(runid.current_run_id()) == [] and devlog.is_socket()
+    os.unlink(devlog)
+
+
+def test_both_guest_forms_shipped_keeps_the_one_asked_for(tmp_path):
+    config, root = _config(tmp_path, initrd="/opt/kata/share/kata-containers/initrd.img",
+                           image="/opt/kata/share/kata-containers/guest.img")
+    for name in ("initrd.img", "guest.img"):
+        (root / "share/kata-containers" / name).write_text("x")
+    initrd = write_shim_config(config, root, tmp_path / "a", accel="kvm", vhost_net=True, vhost_vsock=True)
+    image = write_shim_config(config, root, tmp_path / "b", accel="kvm", vhost_net=True, vhost_vsock=True,
+                              guest="image")
+    assert "image" not in tomllib.loads(initrd.path.read_text())["hypervisor"]["qemu"]
+    assert "initrd" not in tomllib.loads(image.path.read_text())["hypervisor"]["qemu"]
+    assert list(image.changes) == ["hypervisor.qemu.initrd"]
+    (root / "share/kata-containers/guest.img").unlink()
+    with pytest.raises(SandboxError, match="ships no guest image"):
+        write_shim_config(config, root, tmp_path / "c", accel="kvm", vhost_net=True, vhost_vsock=True, guest="image")
