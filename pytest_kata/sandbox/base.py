@@ -38,6 +38,9 @@ class Workload:
     """What to run in the sandbox: the probe as an (un)privileged container with these parameters."""
 
     privileged: bool = False
+    # capabilities added to the default set: what a hostile container needs without --privileged, which
+    # also hands it every host device (a Kata runtime then tries to hot-plug them all)
+    capabilities: list[str] = field(default_factory=list)
     annotations: dict[str, str] = field(default_factory=dict)
     mounts: list[Mount] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)

@@ -171,8 +171,8 @@ def test_cve_2020_27151_annotation_exec(mode, route, request, kata_result, kata_
 @pytest.mark.kata_check("KATA-ESC-006", severity="high", title="a read-only volume stays read-only in the guest")
 @pytest.mark.parametrize("mode", MODES)
 def test_cve_2020_28914_readonly_volume(mode, request, kata_result, kata_escape_scratch):
-    """A privileged container writes a host directory mounted read-only (directly, then after remounting it
-    read-write); the host directory's files must keep their sha256 and no file may appear."""
+    """A container with CAP_SYS_ADMIN writes a host directory mounted read-only (directly, then after
+    remounting it read-write); the host directory's files must keep their sha256 and no file may appear."""
     if mode == "static":
         return static(request, kata_result, feed_only("CVE-2020-28914"))
     sandbox = request.getfixturevalue("kata_sandbox")
