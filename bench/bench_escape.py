@@ -54,7 +54,7 @@ SCHEDULE: list[tuple[str, Check]] = [
     ("KATA-ESC-102 (fds, privileged)", probe(True, False)),
     *[(f"KATA-ESC-005 ({route.name})",
        outcome(lambda d, s, route=route: exploits.annotation_exec(d, route, s, hypervisor="qemu")))
-      for route in exploits.ANNOTATION_EXEC_ROUTES],
+      for route in exploits.ANNOTATION_EXEC_ROUTES + exploits.ANNOTATION_ASSET_ROUTES],
     ("KATA-ESC-006 (read-only volume)", outcome(exploits.readonly_volume)),
     ("KATA-ESC-010 (kernel_params)", outcome(lambda d, s: exploits.kernel_params_annotation(d, current_run_id()))),
     ("KATA-ESC-012 (config_path)", outcome(exploits.config_path_exec)),

@@ -158,13 +158,27 @@ ROUTES = [pytest.param("static", None, id="static")] + [
 @pytest.mark.parametrize(("mode", "route"), ROUTES)
 def test_cve_2020_27151_annotation_exec(mode, route, request, kata_result, kata_escape_scratch):
     """A pod annotation names a host program (virtio_fs_daemon with shared_fs=virtio-fs, the hypervisor path,
-    jailer_path, ctlpath): the runtime must refuse it; a marker that program writes on the host says if it ran."""
+    jailer_path, ctlpath): the runtime must refuse it or never run it; a marker that program writes on the
+    host says whether it ran."""
     if mode == "static":
         return static(request, kata_result, escape.annotation_exec)
     sandbox = request.getfixturevalue("kata_sandbox")
     config = request.getfixturevalue("kata_sandbox_config")
     hypervisor = str(getattr(config, "hypervisor", "") or "")
     finish(kata_result, exploits.annotation_exec(sandbox, route, kata_escape_scratch, hypervisor=hypervisor), sandbox)
+
+
+@pytest.mark.kata_check("KATA-ESC-015", severity="high", title="annotations cannot hand host files to the "
+                        "hypervisor as guest assets")
+@pytest.mark.parametrize("route", exploits.ANNOTATION_ASSET_ROUTES, ids=lambda r: f"dynamic-{r.name}")
+def test_annotation_asset_paths(route, request, kata_result, kata_escape_scratch):
+    """A pod annotation names a decoy host file as the guest's kernel, initrd or firmware: the runtime must
+    refuse it; Kata's hypervisor argv, logged on the host, shows whether the hypervisor was given the file
+    (any host file: a guest that boots from it reads it). No published advisory: the asset half of the
+    path-type annotations whose executable half is CVE-2020-27151."""
+    kata_result.record(advisory="none (asset annotations of the CVE-2020-27151 family)")
+    sandbox = request.getfixturevalue("kata_sandbox")
+    finish(kata_result, exploits.annotation_exec(sandbox, route, kata_escape_scratch), sandbox)
 
 
 @pytest.mark.kata_advisory("CVE-2020-28914")
