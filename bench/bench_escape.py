@@ -104,7 +104,8 @@ def main() -> int:
             print(f"bench_escape: {source} is missing; nothing to time", file=sys.stderr)
             return 0
         from pytest_kata.bundle import open_bundle
-        from pytest_kata.kata_build import build_bundle, discover
+        from pytest_kata.kata_build.build import build_bundle
+        from pytest_kata.kata_build.sources import discover
 
         bundle = open_bundle(build_bundle(discover(source, args.version)).root / "opt" / "kata")
     scratch = exploits.Scratch()

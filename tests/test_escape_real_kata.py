@@ -5,7 +5,7 @@ dynamic checks judge by what the host shows:
 
 - CVE-2020-27151: pod annotations ``shared_fs=virtio-fs`` + ``virtio_fs_daemon=<host program>``. The 1.11.0
   shim runs the program as root (its marker appears on the host): fail, naming the CVE and the marker;
-  1.11.5 refuses the pod ("annotation ... is not enabled"): pass.
+  1.11.5 refuses the pod ("virtiofs daemon ... required from annotation is not valid"): pass.
 - CVE-2020-28914: a host directory mounted read-only; a privileged container remounts it read-write and
   writes. On 1.11.0 the host file's sha256 changes and a planted file appears: fail; 1.11.5 shares the
   volume read-only on the host side: pass.
@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from test_isolation_controls import REPO, run_suites
 
+from pytest_kata.kata_build.build import build_bundle
+from pytest_kata.kata_build.sources import discover
 from pytest_kata.sandbox.variants import variant_tree
 
 KATA_SRC = REPO.parent / "shared" / "kata-src"
@@ -31,8 +33,6 @@ pytestmark = pytest.mark.slow
 
 def kata_tree(version: str) -> Path:
     """The /opt/kata tree of ``version`` built from ../shared/kata-src (cached by content hash)."""
-    from pytest_kata.kata_build import build_bundle, discover
-
     if not KATA_SRC.is_dir():
         pytest.skip(f"{KATA_SRC} is missing")
     return build_bundle(discover(KATA_SRC, version)).root / "opt" / "kata"
@@ -75,7 +75,8 @@ def test_1_11_5_refuses_the_same_exploits(pytester, kata_1_11_5):
     output, verdict, got = exploits_on(pytester, kata_1_11_5)
     exec_route = got["KATA-ESC-005[dynamic-virtio_fs_daemon]"]
     assert exec_route["status"] == "pass", output[-3000:]
-    assert "is not enabled" in exec_route["evidence"]["refused"]
+    # upstream 1.11.5 enables every annotation name by default and refuses by the valid_*_paths allowlist
+    assert "required from annotation is not valid" in exec_route["evidence"]["refused"]
     assert "no host marker appeared" in exec_route["evidence"]["effect"]
     # upstream 1.11.5 still honours the asset annotations (enable_annotations = [".*"], no kernel allowlist)
     assert got["KATA-ESC-015[dynamic-kernel]"]["status"] == "fail"
