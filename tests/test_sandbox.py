@@ -213,8 +213,11 @@ def test_static_checks_on_upstream_and_hardened_configs():
     weak = hardened.with_changes({"hypervisor.qemu.virtio_fs_extra_args": ["--sandbox=none"]})
     assert escape.virtiofsd_sandbox(weak, "4.1.0", FEED).status == "fail"
     assert escape.annotation_exec(hardened, "4.1.0", FEED).status == "pass"
-    assert escape.annotation_exec(hardened.with_changes({"hypervisor.qemu.enable_annotations": ["path"],
-                                                         "hypervisor.qemu.valid_hypervisor_paths": []}),
+    opened = hardened.with_changes({"hypervisor.qemu.enable_annotations": ["path"]})
+    # an empty allowlist refuses every value; a wildcard lets a pod pick any matching host program
+    assert escape.annotation_exec(opened.with_changes({"hypervisor.qemu.valid_hypervisor_paths": []}), "4.1.0",
+                                  FEED).status == "pass"
+    assert escape.annotation_exec(opened.with_changes({"hypervisor.qemu.valid_hypervisor_paths": ["/opt/*"]}),
                                   "4.1.0", FEED).status == "fail"
     assert escape.writable_image(hardened.with_changes({"hypervisor.qemu.kernel_params": "rw"}), "4.1.0", None,
                                  FEED).status == "fail"

@@ -86,16 +86,19 @@ def _hypervisor(config: Any) -> str:
 
 
 def annotation_exec(config: Any, version: str | None, feed: Iterable[Advisory]) -> Outcome:
-    """CVE-2020-27151: binary-path annotations must be disabled, or pinned to exact allowlisted paths."""
+    """CVE-2020-27151: binary-path annotations must be disabled, or pinned to exact allowlisted paths. An
+    empty or absent allowlist refuses every value in the runtimes that have one (1.11.5 on); in the releases
+    without one the feed's decision is what fails them."""
     problems, ev = [], {}
     for name, allow_key in RESTRICTED.items():
         hits = annotation_enabled(config, name)
         allow = config.get(f"hypervisor.*.{allow_key}", []) or []
         ev[name] = {"enabled_by": hits, allow_key: allow}
-        if hits and (not allow or any(ch in str(p) for p in allow for ch in "*?[")):
-            problems.append(f"annotation '{name}' enabled by {hits} with allowlist {allow or 'empty (any path)'}")
+        globs = [str(p) for p in allow if any(ch in str(p) for ch in "*?[")]
+        if hits and globs:
+            problems.append(f"annotation '{name}' enabled by {hits} with wildcard allowlist entries {globs}")
     config_outcome = Outcome("fail", "mode: static: " + "; ".join(problems), _ev(annotations=ev)) if problems else \
-        Outcome("pass", "mode: static: binary-path annotations are disabled or pinned to exact paths",
+        Outcome("pass", "mode: static: binary-path annotations are disabled or pinned to exact paths (or none)",
                 _ev(annotations=ev))
     return combine(config_outcome, advisory_decision(feed, "CVE-2020-27151", version))
 
