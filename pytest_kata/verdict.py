@@ -122,7 +122,8 @@ def side_by_side(verdicts: list[tuple[str, dict[str, Any]]], width: int = 118) -
         for r in doc.get("results", []):
             if r["status"] in BLOCKING:
                 ev = r.get("evidence") or {}
-                what = ev.get("effect") or ev.get("decided_by") or r.get("title", "")
+                static = ev.get("mode") == "static" and ev.get("decided_by")
+                what = f"decided by {ev['decided_by']}" if static else ev.get("effect") or r.get("title", "")
                 lines.append(f"  - {r['id']} {r['status']} [{ev.get('advisory', '-')}, {ev.get('mode', '-')}]: "
                              f"{what}")
     return "\n".join(lines)
