@@ -860,6 +860,42 @@ def prune_containerd_run_dirs() -> None:
             d.rmdir()
 
 
+# Where a Kata 1.x/2.x shim keeps per-sandbox state on the host (named after the sandbox id, which carries the
+# run id): a SIGKILLed shim leaves them behind, with the network namespace file it created (named by Kata).
+KATA_STATE_DIRS = (Path("/run/vc/sbs"), Path("/run/vc/vm"), Path("/run/kata-containers/shared/sandboxes"),
+                   Path("/run/kata-containers"))
+
+
+def kata_state_dirs(run_id: str | None = None) -> list[Path]:
+    """Kata sandbox state directories named after ``run_id`` (None: after any run)."""
+    found = []
+    for base in KATA_STATE_DIRS:
+        with contextlib.suppress(OSError):
+            found += [d for d in base.iterdir() if d.is_dir() and runid.run_id_of(d.name) is not None
+                      and (run_id is None or runid.run_id_of(d.name) == run_id)]
+    return found
+
+
+def remove_kata_state(run_id: str, *, dry_run: bool = False) -> list[str]:
+    """Remove the Kata state of the run's sandboxes and the network namespace files Kata made for them (only
+    when nothing is mounted there any more: a live sandbox's namespace is in use)."""
+    removed = []
+    for directory in kata_state_dirs(run_id):
+        for persist in directory.rglob("persist.json"):
+            with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):
+                netns = Path(json.loads(persist.read_text())["Network"]["NetNsPath"])
+                if netns.is_file() and str(netns.resolve()) not in mountpoints():
+                    if not dry_run:
+                        netns.unlink()
+                    removed.append(f"kata netns file {netns}")
+        if mounts_under(directory):
+            continue
+        if not dry_run:
+            shutil.rmtree(directory, ignore_errors=True)
+        removed.append(f"kata state {directory}")
+    return removed
+
+
 def _tail(path: Path, lines: int = 3) -> str:
     try:
         text = path.read_text(errors="replace").strip().splitlines()

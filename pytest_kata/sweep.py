@@ -15,8 +15,10 @@ What is found, per run id, and how it is removed (in this order):
 4. mounts whose mount point carries it (lazy unmount, deepest first);
 5. network namespaces named with it, and root-netns links ``k<8hex><n>`` (see :mod:`pytest_kata.network`);
 6. containerd's cgroups for a namespace named after it (their processes are killed first: a container
-   outlives a killed shim) and its runc state; its hold on the ``/dev/log`` socket lent to Kata shims (the
-   last run holding it removes the listener and the socket, see :func:`services.lend_syslog`);
+   outlives a killed shim), its runc state and the Kata state of its sandboxes (``/run/vc``,
+   ``/run/kata-containers``, with the netns file Kata made for each); its hold on the ``/dev/log`` socket
+   lent to Kata shims (the last run holding it removes the listener and the socket, see
+   :func:`services.lend_syslog`);
 7. libvirt's per-domain logs ``/var/log/libvirt/qemu/<name>.log`` of the run's domains, the run's scratch
    directory ``cache_dir()/runs/<run-id>/`` (overlays, volumes, containerd roots: every
    run keeps its scratch files there) and its state ``<state>/<run-id>/`` and ``<run-id>.pid``.
@@ -38,7 +40,7 @@ from pytest_kata import network, runid, services
 from pytest_kata.progress import step
 
 KEPT_MARK = "kept"  # in a run's state dir: --kata-keep-on-failure kept it for inspection
-PROCESS_PROGRAMS = ("qemu-system", "qemu-kvm", "containerd", "virtiofsd", "dnsmasq")
+PROCESS_PROGRAMS = ("qemu-system", "qemu-kvm", "containerd", "virtiofsd", "dnsmasq", "kata-proxy", "kata-netmon")
 
 
 @dataclass
@@ -220,6 +222,7 @@ def _discover(conn: Any) -> dict[str, set[str]]:
     if services.RUNC_STATE_ROOT.is_dir():
         note((runid.run_id_of(p.name) for p in services.RUNC_STATE_ROOT.iterdir()), "runc")
     note(services.syslog_users(), "syslog")
+    note((runid.run_id_of(d.name) for d in services.kata_state_dirs()), "kata")
     return found
 
 
@@ -269,7 +272,8 @@ def _clean_run(rid: str, conn: Any, report: SweepReport) -> None:
             report.fail(rid, f"mount {point}", exc)
     _clean_network(rid, report)
     with contextlib.suppress(Exception):
-        for item in services.remove_cgroups(rid, dry_run=dry) + services.remove_runc_state(rid, dry_run=dry):
+        for item in services.remove_cgroups(rid, dry_run=dry) + services.remove_runc_state(rid, dry_run=dry) + \
+                services.remove_kata_state(rid, dry_run=dry):
             report.add(rid, item)
     if not dry:
         services.prune_containerd_run_dirs()

@@ -9,6 +9,7 @@ and check them with :func:`pytest_kata.bundle.open_bundle`.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -179,6 +180,12 @@ def test_kernel_release_is_read_from_the_bzimage(tmp_path: Path) -> None:
         guest_kernel(not_a_kernel, kernel.config)
     with pytest.raises(KataError, match="cannot tell which kernel config"):
         guest_kernel(_copy(kernel.vmlinuz, tmp_path / "k"))  # no config-* beside it
+    # Kata's install_kata layout: config-<release> beside vmlinuz-<release>-<config version>, and the
+    # kernel builder's config-report.json, which is not a config.
+    built = _copy(kernel.vmlinuz, tmp_path / "kata-kernel")
+    (built.parent / f"config-{kernel.release}").write_text("CONFIG_VIRTIO_PCI=y\n")
+    (built.parent / "config-report.json").write_text("{}")
+    assert guest_kernel(built).config == built.parent / f"config-{kernel.release}"
 
 
 def _copy(src: Path, dest_dir: Path) -> Path:
@@ -251,7 +258,10 @@ def _cli_build(src: Path, version: str, out: Path) -> tuple[Path, float, str]:
     return Path(last), seconds, proc.stdout + proc.stderr
 
 
+# One worker builds both releases in turn: the second reuses Go's build cache instead of competing for the
+# same two cores with a second cold build.
 @pytest.mark.slow
+@pytest.mark.xdist_group("kata-build")
 @pytest.mark.parametrize("version", ["1.11.0", "1.11.5"])
 def test_builds_a_real_bundle_from_upstream_source(kata_src: Path, tmp_path: Path, version: str) -> None:
     tarball, first_seconds, _ = _cli_build(kata_src, version, tmp_path)
@@ -310,6 +320,7 @@ def test_builds_a_real_bundle_from_upstream_source(kata_src: Path, tmp_path: Pat
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("kata-build")
 def test_real_agent_starts_as_init_under_tcg(kata_src: Path, tmp_path: Path) -> None:
     """The bundle's kernel + initrd boot with plain qemu and the real agent logs as PID 1 on the console."""
     tarball, _, _ = _cli_build(kata_src, "1.11.5", tmp_path)  # cached by the build test
@@ -334,3 +345,24 @@ def test_agent_smoke_fails_loudly_without_an_agent(tmp_path: Path) -> None:
     with pytest.raises(KataError, match="the agent never logged") as info:
         boot_agent(root, timeout=60)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("kata-build")
+def test_builds_from_checkouts_given_per_repository(kata_src: Path, tmp_path: Path) -> None:
+    """Git checkouts a user points at (here: the 1.11.5 trees unpacked), one --<repo>-src each, no DIR."""
+    args = []
+    for repo in ("runtime", "agent", "proxy"):
+        top = f"kata-{repo}-1.11.5"
+        unpack_archive(kata_src / f"{top}.tar.xz", tmp_path / f"unpacked-{repo}", prefix=top)
+        args += [f"--{repo}-src", str(tmp_path / f"unpacked-{repo}" / top)]
+    proc = subprocess.run([str(REPO / ".venv/bin/pytest-kata"), "build", *args, "--output", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tarball = Path(proc.stdout.strip().splitlines()[-1])
+    bundle = open_bundle(tarball)
+    assert bundle.version == "1.11.5"
+    assert bundle.version_evidence["containerd-shim-kata-v2 --version (go)"] == "1.11.5"
+    record = json.loads(bundle.path("kata-build.json").read_text())
+    assert {record["sources"][r]["kind"] for r in ("runtime", "agent", "proxy")} == {"checkout"}
+    assert record["binaries"]["kata-agent"] == "kata-agent version 1.11.5"

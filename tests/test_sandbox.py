@@ -171,12 +171,17 @@ def test_device_network_vsock_and_memory_checks():
     assert checks.vsock_ports({"vsock": {"2:1026": "reachable"}}).status == "fail"
     assert checks.vsock_ports({"vsock": {"2:1024": "untestable: no socat"}}).status == "notapplicable"
     assert checks.vsock_ports({"vsock": {"2:1024": "unreachable: Connection reset by peer"}}).status == "pass"
-    # a VM without a vsock device cannot show whether the agent's ports answer: skipped, never a pass
+    # a VM without a vsock device, where no virtio-serial port was tried either, cannot show whether the
+    # agent's channel answers: skipped, never a pass
     no_device = checks.vsock_ports({"vsock": {"2:1024": "unreachable: this VM has no virtio-vsock device",
                                               "2:1026": "unreachable: this VM has no virtio-vsock device"}})
     assert no_device.status == "skipped" and "no virtio-vsock device" in no_device.message
     assert checks.vsock_ports({"vsock": {"2:1024": "unreachable: no AF_VSOCK transport in this kernel/VM"}}).status \
         == "skipped"
+    serial = {"agent.channel.0": "reachable", "console": "unreachable: Device or resource busy"}
+    assert checks.vsock_ports({"vsock": {}, "agent_serial": serial}).status == "fail"
+    serial["agent.channel.0"] = "unreachable: no /dev/vport1p1 in the workload"
+    assert checks.vsock_ports({"vsock": {}, "agent_serial": serial}).status == "pass"
     assert checks.memory_bounded({"mem_total_kb": 500_000}, HOST, limit_mb=512, is_vm=True,
                                  handler="d").status == "pass"
     assert checks.memory_bounded({"mem_total_kb": 4_000_000}, HOST, limit_mb=512, is_vm=True,

@@ -527,6 +527,8 @@ def _install_modules(rootfs: Path, kernel: HostKernel, names: list[str]) -> list
     if not names:
         return []
     order = module_load_order(kernel, names)
+    if not order:
+        return []  # all built in (a kernel built like Kata's): nothing to copy or to load
     dest = rootfs / "lib/modules" / kernel.release
     for rel in order:
         target = dest / rel

@@ -137,7 +137,7 @@ def build_key(sources: SourceSet, kernel: HostKernel, guest_versions: dict[str, 
               qemu: Path = QEMU) -> str:
     """The content hash that names a build: every input, and the code and recipe that turn them into it."""
     package = Path(__file__).parent
-    builder = [package / name for name in sorted(os.listdir(package)) if name.endswith(".py")]
+    builder = [package / name for name in ("build.py", "sources.py", "kernel_choice.py")]  # what shapes it
     guest_code = [Path(__file__).parents[1] / "images" / name for name in ("guest.py", "common.py")]
     recipe = load_recipe(GUEST_RECIPE)
     parts: list[object] = [BUILDER_VERSION, sources.version, go, {r: _source_hash(s) for r, s in
@@ -296,8 +296,10 @@ def _build_into(sources: SourceSet, key: str, kernel: HostKernel, go: str, out: 
         missing = [rel for rel in EXPECTED if not (root / rel).exists()]
         if missing:
             raise KataError(f"the build installed no {', '.join(missing)}", path=logs / "runtime.log")
-        agent_version = _binary_version(agent, "--version")
-        step(AREA, f"{version}: [2/5] guest-{GUEST_RECIPE} with the real agent ({agent_version}), "
+        agent_line = _binary_version(agent, "--version")  # "kata-agent version 1.11.5"
+        found = re.search(r"version\s+v?(\S+)", agent_line)
+        agent_version = found.group(1) if found else agent_line  # osbuilder.yaml records the bare version
+        step(AREA, f"{version}: [2/5] guest-{GUEST_RECIPE} with the real agent ({agent_line}), "
                    f"kernel {kernel.release}")
         guest = build_guest(GUEST_RECIPE, kernel=kernel, agent=RealAgent(agent, agent_version))
         names = _install_guest(root, version, guest, kernel)
@@ -313,7 +315,7 @@ def _build_into(sources: SourceSet, key: str, kernel: HostKernel, go: str, out: 
             "binaries": {"containerd-shim-kata-v2": _binary_version(root / "bin/containerd-shim-kata-v2",
                                                                     "--version"),
                          "kata-runtime": _binary_version(root / "bin/kata-runtime", "--version"),
-                         "kata-agent": agent_version},
+                         "kata-agent": agent_line},
             "kernel": {"release": kernel.release, "source": str(kernel.vmlinuz), "file": f"{SHARE}/{names['kernel']}",
                        "modules-in-guest": guest.recipe.kernel_modules},
             "guest": {"recipe": GUEST_RECIPE, "key": guest.key, "image": f"{SHARE}/{names['image']}",

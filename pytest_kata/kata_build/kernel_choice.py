@@ -39,7 +39,7 @@ def bzimage_release(path: Path) -> str:
 def guest_kernel(path: Path | None = None, config: Path | None = None) -> HostKernel:
     """The kernel to ship: the host's newest Debian kernel, or the bzImage at ``path``.
 
-    ``config`` defaults to the only ``config-*`` file (or ``.config``) beside ``path``.
+    ``config`` defaults to ``config-<release>`` beside ``path``, else the only ``config-*`` (or ``.config``).
     """
     if path is None:
         if config is not None:
@@ -50,7 +50,9 @@ def guest_kernel(path: Path | None = None, config: Path | None = None) -> HostKe
         raise KataError("no such kernel image", path=path)
     release = bzimage_release(path)
     if config is None:
-        beside = sorted(path.parent.glob("config-*")) or sorted(path.parent.glob(".config"))
+        named = path.parent / f"config-{release}"  # how Kata's install_kata and Debian name it
+        beside = [named] if named.is_file() else sorted(
+            p for p in path.parent.glob("config-*") if p.suffix != ".json") or sorted(path.parent.glob(".config"))
         if len(beside) != 1:
             raise KataError(f"cannot tell which kernel config belongs to this kernel ({len(beside)} "
                             f"config-* files beside it)", path=path, hint="give --kernel-config PATH")

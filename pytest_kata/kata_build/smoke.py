@@ -59,10 +59,12 @@ def boot_agent(root: Path, *, timeout: float = 240.0, accel: str = "tcg") -> Age
                 "-chardev", f"socket,id=charch0,path={channel},server=on,wait=off",
                 "-device", "virtserialport,bus=serial0.0,chardev=charch0,name=agent.channel.0"]
         with timed("kata-build", f"booting {kernel.name} + {initrd.name} ({accel}) until the agent logs"):
-            return _watch(argv, timeout)
+            return watch_console(argv, timeout, what=initrd)
 
 
-def _watch(argv: list[str], timeout: float) -> AgentBoot:
+def watch_console(argv: list[str], timeout: float, *, what: Path) -> AgentBoot:
+    """Run qemu ``argv`` (serial console on stdout) until the agent has logged; ``what`` names the guest in
+    the error when it never does. The qemu process is always killed before returning."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
@@ -94,6 +96,6 @@ def _watch(argv: list[str], timeout: float) -> AgentBoot:
     if first is None:
         tail = " | ".join(ln.strip() for ln in text.splitlines()[-4:] if ln.strip())[-400:]
         raise KataError(f"the agent never logged within {timeout:.0f}s: {tail or 'no console output'}",
-                        path=argv[argv.index("-initrd") + 1])
+                        path=what)
     return AgentBoot(first.decode(errors="replace").strip(), bool(GRPC_UP.search(console)),
                      first_at - start, text)

@@ -48,6 +48,9 @@ class Workload:
     host_paths: list[str] = field(default_factory=list)  # host markers whose visibility is reported
     writes: bool = False  # attempt core_pattern/uevent_helper/root-device writes (only inside a VM)
     volume_write: str = ""  # a read-only volume's mount point that the workload tries to make writable
+    # privileged on a VM runtime: also hand every host device to the pod (ctr's --privileged does; Kata's
+    # deployments set containerd's privileged_without_host_devices, which is the default here)
+    host_devices: bool = False
     mark: str = "kata-probe"
 
     def env(self) -> dict[str, str]:

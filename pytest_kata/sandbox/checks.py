@@ -131,9 +131,15 @@ def network(facts: Mapping[str, Any], targets: Sequence[str], host_addresses: It
 
 
 def vsock_ports(facts: Mapping[str, Any]) -> Outcome:
-    """Neither the agent (1024) nor the debug console (1026) answers the workload over vsock."""
+    """Neither the agent (1024) nor the debug console (1026) answers the workload over vsock, and no
+    virtio-serial port of the guest (the agent's channel when Kata runs without vsock) opens for it."""
     vsock = facts.get("vsock", {})
-    ev = {"vsock": vsock, "vsock_device": facts.get("vsock_device")}
+    serial = facts.get("agent_serial", {})
+    ev = {"vsock": vsock, "vsock_device": facts.get("vsock_device"), "agent_serial": serial}
+    open_serial = sorted(k for k, v in serial.items() if v == "reachable")
+    if open_serial:
+        return Outcome("fail", f"the guest's virtio-serial port(s) {', '.join(open_serial)} (the agent's channel "
+                       "without vsock) open for the workload", ev)
     open_ports = sorted(k for k, v in vsock.items() if v == "reachable" and k.endswith((":1024", ":1026")))
     if open_ports:
         return Outcome("fail", f"agent/debug-console vsock ports reachable from the workload: {', '.join(open_ports)}",
@@ -142,11 +148,12 @@ def vsock_ports(facts: Mapping[str, Any]) -> Outcome:
     if vsock and len(untestable) == len(vsock):
         return Outcome("notapplicable", f"vsock untestable: {untestable[0].removeprefix('untestable: ')}", ev)
     unobserved = [v for v in vsock.values() if "no virtio-vsock device" in str(v) or "no AF_VSOCK" in str(v)]
-    if not vsock or len(unobserved) == len(vsock):
+    if (not vsock or len(unobserved) == len(vsock)) and not serial:
         why = unobserved[0].removeprefix("unreachable: ") if unobserved else "the probe tried no vsock port"
-        return Outcome("skipped", f"cannot observe: {why}, so the agent's channel is not on vsock here and closed "
-                       "ports prove nothing", ev)
-    return Outcome("pass", "agent (1024) and debug console (1026) vsock ports are not reachable", ev)
+        return Outcome("skipped", f"cannot observe: {why} and no virtio-serial port was tried, so closed ports "
+                       "prove nothing about the agent's channel", ev)
+    ports = f"; virtio-serial ports {', '.join(sorted(serial))} do not open" if serial else ""
+    return Outcome("pass", f"agent (1024) and debug console (1026) vsock ports are not reachable{ports}", ev)
 
 
 def memory_bounded(facts: Mapping[str, Any], host: Mapping[str, Any], *, limit_mb: int | None, is_vm: bool,

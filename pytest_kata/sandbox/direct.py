@@ -66,8 +66,9 @@ def detect_accel(requested: str = "auto") -> tuple[str, str]:
     return ("kvm", "svm/vmx present") if re.search(r"\b(svm|vmx)\b", flags) else ("tcg", "no svm/vmx flag")
 
 
-def kernel_release_of(vmlinuz: Path) -> str | None:
-    """The release string embedded in a bzImage's setup header (what ``uname -r`` says when it boots)."""
+def kernel_version_of(vmlinuz: Path) -> str | None:
+    """The version text in a bzImage's setup header ("6.1.0-57-amd64 (builder) #1 SMP ... Debian ..."): what
+    the booted kernel's ``/proc/version`` repeats."""
     try:
         with open(vmlinuz, "rb") as f:
             head = f.read(0x10000)
@@ -76,7 +77,12 @@ def kernel_release_of(vmlinuz: Path) -> str | None:
     if head[0x202:0x206] != b"HdrS":
         return None
     offset = struct.unpack_from("<H", head, 0x20E)[0] + 0x200
-    text = head[offset:offset + 256].split(b"\0", 1)[0].decode(errors="replace")
+    return head[offset:offset + 256].split(b"\0", 1)[0].decode(errors="replace") or None
+
+
+def kernel_release_of(vmlinuz: Path) -> str | None:
+    """The release string embedded in a bzImage's setup header (what ``uname -r`` says when it boots)."""
+    text = kernel_version_of(vmlinuz)
     return text.split()[0] if text else None
 
 

@@ -77,8 +77,8 @@ def test_networks_unreachable(kata_probe, kata_probe_targets, kata_host_facts, k
     checks.network(facts, targets, kata_host_facts["addresses"]).apply(kata_result)
 
 
-@pytest.mark.kata_check("KATA-ISO-008", severity="critical", title="agent and debug-console vsock ports are not "
-                        "reachable from the workload")
+@pytest.mark.kata_check("KATA-ISO-008", severity="critical", title="the agent's channel (vsock ports 1024/1026, "
+                        "or its virtio-serial port without vsock) is not reachable from the workload")
 @pytest.mark.parametrize("privileged", WORKLOADS)
 def test_vsock_ports_closed(privileged, kata_probe, kata_result):
     checks.vsock_ports(kata_probe(privileged=privileged)).apply(kata_result)

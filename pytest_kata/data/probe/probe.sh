@@ -123,6 +123,16 @@ for cid in 2 1; do for port in 1024 1026; do
   else r="untestable: no socat in the workload (busybox nc has no AF_VSOCK)"; fi
   printf '"%s:%s":%s' "$cid" "$port" "$(jstr "$r")"
 done; done; printf '}'
+key agent_serial; printf '{'; first=1
+for port in /sys/class/virtio-ports/*; do
+  [ -e "$port/name" ] || continue
+  [ $first = 1 ] || printf ','; first=0
+  node=/dev/${port##*/}
+  if [ ! -e "$node" ]; then r="unreachable: no $node in the workload"
+  elif e=$(errof sh -c ": >> $node"); [ "$e" = ok ]; then r=reachable
+  else r="unreachable: $e"; fi
+  printf '%s:%s' "$(jstr "$(cat "$port/name")")" "$(jstr "$r")"
+done; printf '}'
 key host_paths; printf '{'; first=1
 for p in $KATA_PROBE_HOST_PATHS; do
   [ $first = 1 ] || printf ','; first=0; printf '%s:%s' "$(jstr "$p")" "$(jbool test -e "$p")"
