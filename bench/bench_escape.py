@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("PYTEST_KATA_QUIET", "1")
 
 from pytest_kata.runid import current_run_id  # noqa: E402
-from pytest_kata.sandbox import Workload, exploits  # noqa: E402
+from pytest_kata.sandbox import SandboxError, Workload, exploits  # noqa: E402
 from pytest_kata.sandbox.containerd import ContainerdDriver  # noqa: E402
 
 Check = Callable[[Any, exploits.Scratch, dict[tuple[bool, bool], Any]], str]
@@ -36,8 +36,11 @@ def probe(privileged: bool, writes: bool) -> Check:
     def run(driver: Any, scratch: exploits.Scratch, cache: dict[tuple[bool, bool], Any]) -> str:
         key = (privileged, writes)
         if key not in cache:
-            cache[key] = driver.probe(Workload(privileged=privileged, writes=writes, mark=current_run_id()))
-        return "probed"
+            try:
+                cache[key] = driver.probe(Workload(privileged=privileged, writes=writes, mark=current_run_id()))
+            except SandboxError as exc:
+                cache[key] = f"probe failed: {str(exc)[-120:]}"
+        return "probed" if not isinstance(cache[key], str) else cache[key]
     return run
 
 
