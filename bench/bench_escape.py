@@ -71,9 +71,9 @@ def driver_for(runtime: str, bundle: Any) -> ContainerdDriver:
 def shared(runtime: str, bundle: Any, scratch: exploits.Scratch) -> tuple[float, list[tuple[str, str]]]:
     start = time.monotonic()
     driver = driver_for(runtime, bundle)
-    driver.start()
     cache: dict[tuple[bool, bool], Any] = {}
     try:
+        driver.start()
         rows = [(name, check(driver, scratch, cache)) for name, check in SCHEDULE]
     finally:
         driver.stop()
@@ -84,8 +84,8 @@ def per_check(runtime: str, bundle: Any, scratch: exploits.Scratch) -> float:
     start = time.monotonic()
     for _, check in SCHEDULE:
         driver = driver_for(runtime, bundle)
-        driver.start()
         try:
+            driver.start()
             check(driver, scratch, {})
         finally:
             driver.stop()
