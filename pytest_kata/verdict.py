@@ -157,5 +157,35 @@ class Verdict:
         return "\n".join(lines)
 
 
+def side_by_side(verdicts: list[tuple[str, dict[str, Any]]], width: int = 118) -> str:
+    """Several verdict JSONs (label, document) as one table: each check's status per verdict, then what
+    every blocking result showed (its advisory and observed effect, where it has them)."""
+    ids: dict[str, str] = {}
+    statuses: dict[str, dict[str, str]] = {}
+    for label, doc in verdicts:
+        for r in doc.get("results", []):
+            ids.setdefault(r["id"], r.get("title", ""))
+            statuses.setdefault(r["id"], {})[label] = r["status"]
+    labels = [label for label, _ in verdicts]
+    id_width = min(max((len(i) for i in ids), default=2), 44)
+    col = max(9, *(len(label) for label in labels))
+    lines = [f"{'id':<{id_width}} " + " ".join(f"{label:<{col}}" for label in labels) + " title",
+             "-" * width]
+    for check_id in sorted(ids):
+        row = " ".join(f"{statuses[check_id].get(label, '-'):<{col}}" for label in labels)
+        lines.append(f"{check_id[:id_width]:<{id_width}} {row} {ids[check_id]}"[:width])
+    lines.append("-" * width)
+    for label, doc in verdicts:
+        lines.append(f"{label}: VERDICT {str(doc.get('verdict', '?')).upper()} "
+                     f"({', '.join(f'{k} {v}' for k, v in (doc.get('totals') or {}).items() if v)})")
+        for r in doc.get("results", []):
+            if r["status"] in BLOCKING:
+                ev = r.get("evidence") or {}
+                static = ev.get("mode") == "static" and ev.get("decided_by")
+                what = f"decided by {ev['decided_by']}" if static else ev.get("effect") or r.get("title", "")
+                lines.append(f"  - {r['id']} {r['status']} [{ev.get('advisory', '-')}, {ev.get('mode', '-')}]: "
+                             f"{what}")
+    return "\n".join(lines)
 
-__all__ = ["BLOCKING", "SEVERITIES", "STATUSES", "Result", "Verdict", "sha256_file"]
+
+__all__ = ["BLOCKING", "SEVERITIES", "STATUSES", "Result", "Verdict", "sha256_file", "side_by_side"]

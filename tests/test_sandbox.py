@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_kata.advisories import decide, load_feed
 from pytest_kata.errors import KataError
 from pytest_kata.kataconfig import load_config
 from pytest_kata.sandbox import SandboxError, SandboxUnavailable, checks, choose_driver, escape
@@ -22,6 +23,7 @@ from pytest_kata.sandbox.variants import stand_in_tree, variant_tree
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM = REPO / "fixtures" / "configs" / "upstream"
 HARDENED = REPO / "fixtures" / "configs" / "hardened"
+FEED = load_feed()
 
 
 def run_probe(**env: str) -> str:
@@ -168,7 +170,14 @@ def test_device_network_vsock_and_memory_checks():
     assert checks.network({"reach": {"10.0.0.2": "unreachable"}}, ["10.0.0.2"], ["192.0.2.2"]).status == "pass"
     assert checks.vsock_ports({"vsock": {"2:1026": "reachable"}}).status == "fail"
     assert checks.vsock_ports({"vsock": {"2:1024": "untestable: no socat"}}).status == "notapplicable"
-    assert checks.vsock_ports({"vsock": {"2:1024": "unreachable: no AF_VSOCK"}}).status == "pass"
+    assert checks.vsock_ports({"vsock": {"2:1024": "unreachable: Connection reset by peer"}}).status == "pass"
+    # a VM without a vsock device, where no virtio-serial port was tried either, cannot show whether the
+    # agent's channel answers: skipped, never a pass
+    no_device = checks.vsock_ports({"vsock": {"2:1024": "unreachable: this VM has no virtio-vsock device",
+                                              "2:1026": "unreachable: this VM has no virtio-vsock device"}})
+    assert no_device.status == "skipped" and "no virtio-vsock device" in no_device.message
+    assert checks.vsock_ports({"vsock": {"2:1024": "unreachable: no AF_VSOCK transport in this kernel/VM"}}).status \
+        == "skipped"
     serial = {"agent.channel.0": "reachable", "console": "unreachable: Device or resource busy"}
     assert checks.vsock_ports({"vsock": {}, "agent_serial": serial}).status == "fail"
     serial["agent.channel.0"] = "unreachable: no /dev/vport1p1 in the workload"
@@ -207,21 +216,19 @@ def test_static_checks_on_upstream_and_hardened_configs():
     assert escape.block_hotplug(hardened.with_changes({"hypervisor.qemu.disable_block_device_use": False}),
                                 "3.31.0").status == "fail"
     weak = hardened.with_changes({"hypervisor.qemu.virtio_fs_extra_args": ["--sandbox=none"]})
-    assert escape.virtiofsd_sandbox(weak, "4.1.0").status == "fail"
-    assert escape.annotation_exec(hardened, "4.1.0").status == "pass"
-    # an empty allowlist rejects every value of the annotation in both runtimes: the safest setting
-    empty = escape.annotation_exec(hardened.with_changes({"hypervisor.qemu.enable_annotations": ["path"],
-                                                          "hypervisor.qemu.valid_hypervisor_paths": []}), "4.1.0")
+    assert escape.virtiofsd_sandbox(weak, "4.1.0", FEED).status == "fail"
+    assert escape.annotation_exec(hardened, "4.1.0", FEED).status == "pass"
+    opened = hardened.with_changes({"hypervisor.qemu.enable_annotations": ["path"]})
+    # an empty allowlist refuses every value; a wildcard lets a pod pick any matching host program
+    empty = escape.annotation_exec(opened.with_changes({"hypervisor.qemu.valid_hypervisor_paths": []}), "4.1.0", FEED)
     assert empty.status == "pass" and "any path" not in str(empty.evidence)
     assert "every value of the annotation is rejected" in str(empty.evidence)
-    globbed = escape.annotation_exec(hardened.with_changes({"hypervisor.qemu.enable_annotations": ["path"],
-                                                            "hypervisor.qemu.valid_hypervisor_paths": ["/opt/*"]}),
-                                     "4.1.0")
-    assert globbed.status == "fail" and "glob allowlist ['/opt/*']" in globbed.message
-    assert escape.writable_image(hardened.with_changes({"hypervisor.qemu.kernel_params": "rw"}), "4.1.0").status \
-        == "fail"
+    assert escape.annotation_exec(opened.with_changes({"hypervisor.qemu.valid_hypervisor_paths": ["/opt/*"]}),
+                                  "4.1.0", FEED).status == "fail"
+    assert escape.writable_image(hardened.with_changes({"hypervisor.qemu.kernel_params": "rw"}), "4.1.0", None,
+                                 FEED).status == "fail"
     assert escape.sandbox_bind_mounts(hardened.with_changes({"runtime.sandbox_bind_mounts": ["/etc"]}),
-                                      "4.1.0").status == "fail"
+                                      "4.1.0", FEED).status == "fail"
 
 
 def test_static_checks_on_runtime_rs_versions():
@@ -230,8 +237,37 @@ def test_static_checks_on_runtime_rs_versions():
         pytest.skip(f"{path} is missing")
     rs = load_config(path)
     assert rs.runtime_rs
-    assert escape.virtiofsd_sandbox(rs, "3.30.0").status == "fail"
-    assert escape.virtiofsd_sandbox(rs, "3.31.0").status == "pass"
-    assert escape.sandbox_bind_mounts(rs, "3.32.0").status == "fail"
-    assert escape.sandbox_bind_mounts(rs, "4.0.0").status == "pass"
-    assert checks.static_version(None, "4.0.0", "X").status == "notapplicable"
+    # the feed decides the version (GHSA-2gv2 lists 3.30.0, not 3.31.0); the configuration decides the mode
+    old = escape.virtiofsd_sandbox(rs, "3.30.0", FEED)
+    assert old.status == "fail" and "runtime-rs starts virtiofsd itself" in old.message
+    assert escape.virtiofsd_sandbox(rs, "3.31.0", FEED).status == "pass"
+    # an advisory the feed does not carry is not judged by a version written in the code: skipped, not pass
+    missing = escape.sandbox_bind_mounts(rs, "3.32.0", [a for a in FEED if a.id != "GHSA-7fhf-v3p3-rp56"])
+    assert missing.status == "skipped" and "not in the advisory feed" in missing.message
+
+
+@pytest.mark.parametrize(("advisory", "version", "expected"), [
+    ("CVE-2020-2023", "1.10.5", "pass"),  # the backported fix: a "< 1.11.1" check would wrongly reject it
+    ("CVE-2020-2023", "1.10.4", "fail"),
+    ("CVE-2020-2023", "1.11.0", "fail"),
+    ("CVE-2020-2023", "1.11.5", "pass"),
+    ("CVE-2020-2026", "1.10.5", "pass"),
+    ("CVE-2020-2026", "1.11.0", "fail"),
+    ("CVE-2020-27151", "1.11.0", "fail"),
+    ("CVE-2020-27151", "1.11.5", "pass"),
+    ("CVE-2020-28914", "1.11.4", "fail"),
+    ("CVE-2020-28914", "1.11.5", "pass"),
+    ("GHSA-877x-32pm-p28x", "1.11.0", "fail"),  # found by its alias (CVE-2020-2026)
+])
+def test_static_version_decisions_come_from_the_feed(advisory, version, expected):
+    """The static escape checks decide with the advisory gate's own code, so both agree on every release."""
+    outcome = escape.advisory_decision(FEED, advisory, version)
+    gate = decide(escape.find_advisory(FEED, advisory), version)
+    assert outcome.status == expected and gate.affected == (expected == "fail")
+    assert outcome.evidence["mode"] == "static" and outcome.evidence["decided_by"] == gate.evidence
+
+
+def test_static_decision_without_a_judgeable_version_is_skipped():
+    assert escape.advisory_decision(FEED, "CVE-2020-2023", None).status == "skipped"
+    assert escape.advisory_decision(FEED, "CVE-2020-2023", "main-branch").status == "skipped"
+    assert escape.advisory_decision(FEED, "GHSA-0000-0000-0000", "1.11.0").status == "skipped"

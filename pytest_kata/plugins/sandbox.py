@@ -262,6 +262,17 @@ def kata_probe_targets(request: pytest.FixtureRequest) -> Iterator[dict[str, Any
 
 
 @pytest.fixture(scope="session")
+def kata_escape_scratch() -> Iterator[Any]:
+    """A run-owned host directory (``cache_dir()/runs/<run-id>/escape-<pid>``) for the escape checks' markers
+    and volumes; removed at the end of the session (and swept with the run if it crashes)."""
+    from pytest_kata.sandbox.exploits import Scratch
+
+    scratch = Scratch()
+    yield scratch
+    scratch.remove()
+
+
+@pytest.fixture(scope="session")
 def kata_candidate_image(kata_sandbox_candidate: Any, kata_sandbox_config: Any) -> Path | None:
     """The guest image file the candidate's configuration names (None: initrd-only or no candidate)."""
     if kata_sandbox_config is None:

@@ -38,12 +38,16 @@ class Workload:
     """What to run in the sandbox: the probe as an (un)privileged container with these parameters."""
 
     privileged: bool = False
+    # capabilities added to the default set: what a hostile container needs without --privileged, which
+    # also hands it every host device (a Kata runtime then tries to hot-plug them all)
+    capabilities: list[str] = field(default_factory=list)
     annotations: dict[str, str] = field(default_factory=dict)
     mounts: list[Mount] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)  # "ip:port" (tcp) or "ip" (icmp)
     host_paths: list[str] = field(default_factory=list)  # host markers whose visibility is reported
     writes: bool = False  # attempt core_pattern/uevent_helper/root-device writes (only inside a VM)
+    volume_write: str = ""  # a read-only volume's mount point that the workload tries to make writable
     # privileged on a VM runtime: also hand every host device to the pod (ctr's --privileged does; Kata's
     # deployments set containerd's privileged_without_host_devices, which is the default here)
     host_devices: bool = False
@@ -57,6 +61,8 @@ class Workload:
             env["KATA_PROBE_HOST_PATHS"] = " ".join(self.host_paths)
         if self.writes:
             env["KATA_PROBE_WRITES"] = "1"
+        if self.volume_write:
+            env["KATA_PROBE_VOLUME_WRITE"] = self.volume_write
         return env
 
 

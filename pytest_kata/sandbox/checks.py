@@ -24,7 +24,7 @@ AGENT_PORT, DEBUG_CONSOLE_PORT = 1024, 1026
 
 @dataclass
 class Outcome:
-    status: str  # pass | fail | notapplicable
+    status: str  # pass | fail | error | skipped (the effect could not be observed) | notapplicable
     message: str
     evidence: dict[str, Any] = field(default_factory=dict)
 
@@ -147,6 +147,11 @@ def vsock_ports(facts: Mapping[str, Any]) -> Outcome:
     untestable = [v for v in vsock.values() if str(v).startswith("untestable")]
     if vsock and len(untestable) == len(vsock):
         return Outcome("notapplicable", f"vsock untestable: {untestable[0].removeprefix('untestable: ')}", ev)
+    unobserved = [v for v in vsock.values() if "no virtio-vsock device" in str(v) or "no AF_VSOCK" in str(v)]
+    if (not vsock or len(unobserved) == len(vsock)) and not serial:
+        why = unobserved[0].removeprefix("unreachable: ") if unobserved else "the probe tried no vsock port"
+        return Outcome("skipped", f"cannot observe: {why} and no virtio-serial port was tried, so closed ports "
+                       "prove nothing about the agent's channel", ev)
     ports = f"; virtio-serial ports {', '.join(sorted(serial))} do not open" if serial else ""
     return Outcome("pass", f"agent (1024) and debug console (1026) vsock ports are not reachable{ports}", ev)
 
@@ -213,32 +218,10 @@ def annotation_enabled(config: Any, name: str) -> list[str]:
     return hits
 
 
-def version_tuple(version: str | None) -> tuple[int, ...] | None:
-    m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", version or "")
-    return tuple(int(x) for x in m.groups()) if m else None
-
-
-def version_before(version: str | None, fixed: str) -> bool | None:
-    """Whether ``version`` is older than ``fixed`` (None when the version is unknown)."""
-    have, want = version_tuple(version), version_tuple(fixed)
-    if have is None or want is None:
-        return None
-    return have < want
-
-
-def static_version(version: str | None, fixed: str, advisory: str, *, component: str = "Kata") -> Outcome:
-    before = version_before(version, fixed)
-    ev = {"mode": "static", "version": version, "fixed_in": fixed}
-    if before is None:
-        return Outcome("notapplicable", f"mode: static: candidate version unknown; {advisory} is fixed in {fixed}", ev)
-    if before:
-        return Outcome("fail", f"mode: static: {component} {version} is affected by {advisory} (fixed in {fixed})", ev)
-    return Outcome("pass", f"mode: static: {component} {version} includes the {advisory} fix ({fixed})", ev)
-
-
 def combine(*outcomes: Outcome) -> Outcome:
-    """The worst of several outcomes (fail > pass > notapplicable), with all evidence kept."""
-    order = {"fail": 0, "pass": 1, "notapplicable": 2}
+    """The worst of several outcomes, with all evidence kept. A part that could not be judged (skipped)
+    outranks a pass: the whole claims no more than its weakest observed part."""
+    order = {"error": 0, "fail": 1, "skipped": 2, "pass": 3, "notapplicable": 4}
     worst = sorted(outcomes, key=lambda o: order.get(o.status, 0))[0]
     evidence: dict[str, Any] = {}
     for o in outcomes:

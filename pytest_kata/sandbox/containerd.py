@@ -260,6 +260,8 @@ class ContainerdDriver(SandboxDriver):
         args = ["--runtime", self.runtime, *self.runtime_args, "--cgroup", f"/{self.run_id}/{cid}"]
         if workload.privileged:
             args.append("--privileged")
+        for capability in workload.capabilities:
+            args += ["--cap-add", capability]
         for key, value in workload.annotations.items():
             args += ["--annotation", f"{key}={value}"]
         for m in workload.mounts:

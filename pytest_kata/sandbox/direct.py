@@ -42,6 +42,8 @@ KATA_PREFIX = "/opt/kata"
 READY_RE = rb"KATA-GUEST-READY|KT-INIT-READY"
 PROMPT = "kp# "
 HOST_QEMU = "/usr/bin/qemu-system-x86_64"
+SCOPE = ("guest-boot smoke test of the candidate's kernel and image: booted by the harness as the configuration "
+         "says, without the candidate's shim, agent or runtime")
 # What Kata's QEMU code puts on the guest cmdline for the rootfs (qemu_arch_base.go / kernel_params)
 ROOT_PARAMS = "root=/dev/vda1 rootflags=data=ordered,errors=remount-ro ro rootfstype=ext4"
 
@@ -413,8 +415,8 @@ class DirectDriver(SandboxDriver):
         self._counter = 0
 
     def describe(self) -> dict[str, Any]:
-        return {"driver": self.name, "is_vm": True, "vm": self.vm_name, "boot_seconds": self.boot_seconds,
-                "driver_notes": self.notes,
+        return {"driver": self.name, "is_vm": True, "scope": SCOPE, "vm": self.vm_name,
+                "boot_seconds": self.boot_seconds, "driver_notes": self.notes,
                 "qemu_argv": self.spec.argv(self.vm_name, self.image_path), **self.spec.to_json()}
 
     def guest_kernel_release(self) -> str | None:

@@ -7,6 +7,7 @@
 #   KATA_PROBE_WRITES=1    also attempt privileged writes (core_pattern, uevent_helper, root device); set only
 #                          when the sandbox is known to be a VM
 #   KATA_PROBE_MARK        token written by those attempts
+#   KATA_PROBE_VOLUME_WRITE  a read-only volume's mount point: try to write it, remount it rw, write again
 #   KATA_PROBE_VSOCK_TIMEOUT  seconds per vsock connect attempt (default 3)
 # No tabs in this file: the direct driver types it over a serial console.
 PATH=/bin:/sbin:/usr/bin:/usr/sbin:$PATH
@@ -175,6 +176,15 @@ if [ "$KATA_PROBE_WRITES" = 1 ]; then
   fi
   printf ',"remount_rw":%s' "$(jstr "$(errof mount -o remount,rw /)")"
   printf ',"root_file_write":%s' "$(jstr "$(errof sh -c "echo $MARK > /.kata-escape-$MARK && sync")")"
+  printf '}'
+fi
+if [ -n "$KATA_PROBE_VOLUME_WRITE" ]; then
+  v=$KATA_PROBE_VOLUME_WRITE
+  key volume_write; printf '{'
+  printf '"mount":%s' "$(jstr "$(awk -v m="$v" '$2==m' /proc/self/mounts | tail -n 1)")"
+  printf ',"write":%s' "$(jstr "$(errof sh -c "echo $MARK >> $v/keep")")"
+  printf ',"remount_rw":%s' "$(jstr "$(errof mount -o remount,rw,bind "$v")")"
+  printf ',"write_after_remount":%s' "$(jstr "$(errof sh -c "echo $MARK >> $v/keep && : > $v/planted-$MARK && sync")")"
   printf '}'
 fi
 printf '}\n'
