@@ -153,6 +153,9 @@ def test_setup_and_a_static_validation_on_a_clean_debian_12(kata_run_id: str, tm
             root = scratch
             subprocess.run(["cp", "-a", f"{clean}/.", str(root)], check=True)
             assert not (root / "usr/bin/python3").exists(), "the root must start without Python: setup installs it"
+            # mmdebstrap's path-excludes leave no man directories, where a stock install has them; Java's
+            # postinst (update-alternatives) writes its man-page links there
+            (root / "usr/share/man/man1").mkdir(parents=True, exist_ok=True)
             copy_checkout(root / CHECKOUT.lstrip("/"))
             for path in pip_and_tls_files():
                 dest = root / ("root" / path.relative_to(Path.home()) if path.is_relative_to(Path.home()) else

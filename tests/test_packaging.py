@@ -54,11 +54,11 @@ def test_installed_wheel_runs_shipped_suites_from_another_directory(wheel: Path,
     proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "pytest_kata.suites.advisories",
                            "--kata-candidate", str(tree.parent.parent), "--kata-report", "v.json"],
                           cwd=user_repo, env=env, capture_output=True, text=True)
-    # 3.2.0 is affected by high 2026 advisories: rejected by default, accepted only if pytest.ini applies
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # 3.2.0 is affected by known advisories (rejected whatever fail-on); the verdict's fail_on shows pytest.ini applied
+    assert proc.returncode == 1, proc.stdout + proc.stderr
     assert f"rootdir: {user_repo}" in proc.stdout
     report = json.loads((user_repo / "v.json").read_text())
-    assert report["verdict"] == "accept" and report["fail_on"] == "critical" and report["totals"]["fail"]
+    assert report["verdict"] == "reject" and report["fail_on"] == "critical" and report["totals"]["fail"]
     assert not (tmp_path / "candidate" / ".pytest_cache").exists()
     run = subprocess.run([sys.executable, "-m", "pytest_kata.cli", "run", "advisories", "--", "--kata-candidate",
                           str(tree.parent.parent), "--kata-report", "run.json", "--kata-fail-on", "high", "-q"],

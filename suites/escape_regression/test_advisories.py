@@ -149,7 +149,8 @@ def test_cve_2020_2026_symlink_bind(mode, request, kata_result):
 
 
 ROUTES = [pytest.param("static", None, id="static")] + [
-    pytest.param("dynamic", route, id=f"dynamic-{route.name}") for route in exploits.ANNOTATION_EXEC_ROUTES]
+    pytest.param("dynamic", route, id=f"dynamic-{route.name}", marks=pytest.mark.vm)
+    for route in exploits.ANNOTATION_EXEC_ROUTES]
 
 
 @pytest.mark.kata_advisory("CVE-2020-27151")
@@ -170,6 +171,7 @@ def test_cve_2020_27151_annotation_exec(mode, route, request, kata_result, kata_
 
 @pytest.mark.kata_check("KATA-ESC-015", severity="high", title="annotations cannot hand host files to the "
                         "hypervisor as guest assets")
+@pytest.mark.vm
 @pytest.mark.parametrize("route", exploits.ANNOTATION_ASSET_ROUTES, ids=lambda r: f"dynamic-{r.name}")
 def test_annotation_asset_paths(route, request, kata_result, kata_escape_scratch):
     """A pod annotation names a decoy host file as the guest's kernel, initrd or firmware: the runtime must
