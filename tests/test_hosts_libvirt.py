@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pytest_kata.hosts.base import HostError
+from pytest_kata.services import ensure_libvirtd
 
 pytestmark = [
     pytest.mark.slow,
@@ -146,8 +147,10 @@ def test_two_hosts_on_a_test_network_ping_each_other(kata_hosts, kata_network) -
 def test_unreachable_host_fails_with_console_attached(pytester: pytest.Pytester) -> None:
     import libvirt
 
+    ensure_libvirtd()  # this run's libvirtd, so the inner run's end (which removes what it started) leaves it up
     pytester.makepyfile("def test_needs_host(kata_host):\n    kata_host.run('true')\n")
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--kata-boot-timeout=20", "-rA")
+    # 30 s: the kernel has printed by then even on a loaded machine; a host is ready only after 35-70 s
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--kata-boot-timeout=30", "-rA")
     result.assert_outcomes(errors=1)
     out = result.stdout.str()
     match = re.search(r"host (kt-[0-9a-f]{8})-\S+ unreachable after \d+ s, last console lines: (.*)", out)
