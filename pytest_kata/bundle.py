@@ -23,6 +23,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import fcntl
 import gzip
@@ -501,8 +502,6 @@ def _decompressor(fmt: str, raw: _HashingReader) -> Any:
     if fmt == "gz":
         return gzip.GzipFile(fileobj=raw)
     if fmt == "bz2":
-        import bz2
-
         return bz2.BZ2File(raw)
     if fmt == "zst":
         import zstandard

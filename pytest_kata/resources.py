@@ -7,6 +7,7 @@ default advisory feed always live in ``pytest_kata/data``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -38,8 +39,6 @@ def data_path(*parts: str) -> Path:
 
 def cache_dir() -> Path:
     """Where built images and bundles are cached by content hash (``$PYTEST_KATA_CACHE`` overrides)."""
-    import os
-
     env = os.environ.get("PYTEST_KATA_CACHE")
     if env:
         return Path(env)
@@ -48,3 +47,8 @@ def cache_dir() -> Path:
         return Path("/var/cache/pytest-kata")
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "pytest-kata"
+
+
+# Fixed names on the machines a candidate is installed on and tested from.
+KATA_PREFIX = "/opt/kata"  # where a Kata release lives (kata-static's layout; every shipped path names it)
+LOCAL_LIBVIRT_URI = "qemu:///system"  # this machine's libvirtd (the default hypervisor URI)

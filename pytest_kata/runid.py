@@ -17,10 +17,13 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+from pytest_kata.processes import start_time
+
 PREFIX = "kt-"
 RUN_ID_RE = re.compile(r"kt-[0-9a-f]{8}")
 ENV = "PYTEST_KATA_RUN_ID"
 OWNER_ENV = "PYTEST_KATA_RUN_OWNER"  # "<run id>:<pid>": the process whose life is the run's (see reserve)
+XDIST_WORKER_ENV = "PYTEST_XDIST_WORKER"
 
 _claimed: set[str] = set()
 _first_use: list[Callable[[str], None]] = []
@@ -97,17 +100,14 @@ def on_first_use(callback: Callable[[str], None]) -> None:
         _first_use.append(callback)
 
 
-def _start_time(pid: int) -> str | None:
-    """The process start time (clock ticks since boot): a reused pid has another one."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
+def worker_id() -> str:
+    """``gw0``... under xdist, ``main`` otherwise: part of every name a worker makes, so workers never collide."""
+    return os.environ.get(XDIST_WORKER_ENV) or "main"
 
 
 def _pid_line(pid: int) -> str:
-    return f"{pid} {_start_time(pid) or ''}\n"
+    started = start_time(pid)
+    return f"{pid} {'' if started is None else started}\n"
 
 
 def register(run_id: str, pid: int | None = None) -> None:
@@ -133,7 +133,10 @@ def is_alive(run_id: str) -> bool:
     except PermissionError:
         pass
     recorded = fields[1] if len(fields) > 1 else None
-    return recorded is None or recorded == _start_time(pid)  # same pid, other process: the run is dead
+    started = start_time(pid)  # None: gone or a zombie, which runs nothing: the run is dead
+    if started is None:
+        return False
+    return recorded is None or recorded == str(started)  # same pid, other process: the run is dead
 
 
 def run_id_of(name: str) -> str | None:

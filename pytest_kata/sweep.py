@@ -38,6 +38,7 @@ from typing import Any
 
 from pytest_kata import network, runid, services
 from pytest_kata.progress import step
+from pytest_kata.resources import cache_dir
 
 KEPT_MARK = "kept"  # in a run's state dir: --kata-keep-on-failure kept it for inspection
 PROCESS_PROGRAMS = ("qemu-system", "qemu-kvm", "containerd", "virtiofsd", "dnsmasq", "kata-proxy", "kata-netmon")
@@ -227,8 +228,6 @@ def _discover(conn: Any) -> dict[str, set[str]]:
 
 
 def _runs_dir() -> Path:
-    from pytest_kata.resources import cache_dir
-
     return cache_dir() / "runs"
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from pytest_kata.cli import main
-from pytest_kata.commands.install import resolve_host
+from pytest_kata.hosts.resolve import resolve_host
 from pytest_kata.errors import KataError
 from pytest_kata.hosts.accel import detect_local
 from pytest_kata.hosts.base import Host, HostError, LocalHost, UnsupportedOperation

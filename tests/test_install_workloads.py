@@ -165,7 +165,7 @@ def test_cli_workloads_of_an_interrupted_install_are_cleared_by_the_next_one(
     """``install`` killed after planting (the record is still pending): the next install empties the CLI's
     namespace first, so nothing planted is left behind or collides."""
     from pytest_kata.cli import main
-    from pytest_kata.commands.install import plant_workloads, workloads_path
+    from pytest_kata.install.workloads import plant_workloads, workloads_path
 
     sysroot = tmp_path / "root"
     SysrootContainerd.prepare(sysroot)

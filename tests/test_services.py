@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pytest_kata import runid, services
-from pytest_kata.services import ServiceError
+from pytest_kata.services import ServiceError, libvirtd
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -222,7 +222,7 @@ def test_autostart_libvirt_networks_block_starting_libvirtd(monkeypatch: pytest.
     autostart = tmp_path / "autostart"
     autostart.mkdir()
     (autostart / "default.xml").write_text("<network/>")
-    monkeypatch.setattr(services, "LIBVIRT_AUTOSTART_NETWORKS", autostart)
-    monkeypatch.setattr(services, "libvirt_answers", lambda uri=services.DEFAULT_URI: False)
+    monkeypatch.setattr(libvirtd, "LIBVIRT_AUTOSTART_NETWORKS", autostart)
+    monkeypatch.setattr(libvirtd, "libvirt_answers", lambda uri=services.DEFAULT_URI: False)
     with pytest.raises(ServiceError, match="default are marked autostart"):
         services.ensure_libvirtd(kata_run_id)

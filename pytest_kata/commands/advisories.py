@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pytest_kata import bundle as bundle_lib
 from pytest_kata.advisories import (
     DEFAULT_FEED,
     RELEASES_ATOM,
@@ -144,8 +145,6 @@ def _main(args: argparse.Namespace) -> int:
 
 def _bundle_deployment(paths: list[str]) -> Deployment | None:
     """The bundle's configurations (for scoping advisories to what it ships)."""
-    from pytest_kata import bundle as bundle_lib
-
     return Deployment.from_bundle(bundle_lib.open_bundle(paths))
 
 
@@ -163,8 +162,6 @@ def _upgrade_to(affected: list[Any]) -> str | None:
 
 def _bundle_version(paths: list[str]) -> str:
     """The bundle's release number, cheaply (identify) or from the full inventory."""
-    from pytest_kata import bundle as bundle_lib
-
     info: dict[str, Any] = {}
     try:
         info = bundle_lib.identify(paths if len(paths) > 1 else paths[0])

@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import argparse
 
+from pytest_kata import runid, services
+from pytest_kata.hosts.libvirt import connect, domain_run_id
+from pytest_kata.hosts.provision import HostPool, PoolSettings
+from pytest_kata.resources import cache_dir
+from pytest_kata.sweep import sweep
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("hosts", help="boot a staging host by hand, or list pytest-kata hosts on a libvirt")
@@ -25,10 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _boot(args: argparse.Namespace) -> int:
-    from pytest_kata import runid, services
-    from pytest_kata.hosts.provision import HostPool, PoolSettings
-    from pytest_kata.resources import cache_dir
-
     run_id = runid.current_run_id()
     daemon = services.ensure_libvirtd(run_id, uri=args.uri)
     pool = HostPool(PoolSettings(uri=args.uri, accel=args.accel, host_image=args.image,
@@ -43,8 +45,6 @@ def _boot(args: argparse.Namespace) -> int:
         except (EOFError, KeyboardInterrupt):
             print()
     finally:
-        from pytest_kata.sweep import sweep
-
         pool.close()
         sweep(dead_only=False, run_id=run_id)  # the run's scratch and state directories
         daemon.stop()
@@ -53,9 +53,6 @@ def _boot(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from pytest_kata import runid
-    from pytest_kata.hosts.libvirt import connect, domain_run_id
-
     conn = connect(args.uri, "--uri")
     try:
         rows = []

@@ -19,6 +19,21 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata.errors import KataError, check_output_file
+from pytest_kata.hosts.image import build_host_image
+from pytest_kata.images import surface
+from pytest_kata.images.guest import (
+    build_guest,
+    find_cached,
+    guest_key,
+    host_kernel,
+    list_recipes,
+    load_recipe,
+    prune_cache,
+    recipes_dir,
+    resolve_versions,
+)
+from pytest_kata.images.pipeline import format_run, rebuild_and_scan
+from pytest_kata.progress import step
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,15 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--dry-run", action="store_true", help="only print what would be removed")
     pr.set_defaults(func=_prune)
 
-    # Attack-surface comparison lives in pytest_kata.images.surface (helper H); wired here when present.
     c = isub.add_parser("compare", help="compare the attack surface of two images (table; --budget gates)")
-    try:
-        from pytest_kata.images import surface
-    except ImportError:  # pragma: no cover - the module ships with the package
-        c.set_defaults(func=lambda args: _unavailable("compare"))
-    else:
-        surface.add_arguments(c)
-        c.set_defaults(func=surface.compare_command)
+    surface.add_arguments(c)
+    c.set_defaults(func=surface.compare_command)
 
     r = isub.add_parser("rebuild-and-scan", help="scheduled job: rebuild a guest image if its packages changed, "
                                                  "scan it, fail on NEW findings at or above --fail-on",
@@ -71,8 +80,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _rebuild_and_scan(args: argparse.Namespace) -> int:
-    from pytest_kata.images.pipeline import format_run, rebuild_and_scan
-
     for value, flag in ((args.state, "--state"), (args.sbom, "--sbom")):
         if value:
             check_output_file(value, flag)
@@ -82,29 +89,19 @@ def _rebuild_and_scan(args: argparse.Namespace) -> int:
     return 1 if run.gate else 0
 
 
-def _unavailable(what: str) -> int:
-    raise KataError(f"images {what} is not available in this installation")
-
-
 def _is_host(name: str) -> bool:
     return name == "host" or name.startswith("host-")
 
 
 def _build(args: argparse.Namespace) -> int:
-    from pytest_kata.images.guest import build_guest, load_recipe
-
     for name in args.names:  # every name checked before anything is built
         if not _is_host(name):
             load_recipe(name)
     results: list[dict[str, Any]] = []
     for n, name in enumerate(args.names, start=1):
-        from pytest_kata.progress import step
-
         step("image", f"[{n}/{len(args.names)}] {name}")
         start = time.monotonic()
         if _is_host(name):
-            from pytest_kata.hosts.image import build_host_image
-
             host = build_host_image(force=args.force)
             results.append({"name": "host", "key": host.image.parent.name, "image": str(host.image),
                             "initrd": str(host.initrd or ""), "kernel": str(host.kernel),
@@ -136,16 +133,6 @@ def _size(path: Path) -> str:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from pytest_kata.images.guest import (
-        find_cached,
-        guest_key,
-        host_kernel,
-        list_recipes,
-        load_recipe,
-        recipes_dir,
-        resolve_versions,
-    )
-
     rows = []
     kernel = host_kernel()
     for name in list_recipes():
@@ -185,8 +172,6 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from pytest_kata.images.guest import prune_cache
-
     removed = prune_cache(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     for path in removed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pytest_kata.errors import KataError
 from pytest_kata.resources import DATA_DIR, cache_dir, suites_dir, vm_images_dir
 
 
@@ -33,8 +34,6 @@ def _paths(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import pytest
-
-    from pytest_kata.errors import KataError
 
     base = suites_dir()
     known = sorted(p.name for p in base.iterdir() if (p / "__init__.py").is_file())

@@ -11,13 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from pytest_kata.commands.install import (
-    add_host_arguments,
-    installer_for,
-    print_workloads,
-    stop_private,
-    workloads_path,
-)
+from pytest_kata.commands._hostargs import add_host_arguments, print_workloads
+from pytest_kata.install.installer import close_installer, open_installer
+from pytest_kata.install.workloads import WorkloadProbe, workloads_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,9 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from pytest_kata.install.workloads import WorkloadProbe
-
-    installer = installer_for(args, layout=args.layout)
+    installer = open_installer(args.host, args.sysroot, containerd=args.containerd, layout=args.layout)
     workloads = None
     try:
         last = installer.journal.last("install")
@@ -48,7 +42,7 @@ def _rollback(args: argparse.Namespace) -> int:
             workloads = probe.verify()
             probe.discard(record)
     finally:
-        stop_private(installer)
+        close_installer(installer)
     failed = bool(workloads and workloads.failed)
     if args.json:
         print(json.dumps({**report.to_json(), "workloads": workloads.to_json() if workloads else None}, indent=2))

@@ -11,9 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from pytest_kata.errors import KataError
+from pytest_kata.bundle import open_bundle
+from pytest_kata.errors import KataError, check_output_file
+from pytest_kata.images.surface import _bundle_image
 from pytest_kata.options import SEVERITIES
+from pytest_kata.vuln import format_table, scan, write_outputs
+from pytest_kata.vuln.kernel import kernel_from_bundle_names
 
 BUNDLE_SUFFIXES = (".tar", ".tar.zst", ".tar.xz", ".tar.gz", ".tgz", ".tar.bz2")
 
@@ -47,16 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def kata_tree_defaults(target: str) -> tuple[str, str | None, list[str]]:
     """A Kata tree (a dir holding opt/kata) as target: scan its guest image, with the kernel version from
     its versions.yaml and the kernel config it ships."""
-    from pathlib import Path
-
     import yaml
-
-    from pytest_kata.images.surface import _bundle_image
-    from pytest_kata.vuln.kernel import kernel_from_bundle_names
 
     p = Path(target)
     if p.is_file() and p.name.endswith(BUNDLE_SUFFIXES):  # a kata-static tarball: scan what it ships
-        from pytest_kata.bundle import open_bundle
 
         p = open_bundle(p).root
         if _bundle_image(p) is None:
@@ -79,9 +78,6 @@ def kata_tree_defaults(target: str) -> tuple[str, str | None, list[str]]:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    from pytest_kata.errors import check_output_file
-    from pytest_kata.vuln import format_table, scan, write_outputs
-
     if args.sbom:
         check_output_file(args.sbom, "--sbom")
     if args.json not in (None, "-"):

@@ -7,7 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from pytest_kata.commands.install import add_host_arguments, check_sysroot, containerd_for, resolve_host
+from pytest_kata.commands._hostargs import add_host_arguments
+from pytest_kata.errors import KataError
+from pytest_kata.hosts.resolve import check_sysroot, resolve_host
+from pytest_kata.install.containerd import containerd_for
+from pytest_kata.install.state import State, capture_state, diff_states
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,18 +23,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _state(args: argparse.Namespace) -> int:
-    from pytest_kata.errors import KataError
-    from pytest_kata.install.state import State, capture_state, diff_states
-
     host = resolve_host(args.host)
     try:
         check_sysroot(host, args.sysroot)
     except KataError:
         host.close()
         raise
-    if args.containerd == "auto":
-        args.containerd = "none" if str(args.sysroot).rstrip("/") else "systemd"
-    containerd = containerd_for(args, host)
+    mode = args.containerd
+    if mode == "auto":
+        mode = "none" if str(args.sysroot).rstrip("/") else "systemd"
+    containerd = containerd_for(mode, args.sysroot, host)
     try:
         state = capture_state(host, str(args.sysroot), containerd=containerd)
     finally:

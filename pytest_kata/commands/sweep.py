@@ -6,6 +6,7 @@ import argparse
 
 from pytest_kata import runid
 from pytest_kata.errors import KataError
+from pytest_kata.sweep import sweep
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from pytest_kata.sweep import sweep
-
     if args.run and not runid.RUN_ID_RE.fullmatch(args.run):
         raise KataError(f"not a run id: {args.run!r}", path="--run", hint="run ids look like kt-1a2b3c4d")
     report = sweep(dead_only=not args.all, run_id=args.run, dry_run=args.dry_run)

@@ -19,7 +19,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from pytest_kata import progress
 from pytest_kata.errors import KataError
+from pytest_kata.hosts.accel import detect_from_capabilities
 from pytest_kata.hosts.base import Host, LocalHost
+from pytest_kata.hosts.ssh import SshHost
 
 SSH_TRANSPORTS = ("ssh", "libssh", "libssh2")
 SHELL_LESS = ("tcp", "tls")
@@ -79,13 +81,7 @@ def parse_libvirt_uri(uri: str) -> LibvirtTarget:
 def open_hypervisor_host(uri: str, *, check: bool = True) -> Host:
     """The host behind a libvirt URI, after checking (when ``check``) that libvirt there is the same machine."""
     target = parse_libvirt_uri(uri)
-    host: Host
-    if not target.transport:
-        host = LocalHost()
-    else:
-        from pytest_kata.hosts.ssh import SshHost
-
-        host = SshHost(target.ssh_target, identity=target.params.get("keyfile"))
+    host: Host = SshHost(target.ssh_target, identity=target.params.get("keyfile")) if target.transport else LocalHost()
     if check:
         try:
             describe_hypervisor(target, host)
@@ -102,7 +98,6 @@ def describe_hypervisor(target: LibvirtTarget, host: Host) -> str:
     except ImportError:
         raise KataError("libvirt-python is not installed: cannot check the hypervisor; use ssh:// instead",
                         path=target.uri) from None
-    from pytest_kata.hosts.accel import detect_from_capabilities
 
     libvirt.registerErrorHandler(lambda *_: None, None)  # the error is raised; do not also print it
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata.errors import KataError
+from pytest_kata.images.common import cached, content_hash, host_kernel, make_ext4_fs, mmdebstrap
 from pytest_kata.progress import step, timed
 from pytest_kata.resources import vm_images_dir
 
@@ -95,8 +96,6 @@ def package_versions(packages: list[str]) -> dict[str, str]:
 
 
 def cache_key(recipe: HostRecipe, release: str) -> str:
-    from pytest_kata.images.common import content_hash
-
     overlay = recipe.dir / "rootfs"
     return content_hash(recipe.path.read_bytes(), overlay if overlay.is_dir() else "no-overlay", release,
                         package_versions(recipe.packages), Path(__file__).read_bytes())[:16]
@@ -104,8 +103,6 @@ def cache_key(recipe: HostRecipe, release: str) -> str:
 
 def build_host_image(recipe_path: Path | None = None, *, force: bool = False) -> HostImage:
     """The host image for ``recipe_path`` (default: ``vm-images/host/recipe.toml``), built once and cached."""
-    from pytest_kata.images.common import cached, host_kernel
-
     recipe = load_recipe(recipe_path)
     kernel = host_kernel()
     key = cache_key(recipe, kernel.release)
@@ -119,8 +116,6 @@ def build_host_image(recipe_path: Path | None = None, *, force: bool = False) ->
 
 def prebuilt_host_image(path: Path, recipe_path: Path | None = None) -> HostImage:
     """A user-supplied image (``--kata-host-image``): booted with this machine's kernel and the recipe's cmdline."""
-    from pytest_kata.images.common import host_kernel
-
     if not path.is_file():
         raise KataError("host image not found", path=path, hint="build one with: pytest-kata images build host")
     recipe = load_recipe(recipe_path)
@@ -136,8 +131,6 @@ def _is_qcow2(path: Path) -> bool:
 
 
 def _build(recipe: HostRecipe, kernel: Any, out: Path) -> None:
-    from pytest_kata.images.common import make_ext4_fs, mmdebstrap
-
     data = recipe.data
     rootfs = out / "rootfs"
     with timed(AREA, f"mmdebstrap of {len(recipe.packages)} packages"):

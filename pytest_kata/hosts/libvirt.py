@@ -20,6 +20,7 @@ import atexit
 import base64
 import hashlib
 import itertools
+import json
 import os
 import re
 import shlex
@@ -30,7 +31,7 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
@@ -39,8 +40,10 @@ import pexpect
 
 from pytest_kata import runid
 from pytest_kata.hashing import sha256_file as _sha256
+from pytest_kata.hosts.accel import is_local_uri
 from pytest_kata.hosts.base import HostError, RunResult, as_command
 from pytest_kata.hosts.console import Console, strip_ansi
+from pytest_kata.images.common import make_ext4_fs
 from pytest_kata.progress import step
 from pytest_kata.resources import cache_dir
 
@@ -95,8 +98,6 @@ class HostSpec:
     extra_devices: str = ""  # domain XML fragments, e.g. <interface> elements of a test network
 
     def with_changes(self, **changes: Any) -> HostSpec:
-        from dataclasses import replace
-
         return replace(self, **changes)
 
 
@@ -452,8 +453,6 @@ class LibvirtHost:
             time.sleep(0.1)
 
     def _put_by_disk(self, local: Path, remote: str) -> None:
-        from pytest_kata.images.common import make_ext4_fs
-
         tag = f"ktx{next(self._seq)}"
         with tempfile.TemporaryDirectory(dir=self._scratch()) as tmp:
             Path(tmp).chmod(0o755)  # libvirt's qemu user opens the image in it
@@ -671,8 +670,6 @@ def _fits_on_one_line(command: str) -> bool:
 
 
 def _is_local(uri: str) -> bool:
-    from pytest_kata.hosts.accel import is_local_uri
-
     return is_local_uri(uri)
 
 
@@ -683,7 +680,6 @@ def _image_virtual_size(image: Path, fmt: str) -> int:
     if fmt == "raw":
         return image.stat().st_size
     proc = subprocess.run(["qemu-img", "info", "--output=json", "-U", str(image)], capture_output=True, text=True)
-    import json
 
     try:
         return int(json.loads(proc.stdout)["virtual-size"])

@@ -16,7 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_kata.hosts.accel import detect_accel
 from pytest_kata.hosts.base import Host, LocalHost
+from pytest_kata.hosts.image import build_host_image, prebuilt_host_image
+from pytest_kata.hosts.libvirt import HostSpec, LibvirtHost, connect
+from pytest_kata.hosts.ssh import next_ssh_host
 from pytest_kata.progress import step, timed
 
 CLEAN = "clean"
@@ -66,10 +70,6 @@ class HostPool:
     def spec(self) -> Any:
         """The HostSpec every libvirt host of this pool boots from (image built or reused from the cache)."""
         if self._spec is None:
-            from pytest_kata.hosts.accel import detect_accel
-            from pytest_kata.hosts.image import build_host_image, prebuilt_host_image
-            from pytest_kata.hosts.libvirt import HostSpec, connect
-
             s = self.settings
             image = prebuilt_host_image(Path(s.host_image)) if s.host_image else build_host_image()
             self._conn = connect(s.uri)
@@ -87,12 +87,8 @@ class HostPool:
         if provider == "local":
             host: Host = LocalHost()
         elif provider == "ssh":
-            from pytest_kata.hosts.ssh import next_ssh_host
-
             host = next_ssh_host(self.settings.ssh_hosts, taken=len(self.hosts) + len(self._fresh))
         else:
-            from pytest_kata.hosts.libvirt import LibvirtHost
-
             spec = self.spec()
             host = LibvirtHost.boot(spec.with_changes(**changes) if changes else spec, self.settings.uri,
                                     conn=self._conn)

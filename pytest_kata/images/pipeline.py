@@ -25,9 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata.errors import KataError
+from pytest_kata.images.common import host_kernel
+from pytest_kata.images.guest import build_guest, load_recipe
 from pytest_kata.options import SEVERITIES
 from pytest_kata.progress import step, timed
 from pytest_kata.resources import cache_dir
+from pytest_kata.vuln import scan, write_outputs
 
 
 @dataclass
@@ -62,10 +65,6 @@ def default_state(name: str) -> Path:
 def rebuild_and_scan(name: str, feeds: list[str], *, fail_on: str | None = "high", state: Path | None = None,
                      force: bool = False, sbom: str | None = None) -> PipelineRun:
     """Run the pipeline once (see the module docstring); raises KataError on bad input."""
-    from pytest_kata.images.common import host_kernel
-    from pytest_kata.images.guest import build_guest, load_recipe
-    from pytest_kata.vuln import scan, write_outputs
-
     if fail_on is not None and fail_on not in SEVERITIES:
         raise KataError(f"unknown severity {fail_on!r}; expected one of {', '.join(SEVERITIES)}")
     if not feeds:

@@ -10,6 +10,7 @@ Also here: the guest's package database (dpkg, apk; rpm is detected and reported
 
 from __future__ import annotations
 
+import fnmatch
 import gzip
 import json
 import lzma
@@ -21,8 +22,9 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import quote
 
 from pytest_kata.errors import KataError
 
@@ -155,8 +157,6 @@ class RootView:
 
     def glob(self, pattern: str) -> list[str]:
         """Paths matching a shell pattern (fnmatch on the whole path: ``/etc/sysctl.d/*.conf``)."""
-        import fnmatch
-
         rx = re.compile(fnmatch.translate(_norm(pattern)))
         return sorted(p for p in self.entries() if rx.match(p))
 
@@ -353,8 +353,6 @@ class Ext4Root(RootView):
 
 
 def _replace(entry: Entry, **changes: object) -> Entry:
-    from dataclasses import replace
-
     return replace(entry, **changes)  # type: ignore[arg-type]
 
 
@@ -589,8 +587,6 @@ class InstalledPackage:
 
     @property
     def purl(self) -> str:
-        from urllib.parse import quote
-
         ns = {"deb": "debian", "apk": "alpine", "rpm": "rpm"}.get(self.ecosystem, "")
         q = f"?arch={self.arch}" if self.arch else ""
         return f"pkg:{self.ecosystem}/{ns}/{quote(self.name)}@{quote(self.version)}{q}"

@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata.errors import KataError
+from pytest_kata.images import guest
+from pytest_kata.images.facts import image_facts
+from pytest_kata.images.read import ImageError, open_image, read_packages
+from pytest_kata.progress import timed
+from pytest_kata.sandbox.direct import DirectDriver, GuestSpec
 
 # metric name -> (label, unit); the order is the table's
 METRICS: dict[str, tuple[str, str]] = {
@@ -50,16 +55,11 @@ class Surface:
 
 def measure(path: str | Path, name: str | None = None, *, boot_seconds: float | None = None) -> Surface:
     """Open an image (or rootfs directory) and measure it."""
-    from pytest_kata.images.read import open_image
-
     with open_image(path) as root:
         return measure_root(root, name or Path(path).name, boot_seconds=boot_seconds)
 
 
 def measure_root(root: Any, name: str, *, boot_seconds: float | None = None) -> Surface:
-    from pytest_kata.images.facts import image_facts
-    from pytest_kata.images.read import ImageError, read_packages
-
     facts = image_facts(root)
     entries = root.entries()
     notes = list(facts.notes)
@@ -119,8 +119,6 @@ def measure_booted(bundle: str | Path, shim: str | None = None, *, boot_timeout:
     """Boot the bundle's guest with the direct sandbox driver (qemu, TCG where KVM does not work) and read
     the listening sockets and the boot time: the dynamic half of the surface. Needs a console shell in the
     guest (agent-init images with the placeholder agent have one)."""
-    from pytest_kata.sandbox.direct import DirectDriver, GuestSpec
-
     driver = DirectDriver(GuestSpec.from_bundle(bundle, shim), boot_timeout=boot_timeout)
     try:
         driver.start()
@@ -196,10 +194,6 @@ def _resolve_image(spec: str) -> tuple[Path, str]:
         return image, f"{p.name}:{image.name}"
     if p.exists():
         return p, p.name
-    try:
-        from pytest_kata.images import guest
-    except ImportError:
-        raise KataError(f"{spec}: no such image file, and guest recipes are not available in this build") from None
     built = guest.build_guest(spec)
     artefact = built.image or built.initrd
     if artefact is None:
@@ -220,8 +214,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def compare_command(args: argparse.Namespace) -> int:
     """``pytest-kata images compare A B``: measure both, print the table; with --budget, gate on growth."""
-    from pytest_kata.progress import timed
-
     surfaces = []
     for spec in (args.a, args.b):
         path, name = _resolve_image(spec)

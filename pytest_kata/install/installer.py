@@ -24,7 +24,9 @@ release and leaves the candidate's new files behind, which the verification repo
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -34,11 +36,22 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+
+import tomli_w
 
 from pytest_kata import progress
 from pytest_kata.errors import KataError
-from pytest_kata.hosts.base import Host, LocalHost
+from pytest_kata.hosts.base import Host
+from pytest_kata.hosts.resolve import check_sysroot, resolve_host
+from pytest_kata.install.containerd import (
+    ContainerdService,
+    NoContainerd,
+    SysrootContainerd,
+    SystemdContainerd,
+    containerd_for,
+)
+from pytest_kata.install.errors import InstallError
 from pytest_kata.install.journal import Journal, Transaction
 from pytest_kata.install.state import (
     BIN_LINKS,
@@ -54,241 +67,13 @@ from pytest_kata.install.state import (
     host_path,
     merge_toml,
     residue,
-    runtimes_of,
 )
 
 DROPIN_DIR = "/etc/containerd/conf.d"
 DROPIN_NAME = "kata-runtimes.toml"
 STAGED = "bundle.tar.gz"
-INSTALL_STEPS = ("capture-before", "stage", "unpack", "switch", "containerd-config", "containerd-restart",
-                 "verify-handlers")
 SHIM_GO = "bin/containerd-shim-kata-v2"
 SHIM_RS = "runtime-rs/bin/containerd-shim-kata-v2"
-
-
-class InstallError(KataError):
-    """An install or rollback failed (the message says what was restored)."""
-
-
-# ------------------------------------------------------------------------------------------- containerd
-
-
-class ContainerdService(Protocol):
-    """How the installer restarts containerd and asks it which runtime handlers it has."""
-
-    description: str
-
-    def unavailable(self) -> str | None:
-        """None when usable, else why the restart/verify steps are skipped."""
-        ...
-
-    def restart(self) -> None: ...
-
-    def answers(self) -> bool: ...
-
-    def can_report(self) -> bool: ...
-
-    def handlers(self) -> dict[str, dict[str, str]]: ...
-
-
-def _dump_handlers(host: Host, config: str) -> dict[str, dict[str, str]]:
-    result = host.run(["containerd", "--config", config, "config", "dump"], timeout=60)
-    if not result.ok:
-        raise InstallError(f"containerd rejects its configuration: {result.stderr.strip()[-300:]}",
-                           path=f"{host.name}:{config}")
-    try:
-        return runtimes_of(tomllib.loads(result.stdout))
-    except tomllib.TOMLDecodeError as exc:
-        raise InstallError(f"unreadable `containerd config dump` output: {exc}", path=host.name) from None
-
-
-class NoContainerd:
-    """No containerd to drive: restart and handler verification are skipped, with the reason."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-        self.description = f"none ({reason})"
-
-    def unavailable(self) -> str | None:
-        return self.reason
-
-    def restart(self) -> None:
-        pass
-
-    def answers(self) -> bool:
-        return False
-
-    def can_report(self) -> bool:
-        return False
-
-    def handlers(self) -> dict[str, dict[str, str]]:
-        return {}
-
-
-class SystemdContainerd:
-    """The host's own containerd under systemd (a libvirt or staging host)."""
-
-    def __init__(self, host: Host, config: str = CONTAINERD_CONFIG) -> None:
-        self.host = host
-        self.config = config
-        self.description = f"systemd containerd on {host.name}"
-
-    def unavailable(self) -> str | None:
-        probe = self.host.run("command -v containerd >/dev/null && command -v systemctl >/dev/null")
-        return None if probe.ok else f"no containerd/systemctl on {self.host.name}"
-
-    def restart(self) -> None:
-        self.host.run("systemctl restart containerd", timeout=120, check=True)
-
-    def answers(self) -> bool:
-        for _ in range(50):
-            if self.host.run("ctr version >/dev/null 2>&1", timeout=15).ok:
-                return True
-            time.sleep(0.2)
-        return False
-
-    def can_report(self) -> bool:
-        return self.unavailable() is None
-
-    def handlers(self) -> dict[str, dict[str, str]]:
-        return _dump_handlers(self.host, self.config)
-
-    def kill(self) -> None:
-        """Fault injection: containerd dies and stays down (a crash loop systemd gave up on)."""
-        self.host.run("systemctl kill -s SIGKILL containerd; systemctl stop containerd", timeout=60)
-
-
-class SysrootContainerd:
-    """A private containerd whose configuration is ``<sysroot>/etc/containerd/config.toml``.
-
-    It lets a local sysroot install exercise the real thing — containerd parsing our drop-ins and
-    imports, restarting, and reporting the handlers — without touching the machine's containerd. Started
-    and stopped by pid, registered with the run id (``pytest_kata.services``) so that a sweep finds it.
-    """
-
-    def __init__(self, sysroot: str | Path, run_id: str | None = None) -> None:
-        self.sysroot = Path(sysroot)
-        self.config = self.sysroot / CONTAINERD_CONFIG.lstrip("/")
-        self.run_id = run_id
-        self.record: Any = None
-        self.process: subprocess.Popen[bytes] | None = None
-        self.description = f"private containerd for {self.sysroot}"
-        self.host = LocalHost("sysroot")
-
-    @classmethod
-    def prepare(cls, sysroot: str | Path, *, version: int = 2, imports: list[str] | None = None,
-                run_id: str | None = None) -> SysrootContainerd:
-        """Write a containerd config for the sysroot (all paths inside it; CRI on, so that the handlers can
-        be reported). ``version=1`` writes a config without drop-in support."""
-        import tomli_w
-
-        from pytest_kata.services import containerd_config
-
-        sysroot = Path(sysroot)
-        work = sysroot / "var/lib/containerd"
-        config = containerd_config(work)
-        config["disabled_plugins"] = [p for p in config.get("disabled_plugins", []) if "cri" not in p]
-        if len(str(config["grpc"]["address"])) > 100:  # unix socket paths are short: use the run's directory
-            import hashlib
-
-            from pytest_kata import runid
-
-            tag = hashlib.sha256(str(sysroot.resolve()).encode()).hexdigest()[:10]
-            config["grpc"]["address"] = str(runid.run_dir(run_id or runid.current_run_id()) / f"ctd-{tag}.sock")
-        path = sysroot / CONTAINERD_CONFIG.lstrip("/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if version == 1:  # containerd 1.x before drop-ins: short plugin ids, no imports
-            path.write_text(
-                f'version = 1\nroot = "{config["root"]}"\nstate = "{config["state"]}"\n'
-                'disabled_plugins = ["aufs", "btrfs", "devmapper", "zfs"]\n'
-                f'[grpc]\n  address = "{config["grpc"]["address"]}"\n[ttrpc]\n  address = ""\n'
-                '[debug]\n  address = ""\n[metrics]\n  address = ""\n'
-                f'[plugins.opt]\n  path = "{work / "opt"}"\n')
-            return cls(sysroot, run_id)
-        if imports is not None:
-            config["imports"] = imports
-        path.write_text(tomli_w.dumps(config))
-        return cls(sysroot, run_id)
-
-    def socket(self) -> str:
-        return str(tomllib.loads(self.config.read_text())["grpc"]["address"])
-
-    def unavailable(self) -> str | None:
-        if not shutil.which("containerd") or not shutil.which("ctr"):
-            return "containerd/ctr not installed on this machine"
-        return None
-
-    def start(self, timeout: float = 30.0) -> None:
-        from pytest_kata import runid
-        from pytest_kata.services import register_daemon
-
-        (self.sysroot / "var/lib").mkdir(parents=True, exist_ok=True)
-        log = open(self.sysroot / "var/lib/containerd.log", "ab")  # noqa: SIM115 (owned by the child)
-        self.process = subprocess.Popen(["containerd", "--config", str(self.config)],
-                                        stdin=subprocess.DEVNULL,
-                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self.record = register_daemon(self.run_id or runid.current_run_id(), "containerd", self.process.pid)
-        deadline = time.monotonic() + timeout
-        while not self.answers(quick=True):
-            if self.process.poll() is not None:
-                self.record.path.unlink(missing_ok=True)
-                raise InstallError(f"containerd exited with {self.process.returncode} at start",
-                                   path=str(self.config))
-            if time.monotonic() > deadline:
-                self.stop()
-                raise InstallError(f"containerd did not answer within {timeout:g} s", path=str(self.config))
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        from pytest_kata.services import stop_process
-
-        if self.record is not None:
-            stop_process(self.record)
-            self.record = None
-        if self.process is not None:
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-            self.process = None
-
-    def kill(self) -> None:
-        """Fault injection: containerd dies (SIGKILL, as the OOM killer would)."""
-        import signal
-
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=5)
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def answers(self, quick: bool = False) -> bool:
-        if not self.running():
-            return False
-        try:
-            socket = self.socket()
-        except (OSError, tomllib.TOMLDecodeError, KeyError):
-            return False
-        proc = subprocess.run(["ctr", "-a", socket, "version"], capture_output=True, timeout=15)
-        return proc.returncode == 0
-
-    def can_report(self) -> bool:
-        return self.unavailable() is None and self.config.is_file()
-
-    def handlers(self) -> dict[str, dict[str, str]]:
-        return _dump_handlers(self.host, str(self.config))
-
-    def __enter__(self) -> SysrootContainerd:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 # ------------------------------------------------------------------------------------------- reports
@@ -345,6 +130,32 @@ class RollbackReport:
 
 
 Inject = Callable[[str, "Installer"], None]
+
+
+@dataclass
+class StepRun:
+    """What every install step of one transaction sees (``data``: each done step's journaled result)."""
+
+    tx: str
+    bundle: Any
+    release: str
+    shims: list[str]
+    data: dict[str, dict[str, Any]]
+
+
+# The install steps in order: name (journaled), the Installer method that does it (returns the data its undo
+# needs, and is idempotent when re-run on resume), the method that undoes it (given that data). A rollback
+# undoes the journaled steps in reverse; methods are looked up on the instance so a subclass can override one.
+STEPS: tuple[tuple[str, str, str], ...] = (
+    ("capture-before", "_step_capture_before", "_undo_nothing"),
+    ("stage", "_step_stage", "_undo_stage"),
+    ("unpack", "_step_unpack", "_undo_unpack"),
+    ("switch", "_step_switch", "_undo_switch"),
+    ("containerd-config", "_step_containerd_config", "_undo_containerd_config"),
+    ("containerd-restart", "_step_restart", "_undo_nothing"),  # the rollback restarts containerd once, after
+    ("verify-handlers", "_step_verify", "_undo_nothing"),      # the configuration is restored
+)
+INSTALL_STEPS = tuple(name for name, _do, _undo in STEPS)
 
 
 class Installer:
@@ -418,19 +229,11 @@ class Installer:
                                version=bundle.version, layout=self.layout, shims=wanted, sysroot=self.sysroot)
         timings: dict[str, float] = {}
         notes: list[str] = []
-        steps: dict[str, Callable[[], dict[str, Any]]] = {
-            "capture-before": lambda: self._step_capture_before(tx),
-            "stage": lambda: self._step_stage(tx, bundle),
-            "unpack": lambda: self._step_unpack(tx, release, data),
-            "switch": lambda: self._step_switch(tx, release),
-            "containerd-config": lambda: self._step_containerd_config(tx, bundle, wanted),
-            "containerd-restart": lambda: self._step_restart(),
-            "verify-handlers": lambda: self._step_verify(bundle, wanted, data),
-        }
+        run = StepRun(tx, bundle, release, wanted, data)
         current = ""
         try:
             with progress.timed("install", f"{self.host.name}: installing {release} ({self.layout})"):
-                for name, action in steps.items():
+                for name, do, _undo in STEPS:
                     if name in done:
                         continue
                     current = name
@@ -440,7 +243,7 @@ class Installer:
                     if self.inject is not None:
                         self.inject(name, self)
                     start = time.monotonic()
-                    result = action()
+                    result = getattr(self, do)(run)
                     timings[name] = round(time.monotonic() - start, 3)
                     status = "skipped" if result.pop("skipped", None) else "done"
                     if status == "skipped":
@@ -466,7 +269,7 @@ class Installer:
         self._cleanup_stage(tx)
         return InstallReport(self.host.name, tx, release, bundle.version, self.layout, before_digest,
                              after.digest, after.handlers, data.get("containerd-config", {}).get("mode", ""),
-                             {n: "done" for n in steps if n in data}, notes, timings)
+                             {n: "done" for n in INSTALL_STEPS if n in data}, notes, timings)
 
     def resume(self, bundle: Any, *, shims: list[str] | None = None) -> InstallReport:
         """Continue an interrupted install from the step after the last one the journal says is done."""
@@ -477,7 +280,8 @@ class Installer:
 
     # the steps: each returns the data its undo needs (and is idempotent when re-run on resume)
 
-    def _step_capture_before(self, tx: str) -> dict[str, Any]:
+    def _step_capture_before(self, run: StepRun) -> dict[str, Any]:
+        tx = run.tx
         state = self.capture()
         self._save_state(tx, "state-before.json", state)
         prefix = state.entries.get(PREFIX)
@@ -497,7 +301,8 @@ class Installer:
             raise InstallError(f"cannot pack the bundle: {proc.stderr.strip()[-200:]}", path=str(bundle.root))
         return archive
 
-    def _step_stage(self, tx: str, bundle: Any) -> dict[str, Any]:
+    def _step_stage(self, run: StepRun) -> dict[str, Any]:
+        tx, bundle = run.tx, run.bundle
         staged = f"{self.journal.tx_dir(tx)}/{STAGED}"
         archive = self._pack(bundle)
         try:
@@ -512,7 +317,8 @@ class Installer:
         if not keep:
             self.host.run(f"rm -f {shlex.quote(self.journal.tx_dir(tx) + '/' + STAGED)}")
 
-    def _step_unpack(self, tx: str, release: str, data: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def _step_unpack(self, run: StepRun) -> dict[str, Any]:
+        tx, release, data = run.tx, run.release, run.data
         staged = shlex.quote(data["stage"]["staged"])
         if self.layout == "in-place":
             prefix = self.p(PREFIX)
@@ -543,7 +349,8 @@ class Installer:
                 return f"{self.journal.tx_dir(old.id)}/{STAGED}"
         return None
 
-    def _step_switch(self, tx: str, release: str) -> dict[str, Any]:
+    def _step_switch(self, run: StepRun) -> dict[str, Any]:
+        tx, release = run.tx, run.release
         prefix = self.p(PREFIX)
         target = f"kata-releases/{release}"  # relative: valid below a sysroot and on the real host alike
         q = shlex.quote(prefix)
@@ -613,8 +420,6 @@ class Installer:
         version = int(parsed.get("version", 1) or 1) if parsed else 1
         if version < 2:
             return "whole-file"
-        import fnmatch
-
         probe = self.p(f"{DROPIN_DIR}/kata-probe.toml")
         for pattern in parsed.get("imports", []) or [] if parsed else []:
             full = pattern if pattern.startswith("/") else f"{self.p(CONTAINERD_DIR)}/{pattern}"
@@ -633,9 +438,8 @@ class Installer:
                  f"chmod 0644 {shlex.quote(tmp)} && mv -f {shlex.quote(tmp)} {shlex.quote(path)}",
                  stdin=text.encode())
 
-    def _step_containerd_config(self, tx: str, bundle: Any, shims: list[str]) -> dict[str, Any]:
-        import tomli_w
-
+    def _step_containerd_config(self, run: StepRun) -> dict[str, Any]:
+        tx, bundle, shims = run.tx, run.bundle, run.shims
         text, parsed = self._read_config()
         mode = self.containerd_mode(parsed, text)
         specs = self.handler_specs(bundle, shims)
@@ -691,8 +495,6 @@ class Installer:
 
     def containerd_major(self) -> int | None:
         """containerd's major version on the host (None when it is not installed there)."""
-        import re
-
         match = re.search(r"\s v?(\d+)\.\d+", " " + self.host.run("containerd --version 2>/dev/null").stdout)
         return int(match.group(1)) if match else None
 
@@ -700,14 +502,15 @@ class Installer:
         """Back up ``config.toml`` before editing it (a subclass that skips this is a negative control)."""
         return self._backup(tx, path)
 
-    def _step_restart(self) -> dict[str, Any]:
+    def _step_restart(self, run: StepRun) -> dict[str, Any]:
         reason = self.containerd.unavailable()
         if reason:
             return {"skipped": True, "reason": reason}
         self.containerd.restart()
         return {"service": self.containerd.description}
 
-    def _step_verify(self, bundle: Any, shims: list[str], data: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def _step_verify(self, run: StepRun) -> dict[str, Any]:
+        bundle, data = run.bundle, run.data
         reason = self.containerd.unavailable()
         if reason:
             return {"skipped": True, "reason": reason}
@@ -755,11 +558,12 @@ class Installer:
         timings: dict[str, float] = {}
         start = time.monotonic()
         with progress.timed("rollback", f"{self.host.name}: undoing {tx.id} ({reason})"):
-            order = [n for n in reversed(list(tx.steps)) if n in INSTALL_STEPS]
+            undo_of = {name: undo for name, _do, undo in STEPS}
+            order = [n for n in reversed(list(tx.steps)) if n in undo_of]
             for name in order:
                 step = tx.steps[name]
                 self.journal.write(rb, "rollback", f"undo-{name}", "begin")
-                getattr(self, "_undo_" + name.replace("-", "_"))(tx, step.data)
+                getattr(self, undo_of[name])(tx, step.data)
                 self.journal.write(rb, "rollback", f"undo-{name}", "done")
             restarted = "containerd-config" in tx.steps and self.containerd.unavailable() is None
             if restarted:
@@ -792,8 +596,8 @@ class Installer:
         return RollbackReport(self.host.name, rb, tx.id, False, message, expected_digest, after_digest, diff,
                               left, timings)
 
-    def _undo_capture_before(self, tx: Transaction, data: dict[str, Any]) -> None:
-        pass
+    def _undo_nothing(self, tx: Transaction, data: dict[str, Any]) -> None:
+        """A step that changed nothing on the host."""
 
     def _undo_stage(self, tx: Transaction, data: dict[str, Any]) -> None:
         if self.layout != "in-place":
@@ -846,12 +650,6 @@ class Installer:
         self.host.run(f"rm -f {shlex.quote(config)}.tmp-pytest-kata")
         self.remove_dirs(data.get("created_dirs", []))
 
-    def _undo_containerd_restart(self, tx: Transaction, data: dict[str, Any]) -> None:
-        pass  # the rollback restarts containerd once, after the configuration is restored
-
-    def _undo_verify_handlers(self, tx: Transaction, data: dict[str, Any]) -> None:
-        pass
-
     # ---------------------------------------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
@@ -861,10 +659,27 @@ class Installer:
                                   "release": t.data.get("release"), "steps": t.done_steps} for t in txs]}
 
 
+def open_installer(host: str, sysroot: str | Path = "/", *, containerd: str = "auto",
+                   layout: str = "versioned") -> Installer:
+    """The installer a command line names: ``host`` as ``--host`` takes it, ``containerd`` a mode of
+    :func:`~pytest_kata.install.containerd.containerd_for`. The host is checked first, so that a wrong
+    ``--host`` fails before anything is unpacked; :func:`close_installer` ends what this opened."""
+    target = resolve_host(host)
+    check_sysroot(target, sysroot)
+    return Installer(target, str(sysroot), containerd=containerd_for(containerd, sysroot, target), layout=layout)
+
+
+def close_installer(installer: Installer) -> None:
+    """Stop a private containerd the installer started and end the host's connection (an SSH host's shared
+    connection goes at once, not at its idle limit)."""
+    stop = getattr(installer.containerd, "stop", None)
+    if stop is not None:
+        stop()
+    installer.host.close()
+
+
 def add_import(text: str, parsed: dict[str, Any], pattern: str) -> str:
     """``config.toml`` with ``pattern`` added to its top-level ``imports``; every other byte unchanged."""
-    import re
-
     imports = list(parsed.get("imports", []) or [])
     if pattern in imports:
         return text
@@ -876,5 +691,6 @@ def add_import(text: str, parsed: dict[str, Any], pattern: str) -> str:
     return f"{line}\n{text}"
 
 
-__all__ = ["BIN_LINKS", "DROPIN_DIR", "ContainerdService", "InstallError", "InstallReport", "Installer",
-           "NoContainerd", "RollbackReport", "SysrootContainerd", "SystemdContainerd", "add_import"]
+__all__ = ["BIN_LINKS", "DROPIN_DIR", "INSTALL_STEPS", "STEPS", "ContainerdService", "InstallError", "InstallReport",
+           "Installer", "NoContainerd", "RollbackReport", "SysrootContainerd", "SystemdContainerd", "add_import",
+           "close_installer", "open_installer"]

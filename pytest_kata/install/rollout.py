@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pytest_kata import progress
+from pytest_kata.install.workloads import WorkloadProbe
 
 
 class Target(Protocol):
@@ -66,8 +67,6 @@ def smoke_gate(name: str, target: Any, report: Any) -> GateResult:
     """The handlers gate, then a smoke run: one workload through every handler whose shim is on the host
     (``kata-*``) and through ``runc`` as a control; any of them failing to run fails the gate. Handlers without
     a shim on the host are named in the detail, not counted as passing."""
-    from pytest_kata.install.workloads import WorkloadProbe
-
     handlers = handlers_gate(name, target, report)
     containerd = getattr(target, "containerd", None)
     if not handlers.ok or containerd is None or containerd.unavailable():

@@ -27,6 +27,9 @@ from typing import Any
 
 from pytest_kata import progress, runid
 from pytest_kata.errors import KataError
+from pytest_kata.hosts.base import LocalHost
+from pytest_kata.install.state import PREFIX
+from pytest_kata.sandbox.probe import IMAGE_REPO, build_oci_image
 
 MARKER = "KATA-WORKLOAD"
 # first start: leave a marker in the container's own writable layer; any later start: find it
@@ -156,9 +159,6 @@ class WorkloadProbe:
         return f"{self.namespace}-wl-{self.tag}-{handler}"
 
     def _import_image(self) -> None:
-        from pytest_kata.hosts.base import LocalHost
-        from pytest_kata.sandbox.probe import build_oci_image
-
         tar, self.image = build_oci_image()
         listed = self.ctr("images", "ls", "-q", timeout=60)
         self.image_was_present = listed.ok and self.image in listed.stdout.split()
@@ -300,8 +300,6 @@ class WorkloadProbe:
     def clear_namespace(self) -> None:
         """Remove every container and probe image in this probe's namespace (only for a namespace of ours
         alone, like the CLI's: what an interrupted run planted there was never recorded)."""
-        from pytest_kata.sandbox.probe import IMAGE_REPO
-
         if self.unavailable:
             return
         listed = self.ctr("containers", "ls", "-q", timeout=60)
@@ -339,5 +337,39 @@ def _tail(result: Any) -> str:
 CLI_NAMESPACE = "pytest-kata-workloads"  # workloads planted by ``pytest-kata install`` live until its rollback
 WORKLOADS_FILE = "workloads.json"
 
+
+
+def workloads_path(installer: Any, tx: str | None) -> str:
+    """Where the workloads planted for install ``tx`` are recorded (``None``: planted, install not committed)."""
+    if tx is None:
+        return f"{installer.journal.dir}/workloads-pending.json"
+    return f"{installer.journal.tx_dir(tx)}/{WORKLOADS_FILE}"
+
+
+def plant_workloads(installer: Any) -> tuple[WorkloadProbe | None, str]:
+    """Workloads on the release being replaced (None and the reason when there is nothing to plant on).
+
+    Any workloads of earlier installs go first: a committed install's are superseded, and an interrupted
+    install's were never recorded against a transaction (the namespace is ours alone, so it is emptied)."""
+    probe = WorkloadProbe(installer, namespace=CLI_NAMESPACE)
+    if probe.unavailable:
+        return None, f"no workloads planted: {probe.unavailable}"
+    probe.clear_namespace()
+    last = installer.journal.last("install")
+    stale = [workloads_path(installer, None)] + ([workloads_path(installer, last.id)] if last else [])
+    installer.host.run("rm -f " + " ".join(shlex.quote(p) for p in stale), timeout=60)
+    if not installer.exists(installer.p(PREFIX)):
+        return None, f"no previous Kata release under {installer.p(PREFIX)}: no workloads to keep"
+    try:
+        probe.plant()
+        probe.save(workloads_path(installer, None))
+    except KataError as exc:
+        probe.cleanup()
+        return None, f"no workloads planted: {exc}"
+    ran = [w.handler for w in probe.report.planted if w.ran_before]
+    count = len(probe.report.planted)
+    return probe, f"planted {count} workloads (ran on the previous release: {', '.join(ran) or 'none'})"
+
+
 __all__ = ["CLI_NAMESPACE", "MARKER", "WORKLOADS_FILE", "Workload", "WorkloadProbe", "WorkloadReport",
-           "WorkloadResult", "containerd_address"]
+           "WorkloadResult", "containerd_address", "plant_workloads", "workloads_path"]

@@ -120,7 +120,7 @@ def kata_host_marker(kata_sandbox_host: Any) -> Iterator[str]:
 def kata_host_facts(kata_sandbox_host: Any) -> dict[str, Any]:
     """The host's own identity, processes, devices and addresses (what no workload may see), read by running
     the probe on the host itself."""
-    from pytest_kata.sandbox.base import host_facts
+    from pytest_kata.sandbox.probe import host_facts
 
     try:
         facts = host_facts(kata_sandbox_host)

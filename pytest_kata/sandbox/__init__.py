@@ -20,6 +20,8 @@ from pytest_kata.sandbox.base import (
     SandboxUnavailable,
     Workload,
 )
+from pytest_kata.sandbox.containerd import ContainerdDriver
+from pytest_kata.sandbox.direct import DirectDriver, GuestSpec, tree_config, tree_root
 
 __all__ = ["HostInvariants", "HostView", "Mount", "ProbeFacts", "SandboxDriver", "SandboxError",
            "SandboxUnavailable", "Workload", "candidate_config", "candidate_version", "choose_driver"]
@@ -36,9 +38,6 @@ def choose_driver(driver: str = "auto", runtime: str | None = None, candidate: A
                   shim: str | None = None, accel: str = "auto", boot_timeout: float = 240.0,
                   host: Any = None) -> SandboxDriver:
     """The driver the options ask for; :class:`SandboxUnavailable` (a skip) when it cannot run here."""
-    from pytest_kata.sandbox.containerd import ContainerdDriver
-    from pytest_kata.sandbox.direct import DirectDriver, GuestSpec
-
     if runtime and driver == "direct":
         raise KataError("--kata-runtime selects a containerd runtime handler; drop it or use --kata-driver "
                         "containerd", path="--kata-driver direct")
@@ -61,8 +60,6 @@ def candidate_config(candidate: Any, shim: str | None = None) -> Any:
     if candidate is None:
         return None
     if isinstance(candidate, str | Path):
-        from pytest_kata.sandbox.direct import tree_config, tree_root
-
         return tree_config(tree_root(Path(candidate)), shim)
     return candidate.shim(shim).config
 
@@ -71,8 +68,6 @@ def candidate_version(candidate: Any) -> str | None:
     if candidate is None:
         return None
     if isinstance(candidate, str | Path):
-        from pytest_kata.sandbox.direct import tree_root
-
         version = tree_root(Path(candidate)) / "VERSION"
         return version.read_text().strip() if version.is_file() else None
     return getattr(candidate, "version", None)

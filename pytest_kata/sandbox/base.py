@@ -16,6 +16,8 @@ from typing import Any
 
 from pytest_kata.errors import KataError
 from pytest_kata.hashing import sha256_file
+from pytest_kata.hosts.base import LocalHost
+from pytest_kata.runid import RUN_ID_RE, current_run_id
 
 
 class SandboxError(KataError):
@@ -193,16 +195,12 @@ def _run(host: Any, command: str, *, stdin: bytes | None = None) -> str:
 
 def _host(host: Any) -> Any:
     if host is None:
-        from pytest_kata.hosts.base import LocalHost
-
         return LocalHost()
     return host
 
 
 def host_mounts(exclude: Iterable[str] = (), host: Any = None) -> list[str]:
     """The host mount table as "mountpoint fstype source" lines, minus mounts under ``exclude`` prefixes."""
-    from pytest_kata.runid import RUN_ID_RE, current_run_id
-
     text = Path("/proc/self/mountinfo").read_text() if host is None else _run(host, "cat /proc/self/mountinfo")
     prefixes = tuple(p.rstrip("/") + "/" for p in exclude)
     own = current_run_id()
@@ -277,20 +275,3 @@ class HostInvariants:
         if sysctls:
             changes["sysctls"] = sysctls
         return changes
-
-
-def host_facts(host: Any = None) -> dict[str, Any]:
-    """The host's own identity, processes, devices and addresses, read by running the probe *on the host*
-    (this machine, or a staging host through the Host protocol): what no workload may see."""
-    from pytest_kata.sandbox.probe import parse_output, script_text
-
-    target = _host(host)
-    result = target.run("cd / && KATA_PROBE_VSOCK_TIMEOUT=1 sh -s", stdin=script_text().encode(), timeout=180)
-    facts = parse_output(result.stdout, source=f"{getattr(target, 'name', 'host')}: host probe")
-    mounts = [line.split()[1] for line in facts.get("mounts", []) if len(line.split()) > 1]
-    addresses = sorted({a.split()[1].split("/")[0] for a in facts.get("addresses", []) if len(a.split()) > 1})
-    return {"kernel_release": facts.get("kernel_release"), "boot_id": facts.get("boot_id"),
-            "hostname": facts.get("hostname"), "machine_id": facts.get("machine_id"), "mounts": mounts,
-            "user_processes": facts.get("user_processes", []), "block_devices": facts.get("block_devices", []),
-            "dev_nodes": facts.get("devices", []), "addresses": addresses, "mem_total_kb": facts.get("mem_total_kb"),
-            "host": getattr(target, "name", "local")}

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata import runid
+from pytest_kata.hosts.base import LocalHost
 from pytest_kata.progress import step, timed
+from pytest_kata.resources import cache_dir
 from pytest_kata.sandbox.base import (
     HostProcess,
     HostView,
@@ -36,8 +38,10 @@ from pytest_kata.sandbox.base import (
     SandboxUnavailable,
     Workload,
 )
+from pytest_kata.sandbox.direct import detect_accel, kernel_release_of, map_path
 from pytest_kata.sandbox.probe import build_oci_image, parse_output
 from pytest_kata.sandbox.shimconfig import ShimConfig, write_shim_config
+from pytest_kata.services import lend_syslog, return_syslog, start_containerd, unique_dir
 
 CONTROL_HANDLERS = {"runc": "io.containerd.runc.v2", "runsc": "io.containerd.runsc.v1"}
 CONTROL_SHIMS = {"runc": ("containerd-shim-runc-v2", "runc"), "runsc": ("containerd-shim-runsc-v1", "runsc")}
@@ -150,8 +154,6 @@ class ContainerdDriver(SandboxDriver):
 
     def _on(self) -> Any:
         if self.host is None:
-            from pytest_kata.hosts.base import LocalHost
-
             self.host = LocalHost()
         return self.host
 
@@ -193,14 +195,10 @@ class ContainerdDriver(SandboxDriver):
     def _prepare_local_shim(self, shim: Any) -> None:
         """Write the runnable copy of the shim's configuration (see :mod:`~pytest_kata.sandbox.shimconfig`)
         and a directory where containerd finds the shim under the name its runtime type asks for."""
-        from pytest_kata.resources import cache_dir
-        from pytest_kata.sandbox.direct import detect_accel
-        from pytest_kata.services import _unique_dir
-
         accel, why = detect_accel(self.accel)
         base = cache_dir() / "runs" / self.run_id
         base.mkdir(parents=True, exist_ok=True)
-        out = _unique_dir(base, "kata-shim")
+        out = unique_dir(base, "kata-shim")
         try:
             self.shim_config = write_shim_config(shim.config, Path(self.bundle.root), out, accel=accel,
                                                  vhost_net=Path("/dev/vhost-net").exists(),
@@ -221,8 +219,6 @@ class ContainerdDriver(SandboxDriver):
         self.check_available()
         tar, name = build_oci_image()
         if self._own_ctd:
-            from pytest_kata.services import lend_syslog, start_containerd
-
             if self.is_vm:
                 self._syslog_lent = True
                 self.syslog = lend_syslog(self.run_id)  # the Kata shim refuses to start without /dev/log
@@ -379,8 +375,6 @@ class ContainerdDriver(SandboxDriver):
 
     def guest_kernel_release(self) -> str | None:
         if self.is_vm and self.bundle is not None:
-            from pytest_kata.sandbox.direct import kernel_release_of, map_path
-
             kernel = self.bundle.shim(self.shim).config.get("hypervisor.*.kernel", "")
             return kernel_release_of(map_path(Path(self.bundle.root), str(kernel))) if kernel else None
         return None
@@ -421,8 +415,6 @@ class ContainerdDriver(SandboxDriver):
             step("sandbox", f"stopped the private containerd for {self.handler}")
             self.ctd = None
         if self._syslog_lent:
-            from pytest_kata.services import return_syslog
-
             return_syslog(self.run_id)
             self._syslog_lent = False
         elif not self._own_ctd:

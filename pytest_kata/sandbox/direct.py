@@ -19,6 +19,8 @@ What the driver models from the configuration, since there is no shim to ask:
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
 import os
 import re
@@ -33,9 +35,19 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata import runid
+from pytest_kata.hosts.accel import detect_local
+from pytest_kata.kataconfig import load_config
 from pytest_kata.progress import step, timed
 from pytest_kata.resources import cache_dir
-from pytest_kata.sandbox.base import HostProcess, HostView, ProbeFacts, SandboxDriver, SandboxError, Workload
+from pytest_kata.sandbox.base import (
+    HostProcess,
+    HostView,
+    ProbeFacts,
+    SandboxDriver,
+    SandboxError,
+    Workload,
+    sha256_file,
+)
 from pytest_kata.sandbox.probe import BUSYBOX, console_upload_commands, parse_output, script_text
 
 KATA_PREFIX = "/opt/kata"
@@ -53,8 +65,6 @@ def detect_accel(requested: str = "auto") -> tuple[str, str]:
     if requested in ("kvm", "tcg"):
         return requested, "forced by --kata-accel"
     try:
-        from pytest_kata.hosts.accel import detect_local
-
         return detect_local()
     except ImportError:  # pragma: no cover - hosts package absent
         pass
@@ -258,8 +268,6 @@ def tree_root(path: Path) -> Path:
 
 def tree_config(root: Path, shim: str | None = None) -> Any:
     """The effective configuration of an /opt/kata tree, without helper A's bundle (drop-ins merged)."""
-    from pytest_kata.kataconfig import load_config
-
     base = root / "share" / "defaults" / "kata-containers"
     path = base / (f"configuration-{shim}.toml" if shim else "configuration.toml")
     if not path.exists() and shim:
@@ -354,9 +362,6 @@ def _cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
 
 def busybox_initramfs() -> Path:
     """Build (cached) a gzip cpio: static busybox + an init printing KATA-GUEST-READY and a root shell."""
-    import gzip
-    import hashlib
-
     if not BUSYBOX.is_file():
         raise SandboxError("static busybox not found", path=BUSYBOX, hint="apt-get install busybox-static")
     busybox = BUSYBOX.read_bytes()
@@ -530,8 +535,6 @@ class DirectDriver(SandboxDriver):
 
     def image_sha256(self) -> str | None:
         """sha256 of the file the VMM has attached as the guest image (the candidate's, or a private copy)."""
-        from pytest_kata.sandbox.base import sha256_file
-
         return sha256_file(self.image_path) if self.image_path else None
 
     def console_log(self) -> str:

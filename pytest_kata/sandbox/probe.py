@@ -16,7 +16,9 @@ import re
 import shutil
 import tarfile
 from pathlib import Path
+from typing import Any
 
+from pytest_kata.hosts.base import LocalHost
 from pytest_kata.resources import cache_dir, data_path
 from pytest_kata.sandbox.base import ProbeFacts, SandboxError
 
@@ -167,3 +169,18 @@ def has_marker(text: str) -> bool:
 
 def which(name: str) -> str | None:
     return shutil.which(name)
+
+
+def host_facts(host: Any = None) -> dict[str, Any]:
+    """The host's own identity, processes, devices and addresses, read by running the probe *on the host*
+    (this machine, or a staging host through the Host protocol): what no workload may see."""
+    target = host if host is not None else LocalHost()
+    result = target.run("cd / && KATA_PROBE_VSOCK_TIMEOUT=1 sh -s", stdin=script_text().encode(), timeout=180)
+    facts = parse_output(result.stdout, source=f"{getattr(target, 'name', 'host')}: host probe")
+    mounts = [line.split()[1] for line in facts.get("mounts", []) if len(line.split()) > 1]
+    addresses = sorted({a.split()[1].split("/")[0] for a in facts.get("addresses", []) if len(a.split()) > 1})
+    return {"kernel_release": facts.get("kernel_release"), "boot_id": facts.get("boot_id"),
+            "hostname": facts.get("hostname"), "machine_id": facts.get("machine_id"), "mounts": mounts,
+            "user_processes": facts.get("user_processes", []), "block_devices": facts.get("block_devices", []),
+            "dev_nodes": facts.get("devices", []), "addresses": addresses, "mem_total_kb": facts.get("mem_total_kb"),
+            "host": getattr(target, "name", "local")}

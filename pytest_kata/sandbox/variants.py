@@ -7,13 +7,20 @@ configuration gets a few dotted-key changes (``{"hypervisor.qemu.kernel_params":
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import subprocess
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
 
+from pytest_kata.images.common import make_ext4_disk
+from pytest_kata.resources import cache_dir
 from pytest_kata.sandbox.base import SandboxError
+from pytest_kata.sandbox.direct import STAND_IN_IMAGE_INIT, busybox_initramfs, host_kernel
+from pytest_kata.sandbox.probe import BUSYBOX
 
 CONFIG_DIR = Path("share/defaults/kata-containers")
 
@@ -82,15 +89,6 @@ def _has_table(data: dict[str, Any], dotted: str) -> bool:
 
 def stand_in_image(out: Path) -> Path:
     """A small partitioned ext4 guest image (busybox, ``/sbin/init`` printing KATA-GUEST-READY), cached."""
-    import hashlib
-    import subprocess
-    import tempfile
-
-    from pytest_kata.images.common import make_ext4_disk
-    from pytest_kata.resources import cache_dir
-    from pytest_kata.sandbox.direct import STAND_IN_IMAGE_INIT
-    from pytest_kata.sandbox.probe import BUSYBOX
-
     key = hashlib.sha256(BUSYBOX.read_bytes() + STAND_IN_IMAGE_INIT.encode()).hexdigest()[:16]
     cached = cache_dir() / "probe" / f"stand-in-image-{key}.img"
     if not cached.is_file():
@@ -126,8 +124,6 @@ def stand_in_tree(out: Path, config_source: Path, changes: dict[str, Any] | None
     switches into read-only, as the reference candidate does. No shim or agent; the hypervisor binary is
     absent, so the direct driver says it uses the host's. For the direct driver's own tests and controls.
     """
-    from pytest_kata.sandbox.direct import busybox_initramfs, host_kernel
-
     root = Path(out) / "opt" / "kata"
     share = root / "share" / "kata-containers"
     share.mkdir(parents=True)

@@ -9,7 +9,10 @@ and converted only for the packages a guest has.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import sqlite3
 import zipfile
 import zlib
 from collections import defaultdict
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata.errors import FeedError
+from pytest_kata.resources import cache_dir
 
 URGENCY_SEVERITY = {"unimportant": "info", "low": "low", "low*": "low", "medium": "medium", "medium*": "medium",
                     "high": "high", "high*": "high", "critical": "critical"}
@@ -171,8 +175,6 @@ class _SqliteSources:
     file), so that a scan parses only the sources the guest has."""
 
     def __init__(self, db: Path) -> None:
-        import sqlite3
-
         self.conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, check_same_thread=False)
 
     def get(self, key: str, default: Any = None) -> Any:
@@ -208,10 +210,7 @@ INDEX_VERSION = "1"
 
 def _index_path(p: Path) -> Path | None:
     try:
-        from pytest_kata.resources import cache_dir
-
         st = p.stat()
-        import hashlib
 
         key = hashlib.sha256(f"{INDEX_VERSION}\0{p.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
         return cache_dir() / "feeds" / f"tracker-{key[:24]}.sqlite"
@@ -221,9 +220,6 @@ def _index_path(p: Path) -> Path | None:
 
 def _write_index(feed: DebianTrackerFeed, target: Path) -> None:
     """Best effort: a cache that cannot be written only costs speed."""
-    import os
-    import sqlite3
-
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.{os.getpid()}.partial")

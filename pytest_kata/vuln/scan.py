@@ -8,16 +8,20 @@ package database is reported as such (it cannot be scanned by package).
 from __future__ import annotations
 
 import json
+import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pytest_kata.errors import KataError
+from pytest_kata.images.facts import image_facts
 from pytest_kata.images.read import InstalledPackage, PackageDB, RootView, open_image, parse_dpkg_status, read_packages
 from pytest_kata.options import SEVERITIES
 from pytest_kata.progress import step
+from pytest_kata.vuln.context import rank_findings
 from pytest_kata.vuln.feeds import FeedSet, Release
 from pytest_kata.vuln.kernel import KernelFinding, evaluate_kernel, load_kbuild_map, read_kconfig
 from pytest_kata.vuln.match import Finding, match_packages
@@ -76,9 +80,6 @@ DEBIAN_CODENAMES = {"10": "buster", "11": "bullseye", "12": "bookworm", "13": "t
 def infer_debian_release(packages: list[InstalledPackage]) -> tuple[Release, str]:
     """No os-release (a 'custom' mmdebstrap rootfs without base-files): the stable-update suffixes of the
     installed versions (``+deb12u3``, ``~deb12u1``) name the release; said in the notes, never silent."""
-    import re
-    from collections import Counter
-
     seen = Counter(m.group(1) for p in packages for m in [re.search(r"[+~]deb(\d+)u\d+", p.version)] if m)
     if not seen:
         return Release("debian", "", ""), ""
@@ -109,7 +110,6 @@ def scan(target: str | Path, feed_paths: list[str | Path], *, suite: str | None 
             root = open_image(p)
             step("scan", f"reading {root.describe()}")
             db = read_packages(root)
-            from pytest_kata.images.facts import image_facts
 
             facts = image_facts(root, cmdline=cmdline)
             notes = list(facts.notes)
@@ -130,7 +130,6 @@ def scan(target: str | Path, feed_paths: list[str | Path], *, suite: str | None 
                          f"(feeds cover: {', '.join(sorted(covered)[:6])})")
         findings = match_packages(db.packages, feeds, release)
         step("scan", f"{len(db.packages)} packages, {len(findings)} findings before ranking")
-        from pytest_kata.vuln.context import rank_findings
 
         notes += rank_findings(findings, db.packages, root, facts, trust=trust)
         kernel: list[KernelFinding] = []
