@@ -31,6 +31,7 @@ from typing import Any
 from xml.etree import ElementTree
 
 from pytest_kata.errors import FeedError, KataError
+from pytest_kata.images.read import open_image
 from pytest_kata.resources import data_path
 
 DEFAULT_FEED = data_path("advisories", "kata-osv.json")
@@ -925,8 +926,6 @@ OSBUILDER_RECORD = "/var/lib/osbuilder/osbuilder.yaml"
 def _agent_versions(bundle: Any) -> tuple[dict[str, str], list[str]]:
     """``agent.version`` of each guest image's osbuilder record, where it is a release number."""
     import yaml
-
-    from pytest_kata.images.read import open_image
 
     found: dict[str, str] = {}
     notes: list[str] = []

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import bz2
 import contextlib
-import fcntl
 import gzip
 import hashlib
 import io
@@ -48,13 +47,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from pytest_kata import progress
+from pytest_kata import compression, progress
 from pytest_kata.errors import BundleError, KataError
 from pytest_kata.hashing import sha256_file as _sha256_file
 from pytest_kata.kataconfig import KataConfig, load_config
-from pytest_kata.resources import cache_dir
+from pytest_kata.locking import exclusive
+from pytest_kata.resources import KATA_PREFIX, cache_dir
 
-PREFIX = "opt/kata"
+PREFIX = KATA_PREFIX.lstrip("/")  # as tar members name it
 MEMBER_LIMIT = 4 << 30  # the largest real member is a guest image (~300 MiB); 4 GiB leaves room
 TOTAL_LIMIT = 32 << 30
 COUNT_LIMIT = 200_000  # a kata-static release holds a few thousand paths; millions of inodes is an attack
@@ -303,12 +303,8 @@ class _Store:
     def locked(self) -> Iterator[None]:
         """Serialise cold extraction across processes (xdist workers open the same candidate)."""
         self.prepare()
-        with open(self.base / ".lock", "a+b") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with exclusive(self.base / ".lock"):
+            yield
 
     def new_tmp(self) -> Path:
         tmp = self.base / f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -474,14 +470,9 @@ def _sniff(source: Path) -> str:
         raise BundleError(f"cannot read: {exc.strerror}", path=source) from None
     if not head:
         raise BundleError("empty file", path=source, hint="re-download it")
-    if head.startswith(b"\xfd7zXZ\x00"):
-        return "xz"
-    if head.startswith(b"\x1f\x8b"):
-        return "gz"
-    if head.startswith(b"\x28\xb5\x2f\xfd") or (head[1:4] == b"\x2a\x4d\x18" and head[0] & 0xF0 == 0x50):
-        return "zst"  # a zstd frame, or pzstd's leading skippable frame
-    if head.startswith(b"BZh"):
-        return "bz2"
+    compressed = compression.sniff(head)
+    if compressed is not None:
+        return compressed
     if head[257:262] == b"ustar" or (len(head) == 512 and _tar_checksum_ok(head)):
         return "tar"
     raise BundleError("not a tar archive (unknown format)", path=source,

@@ -35,7 +35,6 @@ Names
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import ipaddress
 import json
@@ -52,7 +51,10 @@ from typing import Any
 
 from pytest_kata import runid
 from pytest_kata.errors import KataError
+from pytest_kata.locking import exclusive
+from pytest_kata.processes import parent_pid
 from pytest_kata.progress import step
+from pytest_kata.runid import worker_id
 
 SUBNET_POOL = ipaddress.IPv4Network("10.213.0.0/16")
 PREFIXLEN = 24
@@ -71,10 +73,6 @@ def link_run_id(ifname: str) -> str | None:
     return f"{runid.PREFIX}{m.group(1)}" if m else None
 
 
-def worker_id() -> str:
-    return os.environ.get("PYTEST_XDIST_WORKER") or "main"
-
-
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:48]
 
@@ -86,8 +84,7 @@ def _safe(text: str) -> str:
 @contextlib.contextmanager
 def _locked_registry(run_id: str) -> Iterator[dict]:
     """Read-modify-write the run's ``network.json`` while holding the machine-wide network lock."""
-    with open(runid.state_dir() / "network.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(runid.state_dir() / "network.lock"):
         path = runid.run_dir(run_id) / "network.json"
         try:
             data = json.loads(path.read_text())
@@ -221,18 +218,11 @@ def delete_netns(name: str) -> bool:
     for pid in processes_in_netns(name):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        if _is_child(pid):  # our own Popen: reap it, or it lingers as a zombie
+        if parent_pid(pid) == os.getpid():  # our own Popen: reap it, or it lingers as a zombie
             with contextlib.suppress(ChildProcessError, OSError):
                 os.waitpid(pid, 0)
     netns.remove(name)
     return True
-
-
-def _is_child(pid: int) -> bool:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == os.getpid()
-    except (OSError, ValueError, IndexError):
-        return False
 
 
 def netns_exec_argv(ns: str, cmd: str | Sequence[str]) -> list[str]:

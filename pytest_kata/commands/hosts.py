@@ -11,7 +11,7 @@ import argparse
 from pytest_kata import runid, services
 from pytest_kata.hosts.libvirt import connect, domain_run_id
 from pytest_kata.hosts.provision import HostPool, PoolSettings
-from pytest_kata.resources import cache_dir
+from pytest_kata.resources import LOCAL_LIBVIRT_URI, cache_dir
 from pytest_kata.sweep import sweep
 
 
@@ -19,13 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("hosts", help="boot a staging host by hand, or list pytest-kata hosts on a libvirt")
     hsub = p.add_subparsers(dest="hosts_command", metavar="ACTION")
     b = hsub.add_parser("boot", help="boot one host from the host image and keep it until Enter (or Ctrl-C)")
-    b.add_argument("--uri", default="qemu:///system", help="libvirt URI (default: qemu:///system)")
+    b.add_argument("--uri", default=LOCAL_LIBVIRT_URI, help=f"libvirt URI (default: {LOCAL_LIBVIRT_URI})")
     b.add_argument("--accel", default="auto", choices=("auto", "kvm", "tcg"))
     b.add_argument("--image", help="prebuilt host image (default: build/reuse vm-images/host)")
     b.add_argument("--boot-timeout", type=float, default=240.0)
     b.set_defaults(func=_boot)
     ls = hsub.add_parser("list", help="list pytest-kata domains (run id, whether that run is alive)")
-    ls.add_argument("--uri", default="qemu:///system")
+    ls.add_argument("--uri", default=LOCAL_LIBVIRT_URI)
     ls.set_defaults(func=_list)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 

@@ -15,6 +15,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from pytest_kata.resources import LOCAL_LIBVIRT_URI
+
 ACCELS = ("kvm", "tcg")
 
 
@@ -53,7 +55,7 @@ def is_local_uri(uri: str) -> bool:
     return "://" not in uri or uri.split("://", 1)[1].startswith("/")
 
 
-def detect_accel(requested: str = "auto", conn: Any = None, uri: str = "qemu:///system") -> tuple[str, str]:
+def detect_accel(requested: str = "auto", conn: Any = None, uri: str = LOCAL_LIBVIRT_URI) -> tuple[str, str]:
     """The accelerator to use, and why. ``requested`` (``--kata-accel``) wins unless it is ``auto``."""
     if requested in ACCELS:
         return requested, "forced by --kata-accel"

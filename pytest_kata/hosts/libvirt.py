@@ -45,7 +45,8 @@ from pytest_kata.hosts.base import HostError, RunResult, as_command
 from pytest_kata.hosts.console import Console, strip_ansi
 from pytest_kata.images.common import make_ext4_fs
 from pytest_kata.progress import step
-from pytest_kata.resources import cache_dir
+from pytest_kata.resources import LOCAL_LIBVIRT_URI, cache_dir
+from pytest_kata.runid import worker_id
 
 AREA = "host"
 METADATA_NS = "https://github.com/pytest-kata/pytest-kata/host"
@@ -56,11 +57,6 @@ PANIC_PATTERNS = ("Kernel panic", "Oops", "Call Trace", "BUG:")
 _counter = itertools.count(1)
 _live: dict[str, LibvirtHost] = {}
 _live_lock = threading.Lock()
-
-
-def worker_id() -> str:
-    """``gw0``... under xdist, ``main`` otherwise: part of every name, so workers never collide."""
-    return os.environ.get("PYTEST_XDIST_WORKER", "main")
 
 
 def host_name(index: int | None = None, run_id: str | None = None) -> str:
@@ -166,7 +162,7 @@ class LibvirtHost:
 
     # ------------------------------------------------------------------------------------------ lifecycle
     @classmethod
-    def boot(cls, spec: HostSpec, uri: str = "qemu:///system", *, name: str | None = None,
+    def boot(cls, spec: HostSpec, uri: str = LOCAL_LIBVIRT_URI, *, name: str | None = None,
              conn: Any | None = None) -> LibvirtHost:
         """Create the overlay, define and start the domain, and wait for the shell prompt."""
         host = cls(name or host_name(), spec, uri, conn)

@@ -9,7 +9,6 @@ beyond repair (``kata_dirty``) gets a fresh, unshared host that is destroyed aft
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from pytest_kata.hosts.image import build_host_image, prebuilt_host_image
 from pytest_kata.hosts.libvirt import HostSpec, LibvirtHost, connect
 from pytest_kata.hosts.ssh import next_ssh_host
 from pytest_kata.progress import step, timed
+from pytest_kata.resources import LOCAL_LIBVIRT_URI
+from pytest_kata.runid import worker_id
 
 CLEAN = "clean"
 AREA = "host"
@@ -32,7 +33,7 @@ class PoolSettings:
     """The ``--kata-*`` host options, as the pool needs them (no pytest here)."""
 
     provider: str = "libvirt"
-    uri: str = "qemu:///system"
+    uri: str = LOCAL_LIBVIRT_URI
     host_image: str | None = None
     accel: str = "auto"
     boot_timeout: float = 240.0
@@ -44,7 +45,7 @@ class PoolSettings:
 
     @classmethod
     def from_settings(cls, settings: Any, log_dir: Path) -> PoolSettings:
-        return cls(provider=settings.host_provider or "libvirt", uri=settings.libvirt_uri or "qemu:///system",
+        return cls(provider=settings.host_provider or "libvirt", uri=settings.libvirt_uri or LOCAL_LIBVIRT_URI,
                    host_image=settings.host_image, accel=settings.accel or "auto",
                    boot_timeout=float(settings.boot_timeout or 240.0),
                    keep_on_failure=bool(settings.keep_on_failure), log_dir=log_dir,
@@ -181,4 +182,4 @@ class HostPool:
         if s.provider != "libvirt":
             return f"provider {s.provider}"
         accel = f"{self.accel.upper()} ({self.accel_reason})" if self.accel else "not decided yet"
-        return f"provider libvirt, {s.uri}, accel {accel}, worker {os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+        return f"provider libvirt, {s.uri}, accel {accel}, worker {worker_id()}"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import quote
 
+from pytest_kata.compression import GZIP_MAGIC, XZ_MAGIC, ZSTD_MAGIC
 from pytest_kata.errors import KataError
 
 KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "char",
@@ -33,7 +34,6 @@ KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", sta
 EXT_MAGIC_OFFSET = 1024 + 56
 EROFS_MAGIC = b"\xe2\xe1\xf5\xe0"
 CPIO_MAGICS = (b"070701", b"070702")
-GZIP_MAGIC, ZSTD_MAGIC, XZ_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd", b"\xfd7zXZ\x00"
 MAX_SYMLINK_HOPS = 40
 
 

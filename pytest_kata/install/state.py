@@ -35,9 +35,10 @@ from typing import Any
 
 from pytest_kata.errors import KataError
 from pytest_kata.hosts.base import Host, LocalHost
+from pytest_kata.resources import KATA_PREFIX
 
-PREFIX = "/opt/kata"
-RELEASES = "/opt/kata-releases"
+PREFIX = KATA_PREFIX
+RELEASES = f"{KATA_PREFIX}-releases"
 CONTAINERD_DIR = "/etc/containerd"
 CONTAINERD_CONFIG = "/etc/containerd/config.toml"
 BIN_LINKS = "/usr/local/bin"

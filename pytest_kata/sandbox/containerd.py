@@ -28,7 +28,7 @@ from typing import Any
 from pytest_kata import runid
 from pytest_kata.hosts.base import LocalHost
 from pytest_kata.progress import step, timed
-from pytest_kata.resources import cache_dir
+from pytest_kata.resources import KATA_PREFIX, cache_dir
 from pytest_kata.sandbox.base import (
     HostProcess,
     HostView,
@@ -188,7 +188,8 @@ class ContainerdDriver(SandboxDriver):
             raise SandboxUnavailable(f"no containerd-shim-kata-v2 in the candidate: {reason}",
                                      path=str(self.bundle.root))
         if not self._own_ctd:  # a staging host: the candidate is installed there at /opt/kata
-            self.runtime_args = ["--runtime-config-path", f"/opt/kata/{shim.config_path.relative_to(self.bundle.root)}"]
+            config = shim.config_path.relative_to(self.bundle.root)
+            self.runtime_args = ["--runtime-config-path", f"{KATA_PREFIX}/{config}"]
             return
         self._prepare_local_shim(shim)
 

@@ -38,7 +38,7 @@ from pytest_kata import runid
 from pytest_kata.hosts.accel import detect_local
 from pytest_kata.kataconfig import load_config
 from pytest_kata.progress import step, timed
-from pytest_kata.resources import cache_dir
+from pytest_kata.resources import KATA_PREFIX, cache_dir
 from pytest_kata.sandbox.base import (
     HostProcess,
     HostView,
@@ -50,7 +50,6 @@ from pytest_kata.sandbox.base import (
 )
 from pytest_kata.sandbox.probe import BUSYBOX, console_upload_commands, parse_output, script_text
 
-KATA_PREFIX = "/opt/kata"
 READY_RE = rb"KATA-GUEST-READY|KT-INIT-READY"
 PROMPT = "kp# "
 HOST_QEMU = "/usr/bin/qemu-system-x86_64"

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata.kataconfig import KataConfig, dumps
+from pytest_kata.resources import KATA_PREFIX
 from pytest_kata.sandbox.base import SandboxError
+from pytest_kata.sandbox.direct import map_path
 
 WRAPPER_NAME = "qemu-tcg-wrapper"
 ARGV_MARK = "@@KATA-ARGV"
@@ -183,8 +185,6 @@ class ShimConfig:
 
 
 def _map_paths(node: Any, root: Path, mapped: dict[str, str]) -> Any:
-    from pytest_kata.sandbox.direct import KATA_PREFIX, map_path
-
     if isinstance(node, dict):
         return {k: _map_paths(v, root, mapped) for k, v in node.items()}
     if isinstance(node, list):

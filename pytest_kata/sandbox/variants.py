@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata.images.common import make_ext4_disk
-from pytest_kata.resources import cache_dir
+from pytest_kata.resources import KATA_PREFIX, cache_dir
 from pytest_kata.sandbox.base import SandboxError
 from pytest_kata.sandbox.direct import STAND_IN_IMAGE_INIT, busybox_initramfs, host_kernel
 from pytest_kata.sandbox.probe import BUSYBOX
@@ -134,13 +134,13 @@ def stand_in_tree(out: Path, config_source: Path, changes: dict[str, Any] | None
     (root / "VERSION").write_text(version + "\n")
     confdir = root / CONFIG_DIR
     confdir.mkdir(parents=True)
-    settings = {"hypervisor.qemu.kernel": "/opt/kata/share/kata-containers/vmlinuz.container",
-                "hypervisor.qemu.initrd": "/opt/kata/share/kata-containers/kata-containers-initrd.img",
+    settings = {"hypervisor.qemu.kernel": f"{KATA_PREFIX}/share/kata-containers/vmlinuz.container",
+                "hypervisor.qemu.initrd": f"{KATA_PREFIX}/share/kata-containers/kata-containers-initrd.img",
                 "hypervisor.qemu.image": "", "hypervisor.qemu.default_memory": 512}
     if image:
         stand_in_image(share / "kata-stand-in.image")
         os.symlink("kata-stand-in.image", share / "kata-containers.img")
-        settings["hypervisor.qemu.image"] = "/opt/kata/share/kata-containers/kata-containers.img"
+        settings["hypervisor.qemu.image"] = f"{KATA_PREFIX}/share/kata-containers/kata-containers.img"
     settings.update(changes or {})
     write_config(confdir / "configuration-qemu.toml", config_source, settings)
     os.symlink("configuration-qemu.toml", confdir / "configuration.toml")
