@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from pytest_kata.errors import KataError
 from pytest_kata.resources import DATA_DIR, cache_dir, suites_dir, vm_images_dir
@@ -33,7 +32,7 @@ def _paths(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import pytest
+    import pytest  # the one command that runs pytest loads it; every other command works without it
 
     base = suites_dir()
     known = sorted(p.name for p in base.iterdir() if (p / "__init__.py").is_file())
@@ -45,7 +44,3 @@ def _run(args: argparse.Namespace) -> int:
         targets.append(f"pytest_kata.suites.{name}")
     return int(pytest.main(["--pyargs", *(targets or ["pytest_kata.suites"]), "-p", "no:cacheprovider",
                             *args.pytest_args, *args.passthrough]))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(0)
