@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from pytest_kata import bundle as bundle_mod
-from pytest_kata.bundle import Bundle, identify, open_bundle
+from pytest_kata.bundle import Bundle, archives, identify, open_bundle
 from pytest_kata.cli import main
 from pytest_kata.errors import BundleError, KataError
 
@@ -245,7 +244,7 @@ def test_second_open_and_identify_reuse_the_cache(tmp_path: Path, cache: Path, c
     def no_extraction(*args: object, **kwargs: object) -> None:
         raise AssertionError("the archive was unpacked again")
 
-    monkeypatch.setattr(bundle_mod, "_stream_members", no_extraction)
+    monkeypatch.setattr(archives, "_stream_members", no_extraction)
     second = open_bundle(str(tarball), cache=cache)
     assert second.root == first.root and second.files == first.files
     assert identify([str(tarball)], cache=cache) == {"path": str(tarball), "version": "3.2.0",
@@ -416,13 +415,13 @@ def filter_api(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     if request.param == "data_filter" and not hasattr(tarfile, "data_filter"):
         pytest.skip(f"this Python ({platform.python_version()}) has no tarfile.data_filter")
     if request.param == "own-checks-only":
-        monkeypatch.setattr(bundle_mod, "_DATA_FILTER", None)
+        monkeypatch.setattr(archives, "_DATA_FILTER", None)
     return str(request.param)
 
 
 def test_data_filter_is_feature_detected() -> None:
     """3.11.2 has no ``data_filter``: the module must import and know it (no AttributeError at open)."""
-    assert (bundle_mod._DATA_FILTER is None) == (not hasattr(tarfile, "data_filter"))
+    assert (archives._DATA_FILTER is None) == (not hasattr(tarfile, "data_filter"))
 
 
 @pytest.mark.parametrize("case", sorted(UNSAFE))
@@ -465,7 +464,7 @@ def test_oversize_member_total_and_count_limits(tmp_path: Path, cache: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     tarball = evil_tar(tmp_path / "big.tar.zst",
                        [(info("./opt/kata/share/kata-containers/img"), b"x" * 5000)])
-    monkeypatch.setattr(bundle_mod, "COUNT_LIMIT", 1)
+    monkeypatch.setattr(archives, "COUNT_LIMIT", 1)
     with pytest.raises(BundleError) as err:
         open_bundle(tarball, cache=cache)
     assert_one_line(err.value, "more than 1 members")
