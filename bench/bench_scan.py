@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("PYTEST_KATA_QUIET", "1")
 
-from pytest_kata.images.read import parse_dpkg_status
+from pytest_kata.images.packages import parse_dpkg_status
 from pytest_kata.vuln import scan
 from pytest_kata.vuln.debsecan import run_debsecan
 

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 
 from pytest_kata.cli import main
-from pytest_kata.hosts.resolve import resolve_host
 from pytest_kata.errors import KataError
 from pytest_kata.hosts.accel import detect_local
 from pytest_kata.hosts.base import Host, HostError, LocalHost, UnsupportedOperation
 from pytest_kata.hosts.hypervisor import parse_libvirt_uri
+from pytest_kata.hosts.resolve import resolve_host
 from pytest_kata.hosts.ssh import CONFIG_ENV, SshHost, close_all_ssh_hosts, next_ssh_host, parse_ssh_target
 
 REPO = Path(__file__).resolve().parents[1]

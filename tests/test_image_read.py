@@ -14,13 +14,8 @@ import pytest
 
 from pytest_kata.errors import KataError
 from pytest_kata.images.common import make_ext4_disk, make_initrd
-from pytest_kata.images.read import (
-    ImageError,
-    open_image,
-    parse_apk_installed,
-    parse_dpkg_status,
-    read_packages,
-)
+from pytest_kata.images.packages import parse_apk_installed, parse_dpkg_status, read_packages
+from pytest_kata.images.read import ImageError, open_image
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURE = SHARED / "data" / "vuln-fixtures"

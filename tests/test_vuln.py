@@ -13,7 +13,7 @@ import pytest
 
 from pytest_kata.errors import FeedError, KataError
 from pytest_kata.images.common import host_kernel, make_ext4_disk
-from pytest_kata.images.read import InstalledPackage
+from pytest_kata.images.packages import InstalledPackage
 from pytest_kata.vuln import debsecan, scan
 from pytest_kata.vuln.feeds import FeedSet, Release, load_feed
 from pytest_kata.vuln.kernel import evaluate_kernel, load_kbuild_map, read_kconfig

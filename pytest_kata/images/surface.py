@@ -17,7 +17,8 @@ from typing import Any
 from pytest_kata.errors import KataError
 from pytest_kata.images import guest
 from pytest_kata.images.facts import image_facts
-from pytest_kata.images.read import ImageError, open_image, read_packages
+from pytest_kata.images.packages import read_packages
+from pytest_kata.images.read import ImageError, open_image
 from pytest_kata.progress import timed
 from pytest_kata.sandbox.direct import DirectDriver, GuestSpec
 

@@ -16,7 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_kata.images.read import InstalledPackage, RootView
+from pytest_kata.images.packages import InstalledPackage
+from pytest_kata.images.read import RootView
 from pytest_kata.options import SEVERITIES
 from pytest_kata.vuln.match import Finding
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pytest_kata.images.read import InstalledPackage
+from pytest_kata.images.packages import InstalledPackage
 from pytest_kata.vuln.feeds import FeedSet, PackageVuln, Release
 from pytest_kata.vuln.versions import Undetermined, compare
 

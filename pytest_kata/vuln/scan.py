@@ -18,7 +18,8 @@ from typing import Any
 
 from pytest_kata.errors import KataError
 from pytest_kata.images.facts import image_facts
-from pytest_kata.images.read import InstalledPackage, PackageDB, RootView, open_image, parse_dpkg_status, read_packages
+from pytest_kata.images.packages import InstalledPackage, PackageDB, parse_dpkg_status, read_packages
+from pytest_kata.images.read import RootView, open_image
 from pytest_kata.options import SEVERITIES
 from pytest_kata.progress import step
 from pytest_kata.vuln.context import rank_findings
