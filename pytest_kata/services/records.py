@@ -124,7 +124,7 @@ def spawn_daemon(name: str, argv: Sequence[str], *, run_id: str, log: Path, env:
 
 
 def await_daemon(name: str, proc: subprocess.Popen[bytes], record: DaemonRecord, *, log: Path,
-                 ready: Callable[[], bool], timeout: float, on_timeout: Callable[[], None],
+                 ready: Callable[[], bool], timeout: float, on_timeout: Callable[[], object],
                  interval: float = 0.1) -> None:
     """Wait until a daemon from :func:`spawn_daemon` answers (``ready()``). One that exits first loses its
     record; one silent for ``timeout`` seconds is taken down by ``on_timeout()``; both raise
