@@ -56,7 +56,7 @@ def choose_driver(driver: str = "auto", runtime: str | None = None, candidate: A
 
 
 def candidate_config(candidate: Any, shim: str | None = None) -> Any:
-    """The candidate's effective configuration (helper A's Bundle, or an /opt/kata tree path)."""
+    """The candidate's effective configuration (a :class:`~pytest_kata.bundle.Bundle`, or an /opt/kata tree path)."""
     if candidate is None:
         return None
     if isinstance(candidate, str | Path):

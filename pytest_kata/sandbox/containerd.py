@@ -3,7 +3,7 @@
 ``kata-<shim>`` runs the candidate (it needs the bundle's ``containerd-shim-kata-v2``: a bundle without one,
 like the reference candidate, makes this driver unavailable with the bundle's own reason); ``runc`` and
 ``runsc`` are controls: the suites must fail on them, because a runc workload runs on the host kernel. The
-containerd is private to the run (own root/state/socket, helper F's :func:`pytest_kata.services.start_containerd`),
+containerd is private to the run (own root/state/socket, :func:`pytest_kata.services.start_containerd`),
 so no system containerd or image store is touched. Annotations, privileged mode, mounts and devices are
 workload parameters because most escape regressions need one of them.
 
@@ -113,7 +113,7 @@ def read_processes(host: Any, pids: list[int], pattern: str, roles: dict[int, st
 class ContainerdDriver(SandboxDriver):
     """One containerd, the probe image imported once, one ``ctr run --rm`` per probe.
 
-    Without a ``host`` it starts a private containerd on this machine (helper F's) and drives it through
+    Without a ``host`` it starts a private containerd on this machine and drives it through
     :class:`~pytest_kata.hosts.base.LocalHost`; with a ``host`` (any :class:`~pytest_kata.hosts.base.Host`,
     e.g. a libvirt staging host) it drives that host's containerd at ``address`` in a namespace named after
     the run. Every ``ctr`` call and the host-side view go through ``host.run``, so both paths are the same code.

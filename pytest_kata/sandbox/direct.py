@@ -60,19 +60,10 @@ ROOT_PARAMS = "root=/dev/vda1 rootflags=data=ordered,errors=remount-ro ro rootfs
 
 
 def detect_accel(requested: str = "auto") -> tuple[str, str]:
-    """KVM only where it really works (helper E's detection when present, else the same rules)."""
+    """KVM only where it really works (:func:`pytest_kata.hosts.accel.detect_local`), unless forced."""
     if requested in ("kvm", "tcg"):
         return requested, "forced by --kata-accel"
-    try:
-        return detect_local()
-    except ImportError:  # pragma: no cover - hosts package absent
-        pass
-    if not Path("/dev/kvm").exists():
-        return "tcg", "no /dev/kvm"
-    if Path("/sys/module/kvm_pvm").exists():
-        return "tcg", "/dev/kvm is PVM (kvm_pvm)"
-    flags = Path("/proc/cpuinfo").read_text()
-    return ("kvm", "svm/vmx present") if re.search(r"\b(svm|vmx)\b", flags) else ("tcg", "no svm/vmx flag")
+    return detect_local()
 
 
 def kernel_version_of(vmlinuz: Path) -> str | None:
@@ -215,7 +206,7 @@ class GuestSpec:
 
     @classmethod
     def from_bundle(cls, bundle: Any, shim: str | None = None, *, accel: str = "auto") -> GuestSpec:
-        """From an opened Bundle (helper A's), or a path to an /opt/kata tree."""
+        """From an opened :class:`~pytest_kata.bundle.Bundle`, or a path to an /opt/kata tree."""
         if isinstance(bundle, str | Path):
             root = tree_root(Path(bundle))
             return cls.from_config(root, tree_config(root, shim), accel=accel, source={"bundle": str(root)})
@@ -266,7 +257,7 @@ def tree_root(path: Path) -> Path:
 
 
 def tree_config(root: Path, shim: str | None = None) -> Any:
-    """The effective configuration of an /opt/kata tree, without helper A's bundle (drop-ins merged)."""
+    """The effective configuration of an /opt/kata tree, without opening it as a bundle (drop-ins merged)."""
     base = root / "share" / "defaults" / "kata-containers"
     path = base / (f"configuration-{shim}.toml" if shim else "configuration.toml")
     if not path.exists() and shim:
