@@ -16,6 +16,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from pytest_kata.images.common import make_ext4_disk
 from pytest_kata.resources import KATA_PREFIX, cache_dir
 from pytest_kata.sandbox.base import SandboxError
@@ -37,8 +39,6 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 def write_config(path: Path, source: Path, changes: dict[str, Any]) -> None:
     """``source`` TOML with ``changes`` applied, written to ``path`` (a fresh file: never through a hard link)."""
-    import tomli_w
-
     data = tomllib.loads(source.read_text(encoding="utf-8"))
     for key, value in changes.items():
         _set(data, key, value)
