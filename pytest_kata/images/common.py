@@ -17,6 +17,7 @@ Why this shape:
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import json
@@ -34,7 +35,6 @@ from typing import NamedTuple
 
 from pytest_kata.errors import KataError
 from pytest_kata.hashing import sha256_file as _sha256_file
-from pytest_kata.locking import exclusive
 from pytest_kata.progress import step
 from pytest_kata.resources import cache_dir
 
@@ -469,7 +469,8 @@ def cached(kind: str, key: str, build_fn: Callable[[Path], object], *, force: bo
     final = base / key
     if final.is_dir() and not force:
         return final
-    with exclusive(base / f".{key}.lock"):
+    with open(base / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if final.is_dir() and not force:
             return final  # another builder finished while we waited
         _sweep_stale_temps(base)

@@ -50,12 +50,12 @@ from pytest_kata.images.guest import (
 from pytest_kata.kata_build.kernel_choice import guest_kernel
 from pytest_kata.kata_build.sources import REQUIRED, Source, SourceSet, first_line
 from pytest_kata.progress import step, timed
-from pytest_kata.resources import KATA_PREFIX, cache_dir
+from pytest_kata.resources import cache_dir
 
 AREA = "kata-build"
 CACHE_KIND = "kata-build"
 BUILDER_VERSION = "1"
-PREFIX = KATA_PREFIX.lstrip("/")  # as tar members name it
+PREFIX = "opt/kata"
 GUEST_RECIPE = "kata"
 QEMU = Path("/usr/bin/qemu-system-x86_64")
 # Debian's qemu is relocatable: run from /opt/kata/bin it loads its accelerator and device modules, its
