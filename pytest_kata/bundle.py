@@ -54,6 +54,8 @@ from pytest_kata.kataconfig import KataConfig, load_config
 from pytest_kata.resources import cache_dir
 
 PREFIX = "opt/kata"
+KATA_PREFIX = "/" + PREFIX  # where a release is installed, as its configuration files name their assets
+ALL_SHIMS = "all"  # --kata-shim all: every shipped configuration
 MEMBER_LIMIT = 4 << 30  # the largest real member is a guest image (~300 MiB); 4 GiB leaves room
 TOTAL_LIMIT = 32 << 30
 COUNT_LIMIT = 200_000  # a kata-static release holds a few thousand paths; millions of inodes is an attack
@@ -175,6 +177,21 @@ class Bundle:
     def label(self) -> str:
         return " + ".join(str(s) for s in self.sources)
 
+    @staticmethod
+    def selection(shim: str | None) -> str | None:
+        """``--kata-shim`` as one shim's name; None for the default and for every configuration (``all``, empty
+        or not given): checks of every shipped configuration take them all, one sandbox takes the default."""
+        return None if shim in (None, "", ALL_SHIMS) else shim
+
+    def selected_shims(self, shim: str | None) -> list[ShimInfo]:
+        """The configurations ``--kata-shim`` selects: every shipped one, or the one it names."""
+        name = self.selection(shim)
+        return list(self.shims.values()) if name is None else [self.shim(name)]
+
+    def identity(self) -> dict[str, Any]:
+        """``{"path", "version", "sha256"}``: how the verdict names the candidate."""
+        return {"path": ", ".join(str(s) for s in self.sources), "version": self.version, "sha256": self.sha256}
+
     def resolve(self, rel: str) -> str | None:
         """``rel`` with every symlink followed inside the bundle (``None``: dangling or leaving it)."""
         return _resolve_in_tree(rel, self.files)
@@ -211,6 +228,13 @@ class Bundle:
 
 
 # --------------------------------------------------------------------------------------------- public API
+
+def bundle_relative(value: str) -> str | None:
+    """A path a configuration names under ``/opt/kata`` as the path inside the bundle (None: not under it)."""
+    if value == KATA_PREFIX or value.startswith(KATA_PREFIX + "/"):
+        return value[len(KATA_PREFIX):].lstrip("/")
+    return None
+
 
 def open_bundle(paths: str | Path | Sequence[str | Path], *, cache: Path | None = None,
                 member_limit: int = MEMBER_LIMIT, total_limit: int = TOTAL_LIMIT,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata.hashing import sha256_file
-from pytest_kata.options import SEVERITIES, severity_rank
+from pytest_kata.severities import SEVERITIES, severity_rank
 
 STATUSES = ("pass", "fail", "error", "notapplicable", "waived", "skipped")
 BLOCKING = ("fail", "error")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata.errors import ConfigError
-from pytest_kata.options import SEVERITIES, severity_rank
+from pytest_kata.severities import SEVERITIES, severity_rank
 
 
 def register(sub: argparse._SubParsersAction) -> None:

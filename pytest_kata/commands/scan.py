@@ -13,7 +13,7 @@ import json
 import sys
 
 from pytest_kata.errors import KataError
-from pytest_kata.options import SEVERITIES
+from pytest_kata.severities import SEVERITIES
 
 BUNDLE_SUFFIXES = (".tar", ".tar.zst", ".tar.xz", ".tar.gz", ".tgz", ".tar.bz2")
 

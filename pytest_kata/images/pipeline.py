@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata.errors import KataError
-from pytest_kata.options import SEVERITIES
 from pytest_kata.progress import step, timed
 from pytest_kata.resources import cache_dir
+from pytest_kata.severities import SEVERITIES
 
 
 @dataclass

@@ -20,6 +20,7 @@ import pytest
 
 from pytest_kata.hosts.base import Host, HostError
 from pytest_kata.hosts.provision import HostPool, PoolSettings
+from pytest_kata.plugins.settings import settings_of
 
 POOL = pytest.StashKey[HostPool]()
 USES = pytest.StashKey[list["HostUse"]]()
@@ -61,7 +62,6 @@ class HostList(list):
 # ---------------------------------------------------------------------------------------------- header
 def pytest_report_header(config: pytest.Config) -> list[str]:
     from pytest_kata.hosts.accel import detect_accel_description
-    from pytest_kata.plugin import settings_of
 
     s = settings_of(config)
     if not s.given:
@@ -156,8 +156,6 @@ def _register_teardown(item: pytest.Item, pool: HostPool) -> None:
 
 def _finish(item: pytest.Item, pool: HostPool) -> None:
     """After the test: kernel trouble check, then give the hosts back (or keep failed ones)."""
-    from pytest_kata.plugin import settings_of
-
     uses = item.stash.get(USES, [])
     failed = any(r.failed for r in item.stash.get(REPORTS, {}).values())
     policy = settings_of(item.config).host_panic

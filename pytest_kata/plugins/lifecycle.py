@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from pytest_kata import runid
-from pytest_kata.plugin import settings_of
+from pytest_kata.plugins.settings import settings_of
 from pytest_kata.progress import step
 from pytest_kata.sweep import KEPT_MARK, SweepReport, sweep, used_libvirt
 

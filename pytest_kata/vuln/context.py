@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_kata.images.read import InstalledPackage, RootView
-from pytest_kata.options import SEVERITIES
+from pytest_kata.severities import SEVERITIES
 from pytest_kata.vuln.match import Finding
 
 # Tools the agent runs (src/agent/src/rpc.rs, storage handlers, kernel module loading).

@@ -16,8 +16,8 @@ from typing import Any
 
 from pytest_kata.errors import KataError
 from pytest_kata.images.read import InstalledPackage, PackageDB, RootView, open_image, parse_dpkg_status, read_packages
-from pytest_kata.options import SEVERITIES
 from pytest_kata.progress import step
+from pytest_kata.severities import SEVERITIES
 from pytest_kata.vuln.feeds import FeedSet, Release
 from pytest_kata.vuln.kernel import KernelFinding, evaluate_kernel, load_kbuild_map, read_kconfig
 from pytest_kata.vuln.match import Finding, match_packages

@@ -27,7 +27,7 @@ from pytest_kata.advisories import (
 )
 from pytest_kata.errors import KataError
 from pytest_kata.options import KataSettings
-from pytest_kata.plugin import ADVISORY_PREFIXES
+from pytest_kata.plugins.verdict import ADVISORY_PREFIXES
 from pytest_kata.plugins.advisories import advisory_feed
 from pytest_kata.recorder import CheckRecorder
 

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from pytest_kata.errors import KataError
-from pytest_kata.options import SEVERITIES
 from pytest_kata.recorder import CheckRecorder
+from pytest_kata.severities import SEVERITIES
 
 
 def _worst(ranks: list[str]) -> str:
