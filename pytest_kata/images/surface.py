@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_kata.bundle import open_bundle
 from pytest_kata.errors import KataError
 
 # metric name -> (label, unit); the order is the table's
@@ -121,7 +122,7 @@ def measure_booted(bundle: str | Path, shim: str | None = None, *, boot_timeout:
     guest (agent-init images with the placeholder agent have one)."""
     from pytest_kata.sandbox.direct import DirectDriver, GuestSpec
 
-    driver = DirectDriver(GuestSpec.from_bundle(bundle, shim), boot_timeout=boot_timeout)
+    driver = DirectDriver(GuestSpec.from_bundle(open_bundle(bundle), shim), boot_timeout=boot_timeout)
     try:
         driver.start()
         texts = {}

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata import runid
+from pytest_kata.bundle import KATA_PREFIX, Bundle, ShimInfo
 from pytest_kata.progress import step, timed
 from pytest_kata.sandbox.base import (
     HostProcess,
@@ -118,7 +119,7 @@ class ContainerdDriver(SandboxDriver):
     name = "containerd"
     _instances = 0
 
-    def __init__(self, handler: str = "runc", *, bundle: Any = None, shim: str | None = None,
+    def __init__(self, handler: str = "runc", *, bundle: Bundle | None = None, shim: str | None = None,
                  containerd: Any = None, host: Any = None, address: str = "/run/containerd/containerd.sock",
                  accel: str = "auto", guest: str = "initrd") -> None:
         self.handler = handler
@@ -182,15 +183,16 @@ class ContainerdDriver(SandboxDriver):
             raise SandboxUnavailable("a kata-* handler needs a candidate (--kata-candidate)", path=self.handler)
         shim = self.bundle.shim(self.shim)
         if not shim.binary:
-            reason = getattr(self.bundle, "missing", {}).get("containerd-shim-kata-v2", "the bundle has no shim")
+            reason = self.bundle.missing.get("containerd-shim-kata-v2", "the bundle has no shim")
             raise SandboxUnavailable(f"no containerd-shim-kata-v2 in the candidate: {reason}",
                                      path=str(self.bundle.root))
         if not self._own_ctd:  # a staging host: the candidate is installed there at /opt/kata
-            self.runtime_args = ["--runtime-config-path", f"/opt/kata/{shim.config_path.relative_to(self.bundle.root)}"]
+            self.runtime_args = ["--runtime-config-path",
+                                 f"{KATA_PREFIX}/{shim.config_path.relative_to(self.bundle.root)}"]
             return
         self._prepare_local_shim(shim)
 
-    def _prepare_local_shim(self, shim: Any) -> None:
+    def _prepare_local_shim(self, shim: ShimInfo) -> None:
         """Write the runnable copy of the shim's configuration (see :mod:`~pytest_kata.sandbox.shimconfig`)
         and a directory where containerd finds the shim under the name its runtime type asks for."""
         from pytest_kata.resources import cache_dir
