@@ -14,7 +14,7 @@ import pytest
 from pytest_kata import hooks
 from pytest_kata import plugins as _plugins
 
-FIRST = ("settings", "candidate", "verdict")  # the first two are imported by the others: registered before them
+FIRST = ("settings", "candidate", "recorder", "verdict")  # imported by the others: registered before them
 pytest_plugins = [f"pytest_kata.plugins.{name}" for name in FIRST] + [
     f"pytest_kata.plugins.{m.name}" for m in pkgutil.iter_modules(_plugins.__path__) if m.name not in FIRST]
 

@@ -21,8 +21,8 @@ from pytest_kata.bundle import Bundle
 from pytest_kata.errors import KataError
 from pytest_kata.kataconfig import load_config
 from pytest_kata.plugins.candidate import not_given, opened_bundle
+from pytest_kata.plugins.recorder import CheckRecorder
 from pytest_kata.plugins.settings import settings_of
-from pytest_kata.recorder import CheckRecorder
 from pytest_kata.resources import suites_dir
 from pytest_kata.rules import Profile, Waivers, load_profile, load_rules, load_waivers, rule_sets
 from pytest_kata.rules.cases import Case, CaseResult, SkipCase, kernel_cases, runtime_config_cases

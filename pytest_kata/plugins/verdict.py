@@ -12,8 +12,7 @@ import pytest
 
 from pytest_kata.errors import KataError
 from pytest_kata.plugins.candidate import opened_bundle
-from pytest_kata.plugins.settings import settings_of
-from pytest_kata.recorder import (
+from pytest_kata.plugins.recorder import (
     RESULT_KEY,
     WARNING_CATEGORY,
     CheckRecorder,
@@ -24,6 +23,7 @@ from pytest_kata.recorder import (
     warn_below_fail_on,
     warning_of,
 )
+from pytest_kata.plugins.settings import settings_of
 from pytest_kata.severities import SEVERITIES
 from pytest_kata.verdict import Result, Verdict
 

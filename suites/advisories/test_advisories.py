@@ -29,8 +29,8 @@ from pytest_kata.bundle import Bundle
 from pytest_kata.errors import KataError
 from pytest_kata.options import KataSettings
 from pytest_kata.plugins.advisories import advisory_feed
+from pytest_kata.plugins.recorder import CheckRecorder
 from pytest_kata.plugins.verdict import ADVISORY_PREFIXES
-from pytest_kata.recorder import CheckRecorder
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -17,7 +17,7 @@ from pytest_kata.bundle import Bundle
 from pytest_kata.errors import KataError
 from pytest_kata.images.surface import measure, over_budget, table
 from pytest_kata.options import KataSettings
-from pytest_kata.recorder import CheckRecorder
+from pytest_kata.plugins.recorder import CheckRecorder
 from pytest_kata.rules import Rule, load_rules
 from pytest_kata.rules.cases import Case, ImageRuleCase
 from pytest_kata.rules.subjects import ImageSubject, image_subjects

@@ -18,7 +18,7 @@ import yaml
 from pytest_kata.bundle import Bundle
 from pytest_kata.errors import KataError
 from pytest_kata.options import KataSettings
-from pytest_kata.recorder import CheckRecorder
+from pytest_kata.plugins.recorder import CheckRecorder
 from pytest_kata.severities import SEVERITIES
 from pytest_kata.vuln import cyclonedx, scan
 from pytest_kata.vuln.kernel import kernel_from_bundle_names

@@ -22,7 +22,7 @@ from pytest_kata.install.rollout import rolling_update, smoke_gate, target_name
 from pytest_kata.install.state import RELEASES, State
 from pytest_kata.install.workloads import WorkloadProbe
 from pytest_kata.plugins.install import InstallTargets
-from pytest_kata.recorder import CheckRecorder
+from pytest_kata.plugins.recorder import CheckRecorder
 
 pytestmark = pytest.mark.vm  # installs on hosts (libvirt VMs or a sysroot) and runs containerd workloads
 
