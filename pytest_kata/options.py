@@ -7,17 +7,13 @@ resolved values from :class:`KataSettings`; it never sees pytest.
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from pytest_kata.errors import ConfigError
 from pytest_kata.severities import SEVERITIES
-
-try:
-    import tomllib as _toml
-except ModuleNotFoundError:  # pragma: no cover - Python < 3.11 is not supported, tomli is its twin
-    import tomli as _toml  # type: ignore[no-redef]
 
 OptType = Literal["path", "paths", "str", "int", "float", "bool", "choice"]
 
@@ -193,8 +189,8 @@ def read_kata_toml(rootdir: Path) -> tuple[dict[str, Any], Path | None]:
         if not path.is_file():
             continue
         try:
-            data = _toml.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, _toml.TOMLDecodeError) as exc:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read options: {exc}", path=path) from None
         if section:
             for key in section:

@@ -83,7 +83,7 @@ def kata_sandbox_version(kata_sandbox_candidate: Bundle | None) -> str | None:
 
 @pytest.fixture(scope="session")
 def kata_sandbox_host(request: pytest.FixtureRequest, kata_settings: KataSettings) -> Any:
-    """Where the sandbox runs: None for this machine; a fresh libvirt staging host (helper E's pool) when
+    """Where the sandbox runs: None for this machine; a fresh libvirt staging host (from the host pool) when
     ``--kata-host-provider libvirt`` is given explicitly with the containerd driver."""
     explicit = kata_settings.sources.get("host_provider") not in (None, "default")
     wants_containerd = bool(kata_settings.runtime) or kata_settings.driver == "containerd"
