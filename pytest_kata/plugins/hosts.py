@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from pytest_kata.hosts.accel import detect_accel_description
+from pytest_kata.hosts import accel as host_accel
 from pytest_kata.hosts.base import Host, HostError
 from pytest_kata.hosts.libvirt import scan_for_panics
 from pytest_kata.hosts.provision import HostPool, PoolSettings
@@ -70,7 +70,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if s.host_provider != "libvirt":
         return [f"kata hosts: provider {s.host_provider}"]
     try:
-        accel = detect_accel_description(s.accel, s.libvirt_uri)
+        accel = host_accel.detect_accel_description(s.accel, s.libvirt_uri)
     except ValueError as exc:
         accel = str(exc)
     return [f"kata hosts: libvirt {s.libvirt_uri}, accel {accel}, boot timeout {s.boot_timeout:g} s"]
