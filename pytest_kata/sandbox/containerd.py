@@ -190,9 +190,9 @@ class ContainerdDriver(SandboxDriver):
             self.runtime_args = ["--runtime-config-path",
                                  f"{KATA_PREFIX}/{shim.config_path.relative_to(self.bundle.root)}"]
             return
-        self._prepare_local_shim(shim)
+        self._prepare_local_shim(self.bundle, shim)
 
-    def _prepare_local_shim(self, shim: ShimInfo) -> None:
+    def _prepare_local_shim(self, bundle: Bundle, shim: ShimInfo) -> None:
         """Write the runnable copy of the shim's configuration (see :mod:`~pytest_kata.sandbox.shimconfig`)
         and a directory where containerd finds the shim under the name its runtime type asks for."""
         from pytest_kata.resources import cache_dir
@@ -204,7 +204,7 @@ class ContainerdDriver(SandboxDriver):
         base.mkdir(parents=True, exist_ok=True)
         out = _unique_dir(base, "kata-shim")
         try:
-            self.shim_config = write_shim_config(shim.config, Path(self.bundle.root), out, accel=accel,
+            self.shim_config = write_shim_config(shim.config, Path(bundle.root), out, accel=accel,
                                                  vhost_net=Path("/dev/vhost-net").exists(),
                                                  vhost_vsock=Path("/dev/vhost-vsock").exists(), guest=self.guest)
         except SandboxError as exc:
@@ -212,7 +212,7 @@ class ContainerdDriver(SandboxDriver):
         self.shim_config.changes.setdefault("accel", f"{accel} ({why})")
         bindir = out / "bin"
         bindir.mkdir()
-        (bindir / shim_binary_name(self.runtime)).symlink_to(Path(self.bundle.root) / shim.binary)
+        (bindir / shim_binary_name(self.runtime)).symlink_to(Path(bundle.root) / str(shim.binary))
         self._shim_dirs = [bindir]
 
     # lifecycle -------------------------------------------------------------------------------------------
