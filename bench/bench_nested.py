@@ -165,11 +165,12 @@ def main() -> int:
 
     from fixtures.reference import ensure_reference
     from pytest_kata import runid
+    from pytest_kata.bundle import open_bundle
     from pytest_kata.resources import cache_dir
     from pytest_kata.sandbox.direct import GuestSpec
 
     run_id = runid.current_run_id()
-    spec = GuestSpec.from_bundle(ensure_reference("candidate", "hardened"), accel="tcg")
+    spec = GuestSpec.from_bundle(open_bundle(ensure_reference("candidate", "hardened")), accel="tcg")
     started = time.monotonic()
     rows: list[tuple[str, list[float]]] = []
     lower_bounds: dict[str, float] = {}  # cells that did not reach ready: "more than this many seconds"

@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("PYTEST_KATA_QUIET", "1")
 
+from pytest_kata.bundle import open_bundle  # noqa: E402
 from pytest_kata.sandbox import Workload  # noqa: E402
 from pytest_kata.sandbox.containerd import ContainerdDriver  # noqa: E402
 from pytest_kata.sandbox.direct import DirectDriver, GuestSpec  # noqa: E402
@@ -36,7 +37,7 @@ def timed(fn):
 
 
 def bench_direct(rounds: int, tree: Path) -> list[tuple[str, float, float]]:
-    spec = GuestSpec.from_bundle(tree)
+    spec = GuestSpec.from_bundle(open_bundle(tree))
     rows = []
     # naive: a fresh VM per probe
     naive = 0.0

@@ -677,7 +677,7 @@ class Deployment:
     @classmethod
     def from_bundle(cls, bundle: Any, shim: str | None = None) -> Deployment | None:
         """Every shipped configuration, or the one ``shim`` names; None when the bundle ships none."""
-        shims = list(bundle.shims.values()) if shim in (None, "", "all") else [bundle.shim(shim)]
+        shims = bundle.selected_shims(shim)
         configs = []
         for info in sorted(shims, key=lambda s: s.name):
             try:

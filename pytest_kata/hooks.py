@@ -7,13 +7,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pytest
 
+    from pytest_kata.bundle import Bundle
     from pytest_kata.verdict import Result, Verdict
 
 
-def pytest_kata_candidate_opened(bundle: Any, config: pytest.Config) -> None:
-    """Called once the candidate bundle is opened and inventoried.
+def pytest_kata_candidate_opened(bundle: Bundle, config: pytest.Config) -> None:
+    """Called once per process when the candidate bundle is opened and inventoried, before any rule item is
+    generated.
 
-    Use it to add site-specific facts (an internal version scheme, a signature check) before suites run.
+    Use it to add site-specific facts (an internal version scheme, a signature check) before suites run: the
+    rules, the suites' fixtures and the verdict all use this same bundle.
     """
 
 

@@ -7,18 +7,14 @@ resolved values from :class:`KataSettings`; it never sees pytest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import tomllib
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from pytest_kata.errors import ConfigError
+from pytest_kata.severities import SEVERITIES
 
-try:
-    import tomllib as _toml
-except ModuleNotFoundError:  # pragma: no cover - Python < 3.11 is not supported, tomli is its twin
-    import tomli as _toml  # type: ignore[no-redef]
-
-SEVERITIES = ("info", "low", "medium", "high", "critical")
 OptType = Literal["path", "paths", "str", "int", "float", "bool", "choice"]
 
 
@@ -41,7 +37,7 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    # foundation (issue 2)
+    # the candidate and its gate
     Option("candidate", "paths", "candidate bundle: a kata-static .tar.xz/.tar.gz/.tar.zst, an /opt/kata tree or a "
            "root holding opt/kata; repeat (or comma-separate) to give the split 4.1 tarballs together", metavar="PATH"),
     Option("baseline", "paths", "the release the candidate replaces (same forms as --kata-candidate)", metavar="PATH"),
@@ -65,7 +61,7 @@ OPTIONS: tuple[Option, ...] = (
            False),
     Option("installed_config", "path", "an installed configuration.toml to check for drift against the shipped one",
            metavar="FILE"),
-    # hosts (issue 3)
+    # hosts
     Option("hosts", "int", "how many KVM hosts to provision per run", 1, metavar="N"),
     Option("host_provider", "choice", "where hosts come from", "libvirt", choices=("libvirt", "local", "ssh")),
     Option("libvirt_uri", "str", "libvirt connection URI (remote qemu+ssh:// URIs scale out)", "qemu:///system",
@@ -78,12 +74,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("host_panic", "choice", "what a kernel panic/oops/BUG/call trace in a host's console or journal during a "
            "test does", "fail", choices=("fail", "warn", "ignore")),
     Option("ssh_hosts", "str", "comma-separated user@host for --kata-host-provider ssh", metavar="LIST"),
-    # sandboxes (issue 5)
+    # sandboxes
     Option("runtime", "str", "runtime handler for workload tests: kata-<shim> (candidate), runc or runsc (controls)",
            metavar="HANDLER"),
     Option("driver", "choice", "sandbox driver: direct boots the guest kernel+image; containerd uses ctr + a "
            "runtime handler", "auto", choices=("auto", "direct", "containerd")),
-    # guest image (issue 6)
+    # guest image
     Option("vulns", "paths", "vulnerability feed(s): Debian tracker JSON, OSV dir/zip, Alpine secdb, kernel CNA "
            "records", metavar="FEED"),
     Option("surface_budget", "float", "allowed growth (percent) of the guest image attack surface against the "
@@ -95,9 +91,34 @@ BY_NAME = {o.name: o for o in OPTIONS}
 
 @dataclass
 class KataSettings:
-    """The resolved values of every option, plus where each came from (for the run header)."""
+    """The resolved value of every option (one typed field per entry of :data:`OPTIONS`), plus where each
+    came from (for the run header) and the rootdir relative paths were resolved against."""
 
-    values: dict[str, Any] = field(default_factory=dict)
+    candidate: list[str] | None = None
+    baseline: list[str] | None = None
+    shim: str | None = None
+    profile: str = "default"
+    waivers: str | None = None
+    advisories: list[str] | None = None
+    commit: str | None = None
+    repo: str | None = None
+    backports: str | None = None
+    report: str | None = None
+    fail_on: str = "high"
+    keep_on_failure: bool = False
+    installed_config: str | None = None
+    hosts: int = 1
+    host_provider: str = "libvirt"
+    libvirt_uri: str = "qemu:///system"
+    host_image: str | None = None
+    accel: str = "auto"
+    boot_timeout: float = 240.0
+    host_panic: str = "fail"
+    ssh_hosts: str | None = None
+    runtime: str | None = None
+    driver: str = "auto"
+    vulns: list[str] | None = None
+    surface_budget: float = 10.0
     sources: dict[str, str] = field(default_factory=dict)
     rootdir: Path = field(default_factory=Path.cwd)
 
@@ -106,11 +127,14 @@ class KataSettings:
         """Whether any option was set (command line, ini or kata.toml): the session asks for Kata."""
         return any(source != "default" for source in self.sources.values())
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self.__dict__["values"][name]
-        except KeyError:
-            raise AttributeError(name) from None
+    def value(self, name: str) -> Any:
+        """The value of the option ``name`` (an entry of :data:`OPTIONS`)."""
+        if name not in BY_NAME:
+            raise KeyError(name)
+        return getattr(self, name)
+
+
+SETTING_FIELDS = frozenset(f.name for f in fields(KataSettings)) - {"sources", "rootdir"}
 
 
 def _convert(option: Option, raw: Any, origin: str, base: Path) -> Any:
@@ -165,8 +189,8 @@ def read_kata_toml(rootdir: Path) -> tuple[dict[str, Any], Path | None]:
         if not path.is_file():
             continue
         try:
-            data = _toml.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, _toml.TOMLDecodeError) as exc:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read options: {exc}", path=path) from None
         if section:
             for key in section:
@@ -188,25 +212,19 @@ def read_kata_toml(rootdir: Path) -> tuple[dict[str, Any], Path | None]:
 def resolve_settings(cli: dict[str, Any], ini: dict[str, Any], rootdir: Path, cwd: Path | None = None) -> KataSettings:
     """Merge the sources by precedence. ``cli``/``ini`` hold None for options not given there."""
     toml_values, toml_path = read_kata_toml(rootdir)
-    settings = KataSettings(rootdir=rootdir)
     cwd = cwd or Path.cwd()
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for option in OPTIONS:
-        for origin, values, base in (("command line", cli, cwd), ("ini", ini, rootdir),
-                                     (str(toml_path), toml_values, rootdir)):
-            raw = values.get(option.name)
+        for origin, given, base in (("command line", cli, cwd), ("ini", ini, rootdir),
+                                    (str(toml_path), toml_values, rootdir)):
+            raw = given.get(option.name)
             if raw is not None and raw != [] and raw != "":
-                settings.values[option.name] = _convert(option, raw, origin, base)
-                settings.sources[option.name] = origin
+                values[option.name] = _convert(option, raw, origin, base)
+                sources[option.name] = origin
                 break
         else:
-            settings.values[option.name] = option.default
-            settings.sources[option.name] = "default"
-    return settings
+            values[option.name] = option.default
+            sources[option.name] = "default"
+    return KataSettings(**values, sources=sources, rootdir=rootdir)
 
-
-def severity_rank(severity: str) -> int:
-    """Order of severities; unknown ones rank as medium so that a typo never hides a failure."""
-    try:
-        return SEVERITIES.index(severity.lower())
-    except ValueError:
-        return SEVERITIES.index("medium")

@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_kata.hashing import sha256_file
-from pytest_kata.options import SEVERITIES, severity_rank
+from pytest_kata.severities import severity_rank
 
 STATUSES = ("pass", "fail", "error", "notapplicable", "waived", "skipped")
 BLOCKING = ("fail", "error")
@@ -188,4 +187,4 @@ def side_by_side(verdicts: list[tuple[str, dict[str, Any]]], width: int = 118) -
     return "\n".join(lines)
 
 
-__all__ = ["BLOCKING", "SEVERITIES", "STATUSES", "Result", "Verdict", "sha256_file", "side_by_side"]
+__all__ = ["BLOCKING", "STATUSES", "Result", "Verdict", "side_by_side"]

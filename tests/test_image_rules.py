@@ -19,6 +19,7 @@ from pytest_kata.images.facts import image_facts
 from pytest_kata.images.read import open_image
 from pytest_kata.images.surface import measure, over_budget, table
 from pytest_kata.rules import Facts, evaluate, judge, load_profile, load_rules
+from pytest_kata.rules.subjects import image_subjects
 
 CAP_NET_RAW_EP = bytes.fromhex("0100000200200000000000000000000000000000")
 HARDENING_SYSCTLS = """kernel.kptr_restrict = 2
@@ -229,14 +230,6 @@ def test_surface_table_and_budget(images: dict[str, Path]) -> None:
 
 def test_suite_picks_configured_image(images: dict[str, Path], tmp_path: Path) -> None:
     """The suite judges the image the shim's configuration boots, with the cmdline Kata would build."""
-    import importlib.util
-
-    from pytest_kata.resources import suites_dir
-
-    spec = importlib.util.spec_from_file_location("tgi", suites_dir() / "hardening" / "test_guest_image.py")
-    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules["tgi"] = mod
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
     root = tmp_path / "opt-kata"
     (root / "share/kata-containers").mkdir(parents=True)
     shutil.copy(images["baseline"], root / "share/kata-containers/kata-baseline.img")
@@ -248,10 +241,10 @@ def test_suite_picks_configured_image(images: dict[str, Path], tmp_path: Path) -
     bundle = SimpleNamespace(path=lambda rel: root / rel, shim=lambda name=None: SimpleNamespace(config=config),
                              images=["share/kata-containers/kata-baseline.img",
                                      "share/kata-containers/kata-minimal.img"], initrds=[])
-    chosen = mod.candidate_images(bundle, SimpleNamespace(shim=None))
+    chosen = image_subjects(bundle, None)  # type: ignore[arg-type]
     assert [c.rel for c in chosen] == ["share/kata-containers/kata-minimal.img"]
-    assert chosen[0].facts["cmdline.debug"] == ["agent.log=debug", "agent.debug_console",
-                                                "agent.debug_console_vport=1026"]
+    assert chosen[0].image_facts["cmdline.debug"] == ["agent.log=debug", "agent.debug_console",
+                                                      "agent.debug_console_vport=1026"]
 
 
 def test_images_compare_cli(images: dict[str, Path]) -> None:

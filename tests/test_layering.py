@@ -14,15 +14,8 @@ import pytest_kata
 PACKAGE = Path(pytest_kata.__file__).resolve().parent
 ROOT = PACKAGE.parent
 
-# Files that still carry function-level pytest_kata imports, each named: the pytest plugin and the rules
-# CLI, whose imports of plugin.py and the candidate move with the settings and rule-pipeline rework.
-NOT_YET_HOISTED = {
-    "plugin.py", "plugins/advisories.py", "plugins/hosts.py", "plugins/images.py", "plugins/lifecycle.py",
-    "plugins/reports.py", "plugins/rules.py", "plugins/sandbox.py", "commands/rules.py", "commands/compare.py",
-}
-
 # Modules that are pytest's side of the library and need pytest to import; everything else must not.
-PYTEST_SIDE = {"pytest_kata.plugin", "pytest_kata.recorder"}
+PYTEST_SIDE = {"pytest_kata.plugin"}
 
 
 def function_level_imports(source: str, filename: str = "<src>") -> list[str]:
@@ -52,19 +45,10 @@ def test_no_function_level_imports_of_the_package() -> None:
     offenders = {}
     for path in library_files():
         rel = path.relative_to(PACKAGE).as_posix()
-        if rel in NOT_YET_HOISTED:
-            continue
         found = function_level_imports(path.read_text(), str(path))
         if found:
             offenders[rel] = found
     assert offenders == {}
-
-
-def test_the_exemptions_are_still_needed() -> None:
-    """An exempt file that no longer defers an import leaves the list (so the list only shrinks)."""
-    stale = [rel for rel in sorted(NOT_YET_HOISTED)
-             if not (PACKAGE / rel).is_file() or not function_level_imports((PACKAGE / rel).read_text())]
-    assert stale == []
 
 
 def test_the_import_check_sees_deferred_imports() -> None:
@@ -102,7 +86,7 @@ BLOCKER = textwrap.dedent("""
 
     class NoPytest(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("pytest", "_pytest", "xdist", "pluggy"):
+            if name.split(".")[0] in ("pytest", "_pytest", "xdist", "pluggy", "allure_pytest"):
                 raise ImportError(f"pytest is blocked: {name}")
             return None
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from pytest_kata.errors import ConfigError
-from pytest_kata.options import OPTIONS, resolve_settings
+from pytest_kata.options import OPTIONS, SETTING_FIELDS, KataSettings, resolve_settings
 
 
 def _none() -> dict[str, None]:
@@ -55,3 +56,16 @@ def test_bad_kata_toml_is_one_line_naming_the_file(tmp_path: Path, text: str, ne
         resolve_settings(_none(), _none(), tmp_path)
     message = str(info.value)
     assert "\n" not in message and needle in message and "kata.toml" in message
+
+
+def test_settings_have_one_typed_field_per_option_with_its_default(tmp_path: Path) -> None:
+    """A new option needs its field (and an unknown attribute is an error, not a silent None)."""
+    assert {o.name for o in OPTIONS} == SETTING_FIELDS
+    s = resolve_settings(_none(), _none(), tmp_path)
+    assert all(s.value(o.name) == o.default for o in OPTIONS)
+    with pytest.raises(AttributeError):
+        s.no_such_option  # type: ignore[attr-defined]  # noqa: B018
+    with pytest.raises(KeyError):
+        s.value("sources")
+    annotations = {f.name: f.type for f in fields(KataSettings)}
+    assert annotations["candidate"] == "list[str] | None" and annotations["hosts"] == "int"

@@ -42,3 +42,17 @@ def test_check_with_waivers_and_bad_input(tmp_path: Path, capsys: pytest.Capture
     assert "waived" in capsys.readouterr().out
     assert main(["rules", "check", str(tmp_path / "missing.toml")]) == 2
     assert capsys.readouterr().err.strip() == f"pytest-kata: error: {tmp_path / 'missing.toml'}: no such file"
+
+
+def test_check_decides_like_the_suite_verdict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An expired waiver rejects at any severity, in the CLI as in the suites (one verdict logic); a live one
+    below the threshold does not."""
+    waivers = tmp_path / "w.toml"
+    upstream = str(CONFIGS / "upstream/configuration-qemu.toml")
+    waivers.write_text('[[waiver]]\nrule = "KATA-CFG-010"\njustification = "lab"\nexpires = 2001-01-01\n')
+    assert main(["rules", "check", upstream, "--waivers", str(waivers), "--fail-on", "critical", "--json"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert data["blocking"] == ["KATA-CFG-010"] and data["verdict"] == "reject"
+    waivers.write_text('[[waiver]]\nrule = "KATA-CFG-010"\njustification = "lab"\nexpires = 2999-01-01\n')
+    assert main(["rules", "check", upstream, "--waivers", str(waivers), "--fail-on", "critical", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["blocking"] == []

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from pytest_kata.kataconfig import MISSING, KataConfig, load_config
-from pytest_kata.options import severity_rank
 from pytest_kata.rules import Facts, evaluate, judge, load_profile, load_rules
+from pytest_kata.severities import severity_rank
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "fixtures" / "configs"

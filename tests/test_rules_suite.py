@@ -317,3 +317,56 @@ def test_config_d_dropins_are_checked_as_kata_merges_them(pytester: pytest.Pytes
     attached = allure_attachments(allure_dir)["KATA-CFG-006[configuration-qemu.toml]"]
     diff = attached["diff configuration-qemu.toml vs effective (config.d drop-ins)"]
     assert "-disable_guest_seccomp = false\n+disable_guest_seccomp = true" in diff
+
+
+SITE_HOOK = '''
+EVENTS = "events.txt"
+
+def pytest_kata_candidate_opened(bundle, config):
+    with open(EVENTS, "a") as fh:
+        fh.write(f"opened {id(bundle)}\\n")
+    qemu = bundle.shim("qemu")
+    qemu.config = qemu.config.with_changes({"runtime.disable_guest_seccomp": True})
+    default = bundle.shim(None)  # its kernel_params are the guest kernel's command line
+    default.config = default.config.with_changes({"hypervisor.qemu.kernel_params": "site.facts=1"})
+    bundle.version = "4.1.0+site.7"
+
+def pytest_itemcollected(item):
+    with open(EVENTS, "a") as fh:
+        fh.write(f"item {item.name}\\n")
+'''
+
+
+def test_candidate_opened_hook_fires_once_before_rule_items_and_its_facts_reach_them(
+        pytester: pytest.Pytester, tmp_path: Path) -> None:
+    """One bundle per session: what a site hook changes on it is what the configuration and kernel rules judge
+    and what the verdict names, and the hook runs once, before any rule item exists."""
+    candidate = kata_tree(tmp_path, "hardened")
+    kernel_config = candidate / "opt/kata/share/kata-containers/config-6.1.0-site"
+    kernel_config.parent.mkdir(parents=True, exist_ok=True)
+    kernel_config.write_text("# Linux/x86 6.1.0 Kernel Configuration\nCONFIG_X86_64=y\nCONFIG_MODULES=y\n")
+    kernel_suite = SUITE.parent / "test_guest_kernel.py"
+    report = pytester.path / "verdict.json"
+
+    def judge(*extra: str) -> dict[str, dict]:
+        report.unlink(missing_ok=True)
+        pytester.runpytest(str(SUITE), str(kernel_suite), "--kata-candidate", str(candidate), "--kata-report",
+                           str(report), "-p", "no:cacheprovider", *extra)
+        return json.loads(report.read_text())
+
+    plain = judge()
+    assert by_id(plain)["KATA-CFG-006[configuration-qemu.toml]"]["status"] == "pass"  # the negative control
+    assert plain["candidate"]["version"] == "4.1.0"
+
+    pytester.makepyfile(site_hook=SITE_HOOK.replace('"events.txt"', repr(str(pytester.path / "events.txt"))))
+    pytester.syspathinsert()
+    verdict = judge("-p", "site_hook")
+    results = by_id(verdict)
+    assert results["KATA-CFG-006[configuration-qemu.toml]"]["status"] == "fail"
+    assert results["KATA-CFG-006[configuration-qemu-runtime-rs.toml]"]["status"] == "pass"
+    kernel = [r for r in verdict["results"] if r["id"].endswith("[config-6.1.0-site]")]
+    assert kernel and {r["evidence"]["kernel_cmdline"] for r in kernel} == {"site.facts=1"}
+    assert verdict["candidate"]["version"] == "4.1.0+site.7"
+    events = (pytester.path / "events.txt").read_text().splitlines()
+    assert len([e for e in events if e.startswith("opened")]) == 1 and events[0].startswith("opened")
+    assert any(e.startswith("item test_runtime_config[KATA-CFG-006") for e in events)

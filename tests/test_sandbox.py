@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pytest_kata.advisories import decide, load_feed
+from pytest_kata.bundle import open_bundle
 from pytest_kata.errors import KataError
 from pytest_kata.kataconfig import load_config
 from pytest_kata.sandbox import SandboxError, SandboxUnavailable, checks, choose_driver, escape
@@ -97,7 +98,7 @@ def stand_in(tmp_path_factory) -> Path:
 
 
 def test_guest_spec_follows_the_configuration(stand_in, tmp_path):
-    spec = GuestSpec.from_bundle(stand_in, accel="tcg")
+    spec = GuestSpec.from_bundle(open_bundle(stand_in), accel="tcg")
     assert spec.kernel_release == os.uname().release or spec.kernel_release.endswith("amd64")
     assert "root=/dev/vda1" in spec.cmdline() and " ro " in f" {spec.cmdline()} "
     assert "cgroup_no_v1=all" in spec.cmdline()  # the config's kernel_params
@@ -106,7 +107,7 @@ def test_guest_spec_follows_the_configuration(stand_in, tmp_path):
     assert spec.memory_mb == 512 and spec.machine_type == "q35"
     assert any("host's" in n for n in spec.notes)  # no qemu in the stand-in bundle: said so
     writable = variant_tree(stand_in, tmp_path / "rw", {"hypervisor.qemu.kernel_params": "rw"})
-    spec_rw = GuestSpec.from_bundle(writable, accel="tcg")
+    spec_rw = GuestSpec.from_bundle(open_bundle(writable), accel="tcg")
     assert not spec_rw.image_read_only
     assert "readonly=on" not in next(a for a in spec_rw.argv("x") if a.startswith("file="))
     # the variant's config changed, the original's did not (hard links are never written through)
@@ -117,24 +118,22 @@ def test_guest_spec_follows_the_configuration(stand_in, tmp_path):
 def test_guest_spec_names_the_config_when_the_kernel_is_missing(stand_in, tmp_path):
     broken = variant_tree(stand_in, tmp_path / "b", {"hypervisor.qemu.kernel": "/opt/kata/share/nope"})
     with pytest.raises(SandboxError, match=r"configuration-qemu.toml.*kernel"):
-        GuestSpec.from_bundle(broken)
+        GuestSpec.from_bundle(open_bundle(broken))
 
 
 def test_choose_driver(stand_in):
     with pytest.raises(KataError, match="--kata-runtime"):
-        choose_driver("direct", "runc", stand_in)
+        choose_driver("direct", "runc", open_bundle(stand_in))
     with pytest.raises(SandboxUnavailable, match="no candidate"):
         choose_driver("direct", None, None)
     with pytest.raises(SandboxError, match="unknown runtime handler"):
         choose_driver("auto", "bogus", None)
     runc = choose_driver("auto", "runc", None)
     assert runc.name == "containerd" and runc.is_vm is False
-    assert choose_driver("auto", None, stand_in).name == "direct"
+    assert choose_driver("auto", None, open_bundle(stand_in)).name == "direct"
 
 
 def test_kata_handler_without_a_shim_is_unavailable_with_the_bundles_reason(stand_in):
-    from pytest_kata.bundle import open_bundle
-
     driver = choose_driver("containerd", None, open_bundle(stand_in.parent.parent))
     with pytest.raises(SandboxUnavailable, match="no containerd-shim-kata-v2"):
         driver.check_available()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_kata.bundle import open_bundle
 from pytest_kata.sandbox import SandboxError, Workload
 from pytest_kata.sandbox.direct import DirectDriver, GuestSpec
 from pytest_kata.sandbox.variants import stand_in_tree
@@ -23,7 +24,7 @@ def booted(tmp_path_factory):
     if not HARDENED.is_file():
         pytest.skip(f"{HARDENED} is missing")
     tree = stand_in_tree(tmp_path_factory.mktemp("cand"), HARDENED, version="4.1.0", image=True)
-    driver = DirectDriver(GuestSpec.from_bundle(tree))
+    driver = DirectDriver(GuestSpec.from_bundle(open_bundle(tree)))
     driver.start()
     yield driver
     driver.stop()
@@ -59,7 +60,7 @@ def test_direct_sandbox_stops_without_leftovers(tmp_path):
     if not HARDENED.is_file():
         pytest.skip(f"{HARDENED} is missing")
     tree = stand_in_tree(tmp_path / "c", HARDENED)
-    driver = DirectDriver(GuestSpec.from_bundle(tree))
+    driver = DirectDriver(GuestSpec.from_bundle(open_bundle(tree)))
     driver.start()
     pid, workdir = driver.child.pid, driver.workdir
     assert driver.probe()["kernel_release"]
@@ -75,7 +76,7 @@ def test_a_guest_that_never_boots_fails_fast_with_the_console_tail(tmp_path):
     tree = stand_in_tree(tmp_path / "c", HARDENED)
     kernel = tree / "share/kata-containers/vmlinuz-stand-in"
     kernel.write_bytes(b"not a kernel" * 100)
-    driver = DirectDriver(GuestSpec.from_bundle(tree), boot_timeout=30)
+    driver = DirectDriver(GuestSpec.from_bundle(open_bundle(tree)), boot_timeout=30)
     with pytest.raises(SandboxError, match="did not reach its console"):
         driver.start()
     assert driver.child is None

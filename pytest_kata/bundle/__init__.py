@@ -32,8 +32,19 @@ from pytest_kata.bundle.analysis import human_size
 from pytest_kata.bundle.api import identify, open_bundle
 from pytest_kata.bundle.archives import COUNT_LIMIT, MEMBER_LIMIT, TOTAL_LIMIT, unpack_archive
 from pytest_kata.bundle.cache import INVENTORY_FORMAT
-from pytest_kata.bundle.model import DEFAULTS_DIR, KATA_RUNTIME, PREFIX, SHIM_GO, SHIM_RS, Bundle, FileEntry, ShimInfo
+from pytest_kata.bundle.model import (
+    ALL_SHIMS,
+    DEFAULTS_DIR,
+    KATA_RUNTIME,
+    PREFIX,
+    SHIM_GO,
+    SHIM_RS,
+    Bundle,
+    FileEntry,
+    ShimInfo,
+    bundle_relative,
+)
 
-__all__ = ["COUNT_LIMIT", "DEFAULTS_DIR", "INVENTORY_FORMAT", "KATA_RUNTIME", "MEMBER_LIMIT", "PREFIX", "SHIM_GO",
-           "SHIM_RS", "TOTAL_LIMIT", "Bundle", "FileEntry", "ShimInfo", "human_size", "identify", "open_bundle",
-           "unpack_archive"]
+__all__ = ["ALL_SHIMS", "COUNT_LIMIT", "DEFAULTS_DIR", "INVENTORY_FORMAT", "KATA_RUNTIME", "MEMBER_LIMIT", "PREFIX",
+           "SHIM_GO", "SHIM_RS", "TOTAL_LIMIT", "Bundle", "FileEntry", "ShimInfo", "bundle_relative", "human_size",
+           "identify", "open_bundle", "unpack_archive"]

@@ -12,6 +12,7 @@ from pytest_kata.kataconfig import KataConfig
 from pytest_kata.resources import KATA_PREFIX
 
 PREFIX = KATA_PREFIX.lstrip("/")  # as tar members name it
+ALL_SHIMS = "all"  # --kata-shim all: every shipped configuration
 DEFAULTS_DIR = "share/defaults/kata-containers"
 SHIM_GO = "bin/containerd-shim-kata-v2"
 SHIM_RS = "runtime-rs/bin/containerd-shim-kata-v2"
@@ -108,6 +109,21 @@ class Bundle:
     @property
     def label(self) -> str:
         return " + ".join(str(s) for s in self.sources)
+
+    @staticmethod
+    def selection(shim: str | None) -> str | None:
+        """``--kata-shim`` as one shim's name; None for the default and for every configuration (``all``, empty
+        or not given): checks of every shipped configuration take them all, one sandbox takes the default."""
+        return None if shim in (None, "", ALL_SHIMS) else shim
+
+    def selected_shims(self, shim: str | None) -> list[ShimInfo]:
+        """The configurations ``--kata-shim`` selects: every shipped one, or the one it names."""
+        name = self.selection(shim)
+        return list(self.shims.values()) if name is None else [self.shim(name)]
+
+    def identity(self) -> dict[str, Any]:
+        """``{"path", "version", "sha256"}``: how the verdict names the candidate."""
+        return {"path": ", ".join(str(s) for s in self.sources), "version": self.version, "sha256": self.sha256}
 
     def resolve(self, rel: str) -> str | None:
         """``rel`` with every symlink followed inside the bundle (``None``: dangling or leaving it)."""
@@ -207,3 +223,10 @@ def _resolve_in_tree(rel: str, files: dict[str, FileEntry], *, strict: bool = Fa
 
 def _norm_version(value: str) -> str:
     return value.strip().removeprefix("v")
+
+
+def bundle_relative(value: str) -> str | None:
+    """A path a configuration names under ``/opt/kata`` as the path inside the bundle (None: not under it)."""
+    if value == KATA_PREFIX or value.startswith(KATA_PREFIX + "/"):
+        return value[len(KATA_PREFIX):].lstrip("/")
+    return None

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from pytest_kata.errors import KataError
+from pytest_kata.verdict import side_by_side
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,8 +20,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from pytest_kata.verdict import side_by_side
-
     loaded = []
     for spec in args.verdicts:
         label, _, path = spec.rpartition("=")

@@ -5,7 +5,8 @@
     pytest-kata rules check /opt/kata/share/kata-containers/config-6.1.0 --kernel-cmdline "module.sig_enforce=1"
 
 ``check`` picks the rule set from the file: ``*.toml`` is a runtime configuration, anything else a kernel
-config. It exits 1 when a failure or error at or above ``--fail-on`` remains, like the suite's verdict.
+config. The decision is the suites' verdict (:class:`~pytest_kata.verdict.Verdict`): it exits 1 when a failure or
+error at or above ``--fail-on`` remains, or an expired waiver's error at any severity.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pytest_kata.errors import ConfigError
-from pytest_kata.options import SEVERITIES, severity_rank
+from pytest_kata.rules import load_all_rules, load_profile, load_rules, load_waivers
+from pytest_kata.rules.subjects import file_subject, judge_subject
+from pytest_kata.severities import SEVERITIES, severity_rank
+from pytest_kata.verdict import Result, Verdict
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,8 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from pytest_kata.rules import load_all_rules, load_profile
-
     profile = load_profile(args.profile)
     rules = load_all_rules([args.rule_set] if args.rule_set else None)
     for rule in rules:
@@ -49,61 +50,29 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _subject(path: Path, cmdline: str | None) -> tuple[str, Any, dict[str, Any], list[str]]:
-    from pytest_kata.kataconfig import load_config
-    from pytest_kata.rules import Facts
-    from pytest_kata.rules.kconfig import load_kconfig
-
-    if path.is_file() and not path.read_bytes().strip():
-        raise ConfigError("empty file: nothing to check", path=path)
-    if path.suffix == ".toml":
-        config = load_config(path)
-        if not config.data.get("hypervisor"):
-            raise ConfigError("no [hypervisor.<name>] table: not a Kata runtime configuration", path=path)
-        context = {
-            "runtime": "runtime-rs" if config.runtime_rs else "go",
-            "hypervisor": config.hypervisor,
-            "confidential": config.confidential,
-        }
-        return "runtime-config", config, context, [config.name, config.shim]
-    kconfig = load_kconfig(path)
-    facts = Facts({}, overlay={"kernel.cmdline": cmdline}, base=kconfig) if cmdline is not None else kconfig
-    return "kernel", facts, kconfig.context, [kconfig.name]
-
-
 def _check(args: argparse.Namespace) -> int:
-    from pytest_kata.rules import judge, load_all_rules, load_profile, load_rules, load_waivers
-
     profile = load_profile(args.profile)
     waivers = load_waivers(args.waivers)
     waivers.validate(r.id for r in load_all_rules())
     rows: list[dict[str, Any]] = []
+    results: list[Result] = []
     for path in args.files:
-        set_name, facts, context, scopes = _subject(path, args.kernel_cmdline)
+        set_name, subject = file_subject(path, args.kernel_cmdline)
         for rule in load_rules(set_name):
-            judged = judge(rule, facts, context, profile=profile, waivers=waivers, scopes=scopes)
-            rows.append(
-                {
-                    "file": str(path),
-                    "id": rule.id,
-                    "status": judged.status,
-                    "severity": judged.severity,
-                    "title": rule.title,
-                    **judged.evidence(),
-                }
-            )
-    blocking = [
-        r
-        for r in rows
-        if r["status"] in ("fail", "error") and severity_rank(r["severity"]) >= severity_rank(args.fail_on)
-    ]
+            judged = judge_subject(rule, subject, profile, waivers)
+            row = {"file": str(path), "id": rule.id, "status": judged.status, "severity": judged.severity,
+                   "title": rule.title, **judged.evidence()}
+            rows.append(row)
+            results.append(Result(rule.id, "rules", judged.status, judged.severity, rule.title, row))
+    verdict = Verdict({"path": ", ".join(map(str, args.files))}, results, args.fail_on)
+    blocking = verdict.blocking
     if args.json:
         print(
             json.dumps(
                 {
                     "results": rows,
-                    "blocking": [r["id"] for r in blocking],
-                    "verdict": "reject" if blocking else "accept",
+                    "blocking": [r.id for r in blocking],
+                    "verdict": verdict.verdict,
                 },
                 indent=1,
                 default=str,
@@ -115,7 +84,7 @@ def _check(args: argparse.Namespace) -> int:
             if args.all or r["status"] in ("fail", "error", "waived"):
                 print(f"{r['status']:<13} {r['severity']:<9} {r['id']:<16} {Path(r['file']).name}: {r['message']}")
         print(
-            f"VERDICT: {'REJECT' if blocking else 'ACCEPT'} ({len(blocking)} blocking at fail-on {args.fail_on}, "
+            f"VERDICT: {verdict.verdict.upper()} ({len(blocking)} blocking at fail-on {args.fail_on}, "
             f"profile {profile.name})"
         )
-    return 1 if blocking else 0
+    return 1 if verdict.verdict == "reject" else 0

@@ -16,7 +16,7 @@ from pathlib import Path
 from pytest_kata.bundle import open_bundle
 from pytest_kata.errors import KataError, check_output_file
 from pytest_kata.images.surface import _bundle_image
-from pytest_kata.options import SEVERITIES
+from pytest_kata.severities import SEVERITIES
 from pytest_kata.vuln import format_table, scan, write_outputs
 from pytest_kata.vuln.kernel import kernel_from_bundle_names
 

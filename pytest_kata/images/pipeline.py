@@ -27,9 +27,9 @@ from typing import Any
 from pytest_kata.errors import KataError
 from pytest_kata.images.common import host_kernel
 from pytest_kata.images.guest import build_guest, load_recipe
-from pytest_kata.options import SEVERITIES
 from pytest_kata.progress import step, timed
 from pytest_kata.resources import cache_dir
+from pytest_kata.severities import SEVERITIES
 from pytest_kata.vuln import scan, write_outputs
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_kata.bundle import open_bundle
 from pytest_kata.errors import KataError
 from pytest_kata.images import guest
 from pytest_kata.images.facts import image_facts
@@ -120,7 +121,7 @@ def measure_booted(bundle: str | Path, shim: str | None = None, *, boot_timeout:
     """Boot the bundle's guest with the direct sandbox driver (qemu, TCG where KVM does not work) and read
     the listening sockets and the boot time: the dynamic half of the surface. Needs a console shell in the
     guest (agent-init images with the placeholder agent have one)."""
-    driver = DirectDriver(GuestSpec.from_bundle(bundle, shim), boot_timeout=boot_timeout)
+    driver = DirectDriver(GuestSpec.from_bundle(open_bundle(bundle), shim), boot_timeout=boot_timeout)
     try:
         driver.start()
         texts = {}

@@ -10,6 +10,7 @@ import pytest
 
 from pytest_kata.advisories import Advisory, load_feed
 from pytest_kata.errors import KataError
+from pytest_kata.plugins.settings import settings_of
 
 FEED_KEY = pytest.StashKey[list[Advisory]]()
 
@@ -17,8 +18,6 @@ FEED_KEY = pytest.StashKey[list[Advisory]]()
 def advisory_feed(config: pytest.Config) -> list[Advisory]:
     """The advisories of this run (cached on the config; used at collection by suites/advisories)."""
     if FEED_KEY not in config.stash:
-        from pytest_kata.plugin import settings_of
-
         try:
             config.stash[FEED_KEY] = load_feed(settings_of(config).advisories)
         except KataError as exc:
@@ -28,8 +27,6 @@ def advisory_feed(config: pytest.Config) -> list[Advisory]:
 
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
-    from pytest_kata.plugin import settings_of
-
     if settings_of(config).sources.get("advisories", "default") != "default":
         advisory_feed(config)
 

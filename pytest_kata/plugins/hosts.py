@@ -18,8 +18,12 @@ from typing import Any
 
 import pytest
 
+from pytest_kata.hosts import accel as host_accel
 from pytest_kata.hosts.base import Host, HostError
+from pytest_kata.hosts.libvirt import scan_for_panics
 from pytest_kata.hosts.provision import HostPool, PoolSettings
+from pytest_kata.options import KataSettings
+from pytest_kata.plugins.settings import settings_of
 
 POOL = pytest.StashKey[HostPool]()
 USES = pytest.StashKey[list["HostUse"]]()
@@ -60,16 +64,13 @@ class HostList(list):
 
 # ---------------------------------------------------------------------------------------------- header
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    from pytest_kata.hosts.accel import detect_accel_description
-    from pytest_kata.plugin import settings_of
-
     s = settings_of(config)
     if not s.given:
         return []  # no libvirt probing in a session that does not ask for Kata
     if s.host_provider != "libvirt":
         return [f"kata hosts: provider {s.host_provider}"]
     try:
-        accel = detect_accel_description(s.accel, s.libvirt_uri)
+        accel = host_accel.detect_accel_description(s.accel, s.libvirt_uri)
     except ValueError as exc:
         accel = str(exc)
     return [f"kata hosts: libvirt {s.libvirt_uri}, accel {accel}, boot timeout {s.boot_timeout:g} s"]
@@ -77,7 +78,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
-def make_kata_host(request: pytest.FixtureRequest, kata_settings: Any,
+def make_kata_host(request: pytest.FixtureRequest, kata_settings: KataSettings,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostPool]:
     """The worker's host pool: ``make_kata_host()`` is host 0, booted on first use and snapshotted ``clean``
     right after the ``pytest_kata_host_ready`` hook; ``make_kata_host.fresh()`` boots an unshared one."""
@@ -87,7 +88,7 @@ def make_kata_host(request: pytest.FixtureRequest, kata_settings: Any,
     settings = PoolSettings.from_settings(kata_settings, log_dir)
     daemon = None
     if settings.provider == "libvirt":
-        daemon = request.getfixturevalue("kata_libvirtd")  # helper F's: the running or a run-owned libvirtd
+        daemon = request.getfixturevalue("kata_libvirtd")  # the running or a run-owned libvirtd
 
     def ready(host: Host) -> None:
         config.hook.pytest_kata_host_ready(host=host, config=config)
@@ -109,7 +110,7 @@ def kata_host(request: pytest.FixtureRequest, make_kata_host: HostPool) -> Itera
 
 
 @pytest.fixture
-def kata_hosts(request: pytest.FixtureRequest, make_kata_host: HostPool, kata_settings: Any) -> HostList:
+def kata_hosts(request: pytest.FixtureRequest, make_kata_host: HostPool, kata_settings: KataSettings) -> HostList:
     """``n`` clean hosts: n from the ``kata_hosts(n)`` marker, else ``--kata-hosts``; call it for more."""
     marker = request.node.get_closest_marker("kata_hosts")
     count = marker.args[0] if marker else int(kata_settings.hosts or 1)
@@ -156,8 +157,6 @@ def _register_teardown(item: pytest.Item, pool: HostPool) -> None:
 
 def _finish(item: pytest.Item, pool: HostPool) -> None:
     """After the test: kernel trouble check, then give the hosts back (or keep failed ones)."""
-    from pytest_kata.plugin import settings_of
-
     uses = item.stash.get(USES, [])
     failed = any(r.failed for r in item.stash.get(REPORTS, {}).values())
     policy = settings_of(item.config).host_panic
@@ -181,8 +180,6 @@ def _finish(item: pytest.Item, pool: HostPool) -> None:
 
 
 def _kernel_trouble(use: HostUse) -> list[str]:
-    from pytest_kata.hosts.libvirt import scan_for_panics
-
     text = use.console_since_start()
     if hasattr(use.host, "dom"):
         try:

@@ -12,13 +12,12 @@ from collections.abc import Callable
 import pytest
 
 from pytest_kata.errors import KataError
+from pytest_kata.images.guest import GuestImage, build_guest, normalize_name
 
 
 @pytest.fixture(scope="session")
 def kata_guest_image() -> Callable[..., object]:
     """Factory: ``kata_guest_image(name, force=False) -> pytest_kata.images.guest.GuestImage``."""
-    from pytest_kata.images.guest import GuestImage, build_guest, normalize_name
-
     built: dict[str, GuestImage] = {}
 
     def make(name: str, *, force: bool = False) -> GuestImage:

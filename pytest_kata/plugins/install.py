@@ -18,12 +18,13 @@ import pytest
 
 from pytest_kata.hosts.base import LocalHost
 from pytest_kata.install.installer import Installer, NoContainerd, SysrootContainerd, SystemdContainerd
+from pytest_kata.options import KataSettings
 
 
 class InstallTargets:
     """``targets.one(name)`` / ``targets.many(n, name)``: fresh install targets for a test."""
 
-    def __init__(self, request: pytest.FixtureRequest, settings: Any, tmp: pytest.TempPathFactory) -> None:
+    def __init__(self, request: pytest.FixtureRequest, settings: KataSettings, tmp: pytest.TempPathFactory) -> None:
         self.provider = "libvirt" if settings.host_provider == "libvirt" else "local"
         self.pool = request.getfixturevalue("make_kata_host") if self.provider == "libvirt" else None
         self.tmp = tmp
@@ -63,7 +64,7 @@ class InstallTargets:
 
 
 @pytest.fixture(scope="session")
-def make_kata_install_target(request: pytest.FixtureRequest, kata_settings: Any,
+def make_kata_install_target(request: pytest.FixtureRequest, kata_settings: KataSettings,
                              tmp_path_factory: pytest.TempPathFactory) -> Iterator[InstallTargets]:
     """Install targets for this session (libvirt pool hosts or local sysroots); all stopped at the end."""
     targets = InstallTargets(request, kata_settings, tmp_path_factory)

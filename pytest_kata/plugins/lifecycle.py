@@ -26,8 +26,11 @@ from typing import Any
 import pytest
 
 from pytest_kata import runid
-from pytest_kata.plugin import settings_of
+from pytest_kata.errors import KataError
+from pytest_kata.options import KataSettings
+from pytest_kata.plugins.settings import settings_of
 from pytest_kata.progress import step
+from pytest_kata.services import ensure_libvirtd
 from pytest_kata.sweep import KEPT_MARK, SweepReport, sweep, used_libvirt
 
 RUN = pytest.StashKey["RunLifecycle"]()
@@ -181,15 +184,12 @@ def kata_run_id() -> str:
 
 
 @pytest.fixture(scope="session")
-def kata_libvirtd(kata_run_id: str, kata_settings: Any) -> Any:
+def kata_libvirtd(kata_run_id: str, kata_settings: KataSettings) -> Any:
     """A libvirtd answering on ``--kata-libvirt-uri``: the running one, or one the run starts (stopped by pid
     at the end of the run, by the controller, so that xdist workers can share it)."""
-    from pytest_kata.errors import KataError
-    from pytest_kata.services import ensure_libvirtd
-
     if os.geteuid() != 0:
         pytest.skip("starting or reaching the system libvirtd needs root")
     try:
-        return ensure_libvirtd(kata_run_id, uri=kata_settings.libvirt_uri or "qemu:///system")
+        return ensure_libvirtd(kata_run_id, uri=kata_settings.libvirt_uri)
     except KataError as exc:
         pytest.fail(str(exc), pytrace=False)

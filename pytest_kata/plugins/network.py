@@ -15,6 +15,7 @@ import pytest
 
 from pytest_kata.errors import KataError
 from pytest_kata.network import TestNetwork
+from pytest_kata.options import KataSettings
 from pytest_kata.progress import step
 
 FAILED = pytest.StashKey[bool]()
@@ -29,7 +30,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture(scope="session")
-def make_kata_network(kata_run_id: str, kata_settings: Any,
+def make_kata_network(kata_run_id: str, kata_settings: KataSettings,
                       request: pytest.FixtureRequest) -> Iterator[Callable[..., TestNetwork]]:
     """``make_kata_network(name="net0") -> TestNetwork``: one network per name for the session."""
     networks: dict[str, TestNetwork] = {}
@@ -55,7 +56,7 @@ def make_kata_network(kata_run_id: str, kata_settings: Any,
 
 
 @pytest.fixture
-def kata_network(make_kata_network: Callable[..., TestNetwork], kata_settings: Any,
+def kata_network(make_kata_network: Callable[..., TestNetwork], kata_settings: KataSettings,
                  request: pytest.FixtureRequest) -> Iterator[TestNetwork]:
     """The session's default network, reset after the test: peers and taps the test added are removed."""
     net = make_kata_network()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from pytest_kata.errors import KataError, check_output_file
+from pytest_kata.plugins.settings import settings_of
 from pytest_kata.reports import junit_with_verdict, write_allure_verdict
 from pytest_kata.verdict import Verdict
 
@@ -18,8 +19,6 @@ VERDICT_KEY = pytest.StashKey[Verdict]()
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
     """An unwritable ``--kata-report`` is a usage error before anything runs, not a traceback at the end."""
-    from pytest_kata.plugin import settings_of
-
     report = settings_of(config).report
     if report and not hasattr(config, "workerinput"):
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,13 @@ from typing import Any
 import pytest
 
 from pytest_kata import runid
+from pytest_kata.bundle import Bundle
 from pytest_kata.errors import KataError
+from pytest_kata.hosts.base import LocalHost
+from pytest_kata.kataconfig import KataConfig
+from pytest_kata.options import KataSettings
+from pytest_kata.plugins.candidate import opened_bundle
+from pytest_kata.resources import cache_dir
 from pytest_kata.sandbox import (
     HostInvariants,
     ProbeFacts,
@@ -34,6 +41,9 @@ from pytest_kata.sandbox import (
     candidate_version,
     choose_driver,
 )
+from pytest_kata.sandbox.direct import map_path
+from pytest_kata.sandbox.exploits import Scratch
+from pytest_kata.sandbox.probe import host_facts
 
 COMMON_COMMS = {"sh", "bash", "ash", "dash", "busybox", "init", "sleep", "cat", "awk", "sed", "ls", "dd", "wc",
                 "tr", "head", "tail", "grep", "sort", "timeout", "su", "setpriv", "env", "ps", "systemd", "agetty",
@@ -43,50 +53,37 @@ COMMON_COMMS = {"sh", "bash", "ash", "dash", "busybox", "init", "sleep", "cat", 
 
 def sandbox_dirs() -> list[str]:
     """Where sandboxes put their files and mounts: excluded from the host mount-table comparison."""
-    from pytest_kata.resources import cache_dir
-
     return [os.environ.get("PYTEST_KATA_SANDBOX_DIR", "/var/tmp/pytest-kata"), str(cache_dir()), "/run/netns",
             "/run/containerd", "/run/pytest-kata", "/var/lib/containerd"]
 
 
-def sandbox_shim(settings: Any) -> str | None:
-    """The shim whose configuration the sandbox follows; ``--kata-shim all`` means the default one here
-    (one sandbox per session), while the configuration suites check every shipped configuration."""
-    return None if settings.shim in (None, "", "all") else settings.shim
-
-
 @pytest.fixture(scope="session")
-def kata_sandbox_candidate(request: pytest.FixtureRequest, kata_settings: Any) -> Any:
-    """The candidate for the sandbox drivers: helper A's Bundle, or the unpacked tree when no bundle module."""
-    if not kata_settings.candidate:
-        return None
+def kata_sandbox_candidate(pytestconfig: pytest.Config) -> Bundle | None:
+    """The session's candidate for the sandbox drivers (None without one: the runc/runsc controls need none)."""
     try:
-        return request.getfixturevalue("kata_candidate")
-    except NotImplementedError:
-        path = Path(kata_settings.candidate[0])
-        if path.is_dir():
-            return path
-        raise pytest.UsageError(f"{path}: cannot open this candidate without the bundle module; "
-                                "give an unpacked /opt/kata tree") from None
-
-
-@pytest.fixture(scope="session")
-def kata_sandbox_config(kata_sandbox_candidate: Any, kata_settings: Any) -> Any:
-    """The candidate's effective runtime configuration (None without a candidate: static checks skip)."""
-    try:
-        return candidate_config(kata_sandbox_candidate, sandbox_shim(kata_settings))
+        return opened_bundle(pytestconfig, "candidate")
     except KataError as exc:
         raise pytest.UsageError(str(exc)) from None
 
 
 @pytest.fixture(scope="session")
-def kata_sandbox_version(kata_sandbox_candidate: Any) -> str | None:
+def kata_sandbox_config(kata_sandbox_candidate: Bundle | None, kata_settings: KataSettings) -> KataConfig | None:
+    """The effective runtime configuration the sandbox follows (None without a candidate: static checks skip);
+    ``--kata-shim all`` means the default one here (one sandbox per session)."""
+    try:
+        return candidate_config(kata_sandbox_candidate, Bundle.selection(kata_settings.shim))
+    except KataError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+@pytest.fixture(scope="session")
+def kata_sandbox_version(kata_sandbox_candidate: Bundle | None) -> str | None:
     return candidate_version(kata_sandbox_candidate)
 
 
 @pytest.fixture(scope="session")
-def kata_sandbox_host(request: pytest.FixtureRequest, kata_settings: Any) -> Any:
-    """Where the sandbox runs: None for this machine; a fresh libvirt staging host (helper E's pool) when
+def kata_sandbox_host(request: pytest.FixtureRequest, kata_settings: KataSettings) -> Any:
+    """Where the sandbox runs: None for this machine; a fresh libvirt staging host (from the host pool) when
     ``--kata-host-provider libvirt`` is given explicitly with the containerd driver."""
     explicit = kata_settings.sources.get("host_provider") not in (None, "default")
     wants_containerd = bool(kata_settings.runtime) or kata_settings.driver == "containerd"
@@ -120,8 +117,6 @@ def kata_host_marker(kata_sandbox_host: Any) -> Iterator[str]:
 def kata_host_facts(kata_sandbox_host: Any) -> dict[str, Any]:
     """The host's own identity, processes, devices and addresses (what no workload may see), read by running
     the probe on the host itself."""
-    from pytest_kata.sandbox.probe import host_facts
-
     try:
         facts = host_facts(kata_sandbox_host)
     except SandboxError as exc:
@@ -131,24 +126,19 @@ def kata_host_facts(kata_sandbox_host: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
-def kata_host_baseline(kata_sandbox_candidate: Any, kata_sandbox_config: Any, kata_sandbox_host: Any
-                       ) -> HostInvariants:
+def kata_host_baseline(kata_sandbox_candidate: Bundle | None, kata_sandbox_config: KataConfig | None,
+                       kata_sandbox_host: Any) -> HostInvariants:
     """Host invariants before any sandbox starts: the candidate's image/kernel/hypervisor hashes, the runtime
     binaries, the mount table and kernel knobs (on the sandbox's host)."""
     files: list[str] = []
-    if kata_sandbox_config is not None and not _remote(kata_sandbox_host):
-        from pytest_kata.sandbox.direct import map_path, tree_root
-
-        root = Path(kata_sandbox_candidate.root) if hasattr(kata_sandbox_candidate, "root") else \
-            tree_root(Path(kata_sandbox_candidate))
+    if kata_sandbox_candidate is not None and kata_sandbox_config is not None and not _remote(kata_sandbox_host):
+        root = Path(kata_sandbox_candidate.root)
         for key in ("image", "initrd", "kernel", "path"):
             value = kata_sandbox_config.get(f"hypervisor.*.{key}", "")
             if value:
                 files.append(str(map_path(root, str(value)).resolve()))
     runner = kata_sandbox_host
     if runner is None:
-        from pytest_kata.hosts.base import LocalHost
-
         runner = LocalHost()
     for tool in ("runc", "containerd-shim-runc-v2", "qemu-system-x86_64", "containerd-shim-kata-v2"):
         found = runner.run(f"readlink -f \"$(command -v {tool})\"", timeout=60).stdout.strip()
@@ -158,13 +148,13 @@ def kata_host_baseline(kata_sandbox_candidate: Any, kata_sandbox_config: Any, ka
 
 
 @pytest.fixture(scope="session")
-def kata_sandbox(kata_settings: Any, kata_sandbox_candidate: Any, kata_host_baseline: HostInvariants,
+def kata_sandbox(kata_settings: KataSettings, kata_sandbox_candidate: Bundle | None, kata_host_baseline: HostInvariants,
                  kata_sandbox_host: Any) -> Iterator[SandboxDriver]:
     """The session's sandbox (started once; stopped at the end of the session, or kept with
     ``--kata-keep-on-failure`` when something failed)."""
     try:
         driver = choose_driver(kata_settings.driver or "auto", kata_settings.runtime, kata_sandbox_candidate,
-                               shim=sandbox_shim(kata_settings), accel=kata_settings.accel or "auto",
+                               shim=Bundle.selection(kata_settings.shim), accel=kata_settings.accel or "auto",
                                boot_timeout=float(kata_settings.boot_timeout or 240), host=kata_sandbox_host)
     except SandboxUnavailable as exc:
         pytest.skip(f"sandbox unavailable: {exc}")
@@ -249,8 +239,6 @@ def kata_probe_targets(request: pytest.FixtureRequest) -> Iterator[dict[str, Any
             if "kata-iso" in proc.stdout:
                 reachable = True
                 break
-            import time
-
             time.sleep(0.1)
         yield {"targets": [target.ip, f"{target.ip}:8080"], "witness_reached": reachable,
                "network": str(net.subnet), "note": ""}
@@ -265,23 +253,18 @@ def kata_probe_targets(request: pytest.FixtureRequest) -> Iterator[dict[str, Any
 def kata_escape_scratch() -> Iterator[Any]:
     """A run-owned host directory (``cache_dir()/runs/<run-id>/escape-<pid>``) for the escape checks' markers
     and volumes; removed at the end of the session (and swept with the run if it crashes)."""
-    from pytest_kata.sandbox.exploits import Scratch
-
     scratch = Scratch()
     yield scratch
     scratch.remove()
 
 
 @pytest.fixture(scope="session")
-def kata_candidate_image(kata_sandbox_candidate: Any, kata_sandbox_config: Any) -> Path | None:
+def kata_candidate_image(kata_sandbox_candidate: Bundle | None, kata_sandbox_config: KataConfig | None
+                         ) -> Path | None:
     """The guest image file the candidate's configuration names (None: initrd-only or no candidate)."""
-    if kata_sandbox_config is None:
+    if kata_sandbox_candidate is None or kata_sandbox_config is None:
         return None
-    from pytest_kata.sandbox.direct import map_path, tree_root
-
     value = kata_sandbox_config.get("hypervisor.*.image", "")
     if not value:
         return None
-    root = Path(kata_sandbox_candidate.root) if hasattr(kata_sandbox_candidate, "root") else \
-        tree_root(Path(kata_sandbox_candidate))
-    return map_path(root, str(value))
+    return map_path(Path(kata_sandbox_candidate.root), str(value))

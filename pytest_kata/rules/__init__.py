@@ -1,8 +1,9 @@
 """The rules engine: checks as data (TOML), evaluated over any facts, shaped by a profile and waivers.
 
-Library code (no pytest). The suites turn each (rule, subject) into one pytest item through
-:mod:`pytest_kata.plugins.rules`; other areas (guest image, guest kernel) reuse :func:`judge` with their own
-facts. Typical use::
+Library code (no pytest). :mod:`pytest_kata.rules.subjects` turns a candidate (or one file) into what the
+rules judge, :mod:`pytest_kata.rules.cases` into one case per (rule, subject); the suites make each case a pytest
+item through :mod:`pytest_kata.plugins.rules` and ``pytest-kata rules check`` judges the same subjects.
+Typical use::
 
     profile = load_profile("default")
     for rule in load_rules("runtime-config"):

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import json
 import lzma
 import re
+import shutil
+import subprocess
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import zstandard
 
 from pytest_kata.errors import ConfigError
 
@@ -133,8 +138,6 @@ def _bz2(data: bytes) -> bytes:
 
 
 def _zstd(data: bytes) -> bytes:
-    import zstandard
-
     return zstandard.ZstdDecompressor().decompressobj().decompress(data)
 
 
@@ -205,10 +208,6 @@ def run_kernel_hardening_checker(config_path: str | Path, *, timeout: float = 12
     program is not installed or fails. Its exit status means nothing (0 even with FAILs), so only the rows
     are kept, as a cross-check attached to the evidence, never as the verdict.
     """
-    import json
-    import shutil
-    import subprocess
-
     program = shutil.which(KHC_PROGRAM)
     if program is None:
         return None

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata.errors import ConfigError
-from pytest_kata.options import SEVERITIES
 from pytest_kata.resources import data_path
 from pytest_kata.rules.operators import OPERATORS, REGEX, UNARY
+from pytest_kata.severities import SEVERITIES
 
 MISSING_POLICIES = ("pass", "fail", "notapplicable", "error")
 RULE_FIELDS = {

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata.errors import ConfigError
-from pytest_kata.options import SEVERITIES
 from pytest_kata.resources import data_path
 from pytest_kata.rules.model import Rule, read_toml
 from pytest_kata.rules.waivers import Waivers, parse_waivers
+from pytest_kata.severities import SEVERITIES
 
 PROFILE_FIELDS = {"description", "extends", "enable_tags", "disable", "raise_severity", "severity", "waiver"}
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pytest_kata.bundle import Bundle
 from pytest_kata.errors import KataError
+from pytest_kata.kataconfig import KataConfig
 from pytest_kata.sandbox.base import (
     HostInvariants,
     HostView,
@@ -21,20 +23,20 @@ from pytest_kata.sandbox.base import (
     Workload,
 )
 from pytest_kata.sandbox.containerd import ContainerdDriver
-from pytest_kata.sandbox.direct import DirectDriver, GuestSpec, tree_config, tree_root
+from pytest_kata.sandbox.direct import DirectDriver, GuestSpec
 
 __all__ = ["HostInvariants", "HostView", "Mount", "ProbeFacts", "SandboxDriver", "SandboxError",
            "SandboxUnavailable", "Workload", "candidate_config", "candidate_version", "choose_driver"]
 
 
-def _has_shim(candidate: Any, shim: str | None) -> bool:
+def _has_shim(candidate: Bundle, shim: str | None) -> bool:
     try:
         return bool(candidate.shim(shim).binary)
-    except Exception:
+    except KataError:
         return False
 
 
-def choose_driver(driver: str = "auto", runtime: str | None = None, candidate: Any = None, *,
+def choose_driver(driver: str = "auto", runtime: str | None = None, candidate: Bundle | None = None, *,
                   shim: str | None = None, accel: str = "auto", boot_timeout: float = 240.0,
                   host: Any = None) -> SandboxDriver:
     """The driver the options ask for; :class:`SandboxUnavailable` (a skip) when it cannot run here."""
@@ -43,7 +45,7 @@ def choose_driver(driver: str = "auto", runtime: str | None = None, candidate: A
                         "containerd", path="--kata-driver direct")
     if runtime or driver == "containerd" or (driver == "auto" and candidate is not None
                                              and _has_shim(candidate, shim) and Path("/dev/vhost-vsock").exists()):
-        handler = runtime or f"kata-{shim or getattr(candidate, 'default_shim', None) or 'qemu'}"
+        handler = runtime or f"kata-{shim or (candidate.default_shim if candidate is not None else None) or 'qemu'}"
         return ContainerdDriver(handler, bundle=candidate if handler.startswith("kata") else None, shim=shim,
                                 host=host, accel=accel)
     if host is not None:
@@ -55,19 +57,10 @@ def choose_driver(driver: str = "auto", runtime: str | None = None, candidate: A
     return DirectDriver(GuestSpec.from_bundle(candidate, shim, accel=accel), boot_timeout=boot_timeout)
 
 
-def candidate_config(candidate: Any, shim: str | None = None) -> Any:
-    """The candidate's effective configuration (a :class:`~pytest_kata.bundle.Bundle`, or an /opt/kata tree path)."""
-    if candidate is None:
-        return None
-    if isinstance(candidate, str | Path):
-        return tree_config(tree_root(Path(candidate)), shim)
-    return candidate.shim(shim).config
+def candidate_config(candidate: Bundle | None, shim: str | None = None) -> KataConfig | None:
+    """The candidate's effective configuration for ``shim`` (None without a candidate)."""
+    return None if candidate is None else candidate.shim(shim).config
 
 
-def candidate_version(candidate: Any) -> str | None:
-    if candidate is None:
-        return None
-    if isinstance(candidate, str | Path):
-        version = tree_root(Path(candidate)) / "VERSION"
-        return version.read_text().strip() if version.is_file() else None
-    return getattr(candidate, "version", None)
+def candidate_version(candidate: Bundle | None) -> str | None:
+    return None if candidate is None else candidate.version

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata import runid
+from pytest_kata.bundle import Bundle, ShimInfo
 from pytest_kata.hosts.base import LocalHost
 from pytest_kata.progress import step, timed
 from pytest_kata.resources import KATA_PREFIX, cache_dir
@@ -122,7 +123,7 @@ class ContainerdDriver(SandboxDriver):
     name = "containerd"
     _instances = 0
 
-    def __init__(self, handler: str = "runc", *, bundle: Any = None, shim: str | None = None,
+    def __init__(self, handler: str = "runc", *, bundle: Bundle | None = None, shim: str | None = None,
                  containerd: Any = None, host: Any = None, address: str = "/run/containerd/containerd.sock",
                  accel: str = "auto", guest: str = "initrd") -> None:
         self.handler = handler
@@ -184,16 +185,16 @@ class ContainerdDriver(SandboxDriver):
             raise SandboxUnavailable("a kata-* handler needs a candidate (--kata-candidate)", path=self.handler)
         shim = self.bundle.shim(self.shim)
         if not shim.binary:
-            reason = getattr(self.bundle, "missing", {}).get("containerd-shim-kata-v2", "the bundle has no shim")
+            reason = self.bundle.missing.get("containerd-shim-kata-v2", "the bundle has no shim")
             raise SandboxUnavailable(f"no containerd-shim-kata-v2 in the candidate: {reason}",
                                      path=str(self.bundle.root))
         if not self._own_ctd:  # a staging host: the candidate is installed there at /opt/kata
             config = shim.config_path.relative_to(self.bundle.root)
             self.runtime_args = ["--runtime-config-path", f"{KATA_PREFIX}/{config}"]
             return
-        self._prepare_local_shim(shim)
+        self._prepare_local_shim(self.bundle, shim)
 
-    def _prepare_local_shim(self, shim: Any) -> None:
+    def _prepare_local_shim(self, bundle: Bundle, shim: ShimInfo) -> None:
         """Write the runnable copy of the shim's configuration (see :mod:`~pytest_kata.sandbox.shimconfig`)
         and a directory where containerd finds the shim under the name its runtime type asks for."""
         accel, why = detect_accel(self.accel)
@@ -201,7 +202,7 @@ class ContainerdDriver(SandboxDriver):
         base.mkdir(parents=True, exist_ok=True)
         out = unique_dir(base, "kata-shim")
         try:
-            self.shim_config = write_shim_config(shim.config, Path(self.bundle.root), out, accel=accel,
+            self.shim_config = write_shim_config(shim.config, Path(bundle.root), out, accel=accel,
                                                  vhost_net=Path("/dev/vhost-net").exists(),
                                                  vhost_vsock=Path("/dev/vhost-vsock").exists(), guest=self.guest)
         except SandboxError as exc:
@@ -209,7 +210,7 @@ class ContainerdDriver(SandboxDriver):
         self.shim_config.changes.setdefault("accel", f"{accel} ({why})")
         bindir = out / "bin"
         bindir.mkdir()
-        (bindir / shim_binary_name(self.runtime)).symlink_to(Path(self.bundle.root) / shim.binary)
+        (bindir / shim_binary_name(self.runtime)).symlink_to(Path(bundle.root) / str(shim.binary))
         self._shim_dirs = [bindir]
 
     # lifecycle -------------------------------------------------------------------------------------------

@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from pytest_kata import runid
+from pytest_kata.bundle import Bundle, bundle_relative
 from pytest_kata.hosts.accel import detect_local
-from pytest_kata.kataconfig import load_config
 from pytest_kata.progress import step, timed
-from pytest_kata.resources import KATA_PREFIX, cache_dir
+from pytest_kata.resources import cache_dir
 from pytest_kata.sandbox.base import (
     HostProcess,
     HostView,
@@ -205,15 +205,11 @@ class GuestSpec:
                    qemu_data_dir=qemu_data if qemu_data and qemu_data.is_dir() else None)
 
     @classmethod
-    def from_bundle(cls, bundle: Any, shim: str | None = None, *, accel: str = "auto") -> GuestSpec:
-        """From an opened :class:`~pytest_kata.bundle.Bundle`, or a path to an /opt/kata tree."""
-        if isinstance(bundle, str | Path):
-            root = tree_root(Path(bundle))
-            return cls.from_config(root, tree_config(root, shim), accel=accel, source={"bundle": str(root)})
+    def from_bundle(cls, bundle: Bundle, shim: str | None = None, *, accel: str = "auto") -> GuestSpec:
+        """From an opened candidate and the configuration of ``shim`` (None: the bundle's default)."""
         info = bundle.shim(shim)
         return cls.from_config(Path(bundle.root), info.config, accel=accel,
-                               source={"bundle": str(bundle.root), "shim": info.name,
-                                       "version": getattr(bundle, "version", None)})
+                               source={"bundle": str(bundle.root), "shim": info.name, "version": bundle.version})
 
     @classmethod
     def stand_in(cls, *, accel: str = "auto", memory_mb: int = 512) -> GuestSpec:
@@ -241,30 +237,11 @@ def needs_loader(kernel: Path) -> bool:
 
 def map_path(root: Path, value: str) -> Path:
     """A configuration path (``/opt/kata/...``) inside an unpacked bundle tree."""
-    if value == KATA_PREFIX or value.startswith(KATA_PREFIX + "/"):
-        return root / value[len(KATA_PREFIX):].lstrip("/")
+    rel = bundle_relative(value)
+    if rel is not None:
+        return root / rel
     candidate = root / value.lstrip("/")
     return candidate if candidate.exists() else Path(value)
-
-
-def tree_root(path: Path) -> Path:
-    """An unpacked bundle given as the /opt/kata tree itself or as a root holding opt/kata."""
-    if (path / "opt" / "kata").is_dir():
-        return path / "opt" / "kata"
-    if not (path / "share" / "defaults" / "kata-containers").is_dir():
-        raise SandboxError("not an unpacked /opt/kata tree (no share/defaults/kata-containers)", path=path)
-    return path
-
-
-def tree_config(root: Path, shim: str | None = None) -> Any:
-    """The effective configuration of an /opt/kata tree, without opening it as a bundle (drop-ins merged)."""
-    base = root / "share" / "defaults" / "kata-containers"
-    path = base / (f"configuration-{shim}.toml" if shim else "configuration.toml")
-    if not path.exists() and shim:
-        path = base / "runtime-rs" / f"configuration-{shim}.toml"
-    if not path.exists():
-        raise SandboxError("no such configuration in the bundle", path=path)
-    return load_config(path.resolve())
 
 
 def qemu_runs(qemu: Path | None, accel: str = "tcg") -> tuple[bool, str]:

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_kata.bundle import bundle_relative
 from pytest_kata.kataconfig import KataConfig, dumps
-from pytest_kata.resources import KATA_PREFIX
 from pytest_kata.sandbox.base import SandboxError
 from pytest_kata.sandbox.direct import map_path
 
@@ -189,7 +189,7 @@ def _map_paths(node: Any, root: Path, mapped: dict[str, str]) -> Any:
         return {k: _map_paths(v, root, mapped) for k, v in node.items()}
     if isinstance(node, list):
         return [_map_paths(v, root, mapped) for v in node]
-    if isinstance(node, str) and (node == KATA_PREFIX or node.startswith(KATA_PREFIX + "/")):
+    if isinstance(node, str) and bundle_relative(node) is not None:
         new = str(map_path(root, node))
         mapped[node] = new
         return new

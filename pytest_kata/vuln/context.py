@@ -18,7 +18,7 @@ from typing import Any
 
 from pytest_kata.images.packages import InstalledPackage
 from pytest_kata.images.read import RootView
-from pytest_kata.options import SEVERITIES
+from pytest_kata.severities import SEVERITIES
 from pytest_kata.vuln.match import Finding
 
 # Tools the agent runs (src/agent/src/rpc.rs, storage handlers, kernel module loading).

@@ -20,8 +20,8 @@ from pytest_kata.errors import KataError
 from pytest_kata.images.facts import image_facts
 from pytest_kata.images.packages import InstalledPackage, PackageDB, parse_dpkg_status, read_packages
 from pytest_kata.images.read import RootView, open_image
-from pytest_kata.options import SEVERITIES
 from pytest_kata.progress import step
+from pytest_kata.severities import SEVERITIES
 from pytest_kata.vuln.context import rank_findings
 from pytest_kata.vuln.feeds import FeedSet, Release
 from pytest_kata.vuln.kernel import KernelFinding, evaluate_kernel, load_kbuild_map, read_kconfig

@@ -25,11 +25,12 @@ from pytest_kata.advisories import (
     decide_build,
     load_backports,
 )
+from pytest_kata.bundle import Bundle
 from pytest_kata.errors import KataError
 from pytest_kata.options import KataSettings
-from pytest_kata.plugin import ADVISORY_PREFIXES
 from pytest_kata.plugins.advisories import advisory_feed
-from pytest_kata.recorder import CheckRecorder
+from pytest_kata.plugins.recorder import CheckRecorder
+from pytest_kata.plugins.verdict import ADVISORY_PREFIXES
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -43,7 +44,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="module")
-def advisory_subject(kata_candidate: Any, kata_settings: KataSettings) -> dict[str, Any]:
+def advisory_subject(kata_candidate: Bundle, kata_settings: KataSettings) -> dict[str, Any]:
     """What every advisory is judged against: the build, its binaries, the configurations, the backports."""
     try:
         build = candidate_build(kata_candidate, commit=kata_settings.commit)
@@ -54,7 +55,7 @@ def advisory_subject(kata_candidate: Any, kata_settings: KataSettings) -> dict[s
     return {"build": build, "backports": backports, "deployment": deployment}
 
 
-def test_advisory(advisory: Advisory, kata_candidate: Any, kata_settings: KataSettings,
+def test_advisory(advisory: Advisory, kata_candidate: Bundle, kata_settings: KataSettings,
                   advisory_subject: dict[str, Any], kata_result: CheckRecorder) -> None:
     """The candidate is not affected by this advisory (or does not ship what it is about)."""
     kata_result.record(id=advisory.id, severity=advisory.severity, title=advisory.title, suite="advisories",
@@ -65,10 +66,10 @@ def test_advisory(advisory: Advisory, kata_candidate: Any, kata_settings: KataSe
     build: CandidateBuild = advisory_subject["build"]
     kata_result.record(build=build.to_json())
     if build.build is None:
-        where = ", ".join(str(s) for s in getattr(kata_candidate, "sources", []) or []) or "the candidate"
-        version = getattr(kata_candidate, "version", None)
+        where = ", ".join(str(s) for s in kata_candidate.sources) or "the candidate"
+        version = kata_candidate.version
         kata_result.record(version=version, decided_by=None, fixed=advisory.fixed_in,
-                           version_evidence=getattr(kata_candidate, "version_evidence", {}))
+                           version_evidence=kata_candidate.version_evidence)
         state = "unknown" if not version else f"{version!r}, not a release number"
         kata_result.conclude("error", f"cannot check {advisory.id}: the Kata release of {where} is {state}; "
                              "put the release number (X.Y.Z) in opt/kata/VERSION of the bundle as "

@@ -8,30 +8,19 @@ would pass: the runtime's root parameters, ``kernel_params`` and the agent debug
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from pytest_kata.bundle import Bundle
 from pytest_kata.errors import KataError
-from pytest_kata.images.facts import ImageFacts, image_facts, root_attachment
-from pytest_kata.images.read import open_image
-from pytest_kata.recorder import CheckRecorder
-from pytest_kata.rules import judge as judge_rule
-from pytest_kata.rules import load_rules
-
-STATUS_ORDER = ("notapplicable", "waived", "pass", "fail", "error")  # worst last
-
-
-@dataclass
-class GuestImage:
-    """One guest image or initrd of the candidate, with its facts and rule context."""
-
-    rel: str
-    kind: str
-    facts: ImageFacts
-    context: dict[str, Any]
+from pytest_kata.images.surface import measure, over_budget, table
+from pytest_kata.options import KataSettings
+from pytest_kata.plugins.recorder import CheckRecorder
+from pytest_kata.rules import Rule, load_rules
+from pytest_kata.rules.cases import Case, ImageRuleCase
+from pytest_kata.rules.subjects import ImageSubject, image_subjects
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -43,56 +32,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("image_rule", [pytest.param(r, id=r.id) for r in rules])
 
 
-def _host_path(bundle: Any, configured: str | None) -> str | None:
-    """A config path like /opt/kata/share/kata-containers/kata-containers.img -> the bundle's relative path."""
-    if not configured:
-        return None
-    text = str(configured)
-    for prefix in ("/opt/kata/",):
-        if text.startswith(prefix):
-            return text[len(prefix):]
-    return None
-
-
-def candidate_images(bundle: Any, settings: Any) -> list[GuestImage]:
-    """The images the selected shim's configuration boots (all shipped images if it names none we have)."""
-    try:
-        shim = bundle.shim(settings.shim if settings.shim not in (None, "all") else None)
-        config = shim.config
-    except (KataError, AttributeError):
-        config = None
-    chosen: list[tuple[str, str]] = []
-    if config is not None:
-        for key, kind in (("image", "image"), ("initrd", "initrd")):
-            rel = _host_path(bundle, config.get(f"hypervisor.*.{key}", None))
-            if rel and bundle.path(rel).exists():
-                chosen.append((rel, kind))
-    if not chosen:
-        chosen = [(r, "image") for r in getattr(bundle, "images", [])] + \
-                 [(r, "initrd") for r in getattr(bundle, "initrds", [])]
-    out = []
-    seen: set[Path] = set()
-    for rel, kind in chosen:
-        path = Path(bundle.path(rel)).resolve()
-        if path in seen:
-            continue
-        seen.add(path)
-        with open_image(path) as root:
-            verity = config.get("hypervisor.*.kernel_verity_params", "") if config is not None else ""
-            attachment = root_attachment(config, is_image=kind == "image") if config is not None else None
-            cmdline = attachment.cmdline(config) if attachment is not None else None
-            facts = image_facts(root, cmdline=cmdline, verity_params=verity, attachment=attachment)
-            context = {"image_kind": root.kind, "init": facts.get("init.kind"),
-                       "confidential": bool(config.confidential) if config is not None else None}
-        out.append(GuestImage(rel, root.kind, facts, context))
-    return out
-
-
 @pytest.fixture(scope="session")
-def kata_guest_images(kata_candidate: Any, kata_settings: Any) -> list[GuestImage]:
+def kata_guest_images(kata_candidate: Bundle, kata_settings: KataSettings) -> list[ImageSubject]:
     """Facts of the candidate's guest image(s), read once per session."""
     try:
-        images = candidate_images(kata_candidate, kata_settings)
+        images = image_subjects(kata_candidate, kata_settings.shim)
     except KataError as exc:
         raise pytest.UsageError(str(exc)) from None
     if not images:
@@ -100,46 +44,20 @@ def kata_guest_images(kata_candidate: Any, kata_settings: Any) -> list[GuestImag
     return images
 
 
-def test_image_rule(image_rule: Any, kata_guest_images: list[GuestImage], kata_result: CheckRecorder,
-                    kata_profile: Any, kata_waivers: Any) -> None:
+def test_image_rule(image_rule: Rule, kata_guest_images: list[ImageSubject],
+                    kata_rule_check: Callable[[Case], None]) -> None:
     """The candidate's guest image(s) satisfy this image hardening rule (under --kata-profile/--kata-waivers)."""
-    profile, waivers = kata_profile, kata_waivers
-    per_image = {}
-    worst = None
-    for img in kata_guest_images:
-        judged = judge_rule(image_rule, img.facts, img.context, profile=profile, waivers=waivers,
-                            scopes=[img.rel, Path(img.rel).name])
-        about = img.facts.about(image_rule.check.fact_keys())
-        per_image[img.rel] = {**judged.evidence(), "status": judged.status, **({"about": about} if about else {})}
-        if worst is None or STATUS_ORDER.index(judged.status) > STATUS_ORDER.index(worst.status):
-            worst = judged
-    assert worst is not None
-    kata_result.record(id=image_rule.id, severity=worst.severity, title=image_rule.title, suite="hardening",
-                       images=per_image, rationale=image_rule.rationale, remediation=image_rule.remediation,
-                       references=list(image_rule.references))
-    notes = sorted({n for img in kata_guest_images for n in img.facts.notes})
-    if notes:
-        kata_result.record(notes=notes)
-    failing = [f"{rel}: {ev['message']}" + (f" ({_about_text(ev['about'])})" if ev.get("about") else "")
-               for rel, ev in per_image.items() if ev["status"] == worst.status]
-    kata_result.conclude(worst.status, f"{image_rule.id} {worst.status}: " + "; ".join(failing))
-
-
-def _about_text(about: dict[str, Any]) -> str:
-    return "; ".join(f"{key}: {', '.join(map(str, value)) if isinstance(value, list) else value}"
-                     for key, value in about.items())
+    kata_rule_check(ImageRuleCase(image_rule, kata_guest_images))
 
 
 @pytest.mark.kata_check("KATA-IMG-100", severity="medium",
                         title="Guest image attack surface within budget of the baseline release")
-def test_surface_budget(kata_candidate: Any, kata_baseline: Any, kata_settings: Any,
+def test_surface_budget(kata_candidate: Bundle, kata_baseline: Bundle, kata_settings: KataSettings,
                         kata_result: CheckRecorder) -> None:
     """The candidate's guest image does not grow its attack surface beyond --kata-surface-budget percent."""
-    from pytest_kata.images.surface import measure, over_budget, table
-
     budget = float(kata_settings.surface_budget)
-    cand = candidate_images(kata_candidate, kata_settings)
-    base = candidate_images(kata_baseline, kata_settings)
+    cand = image_subjects(kata_candidate, kata_settings.shim)
+    base = image_subjects(kata_baseline, kata_settings.shim)
     if not cand or not base:
         kata_result.conclude("notapplicable", "candidate or baseline ships no guest image")
     problems: list[str] = []

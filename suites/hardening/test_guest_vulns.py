@@ -15,23 +15,25 @@ from typing import Any
 import pytest
 import yaml
 
+from pytest_kata.bundle import Bundle
 from pytest_kata.errors import KataError
-from pytest_kata.options import SEVERITIES
-from pytest_kata.recorder import CheckRecorder
+from pytest_kata.options import KataSettings
+from pytest_kata.plugins.recorder import CheckRecorder
+from pytest_kata.severities import SEVERITIES
+from pytest_kata.vuln import cyclonedx, scan
+from pytest_kata.vuln.kernel import kernel_from_bundle_names
 
 
 def _worst(ranks: list[str]) -> str:
     return max(ranks, key=SEVERITIES.index) if ranks else "info"
 
 
-def _guest_files(bundle: Any) -> list[str]:
-    return list(getattr(bundle, "images", []) or []) + list(getattr(bundle, "initrds", []) or [])
+def _guest_files(bundle: Bundle) -> list[str]:
+    return [*bundle.images, *bundle.initrds]
 
 
-def _kernel_version(bundle: Any) -> str | None:
+def _kernel_version(bundle: Bundle) -> str | None:
     """versions.yaml ``assets.kernel.version`` (what kata-static ships), else the kernel file name."""
-    from pytest_kata.vuln.kernel import kernel_from_bundle_names
-
     versions = Path(bundle.path("versions.yaml"))
     if versions.is_file():
         try:
@@ -41,20 +43,18 @@ def _kernel_version(bundle: Any) -> str | None:
             version = None
         if version:
             return str(version)
-    return kernel_from_bundle_names(list(getattr(bundle, "kernels", []) or []))
+    return kernel_from_bundle_names(list(bundle.kernels))
 
 
 @pytest.fixture(scope="session")
-def kata_vuln_scans(kata_candidate: Any, kata_settings: Any) -> dict[str, Any]:
+def kata_vuln_scans(kata_candidate: Bundle, kata_settings: KataSettings) -> dict[str, Any]:
     """One scan per guest image/initrd of the candidate (feeds from --kata-vulns), run once per session."""
-    from pytest_kata.vuln import scan
-
     feeds = kata_settings.vulns
     if not feeds:
         pytest.skip("vulnerability scan not run: no feed: pass --kata-vulns FEED (Debian tracker JSON, OSV dir/zip, "
                     "Alpine secdb, kernel CNA records)")
     kernel = _kernel_version(kata_candidate)
-    configs = [str(kata_candidate.path(c)) for c in getattr(kata_candidate, "kernel_configs", []) or []][:1]
+    configs = [str(kata_candidate.path(c)) for c in kata_candidate.kernel_configs][:1]
     out: dict[str, Any] = {}
     for rel in dict.fromkeys(_guest_files(kata_candidate)):
         path = Path(kata_candidate.path(rel)).resolve()
@@ -79,8 +79,6 @@ def _scans(kata_vuln_scans: dict[str, Any], kata_result: CheckRecorder) -> dict[
 
 
 def _attach(kata_result: CheckRecorder, rel: str, result: Any) -> None:
-    from pytest_kata.vuln import cyclonedx
-
     kata_result.attach(f"sbom-{Path(rel).name}.cdx.json", cyclonedx(result), "application/json")
     kata_result.attach(f"findings-{Path(rel).name}.json", json.dumps(result.to_json(), indent=2),
                        "application/json")

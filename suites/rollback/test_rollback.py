@@ -17,12 +17,14 @@ from typing import Any
 
 import pytest
 
+from pytest_kata.bundle import Bundle
 from pytest_kata.install.installer import Installer, InstallError, NoContainerd
 from pytest_kata.install.rollout import rolling_update, smoke_gate, target_name
 from pytest_kata.install.state import RELEASES, State
 from pytest_kata.install.workloads import WorkloadProbe
+from pytest_kata.options import KataSettings
 from pytest_kata.plugins.install import InstallTargets
-from pytest_kata.recorder import CheckRecorder
+from pytest_kata.plugins.recorder import CheckRecorder
 
 pytestmark = pytest.mark.vm  # installs on hosts (libvirt VMs or a sysroot) and runs containerd workloads
 
@@ -56,7 +58,7 @@ class Scenario:
 
 
 @pytest.fixture(scope="module")
-def upgrade(kata_baseline: Any, kata_candidate: Any, make_kata_install_target: InstallTargets) -> Scenario:
+def upgrade(kata_baseline: Bundle, kata_candidate: Bundle, make_kata_install_target: InstallTargets) -> Scenario:
     """The whole upgrade-and-rollback sequence, once."""
     scenario = Scenario(make_kata_install_target.one("upgrade"))
     inst = scenario.installer
@@ -190,7 +192,7 @@ def _small_releases_filesystem(installer: Installer, size: int) -> Iterator[str 
 
 
 @pytest.mark.parametrize("fault", ["corrupt-archive", "killed-containerd", "full-disk"])
-def test_failed_install_rolls_back_by_itself(fault: str, kata_baseline: Any, kata_candidate: Any,
+def test_failed_install_rolls_back_by_itself(fault: str, kata_baseline: Bundle, kata_candidate: Bundle,
                                              make_kata_install_target: InstallTargets,
                                              kata_result: CheckRecorder) -> None:
     inst = make_kata_install_target.one(f"fault-{fault}")
@@ -228,7 +230,7 @@ def test_failed_install_rolls_back_by_itself(fault: str, kata_baseline: Any, kat
     kata_result.conclude("pass", f"install failed ({message[:120]}...) and the state is unchanged")
 
 
-def test_rollback_without_a_previous_release_says_so(kata_baseline: Any, kata_candidate: Any,
+def test_rollback_without_a_previous_release_says_so(kata_baseline: Bundle, kata_candidate: Bundle,
                                                      make_kata_install_target: InstallTargets,
                                                      kata_result: CheckRecorder) -> None:
     inst = make_kata_install_target.one("first-install")
@@ -247,8 +249,8 @@ def test_rollback_without_a_previous_release_says_so(kata_baseline: Any, kata_ca
 
 
 def test_rolling_update_is_gated_and_a_failing_gate_rolls_every_updated_host_back(
-        kata_baseline: Any, kata_candidate: Any, kata_settings: Any, make_kata_install_target: InstallTargets,
-        kata_result: CheckRecorder) -> None:
+        kata_baseline: Bundle, kata_candidate: Bundle, kata_settings: KataSettings,
+        make_kata_install_target: InstallTargets, kata_result: CheckRecorder) -> None:
     """Across ``--kata-hosts`` hosts (at least 2 local sysroots): all gates pass -> updated; then the same
     rollout with the gate failing on the last host -> every updated host is rolled back, digests equal."""
     count = int(kata_settings.hosts or 1)
