@@ -31,7 +31,7 @@ from test_isolation_controls import run_suites
 pytestmark = [pytest.mark.slow, pytest.mark.vm]
 
 SHARE_CHECKS = "2020_2026 or 2020_2024"  # ESC-016, ESC-004, ESC-002 (dynamic and static): one hostile pod
-DYNAMIC = ("KATA-ESC-016", "KATA-ESC-004[dynamic]", "KATA-ESC-002[dynamic]")
+DYNAMIC = ("KATA-ESC-016[dynamic]", "KATA-ESC-004[dynamic]", "KATA-ESC-002[dynamic]")
 
 
 def share_checks_on(pytester, tree: Path) -> tuple[str, dict, dict[str, dict], float]:
@@ -72,7 +72,7 @@ def test_1_11_5_keeps_the_share_read_only_to_the_guest(pytester):
     for check in DYNAMIC:
         assert got.get(check, {}).get("status") == "pass", (check, output[-3000:])
         assert "Read-only file system" in got[check]["evidence"]["guest_output"]
-    assert_dynamic_evidence(got["KATA-ESC-016"], "CVE-2020-2026")
+    assert_dynamic_evidence(got["KATA-ESC-016[dynamic]"], "CVE-2020-2026")
     assert_dynamic_evidence(got["KATA-ESC-002[dynamic]"], "CVE-2020-2024")
     assert "is still mounted" in got["KATA-ESC-002[dynamic]"]["evidence"]["effect"]
     assert not got["KATA-ESC-004[dynamic]"]["evidence"]["planted_on_host"]
