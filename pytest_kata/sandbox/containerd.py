@@ -60,6 +60,17 @@ def shim_binary_name(runtime: str) -> str:
     return f"containerd-shim-{'.'.join(parts[2:-1])}-{parts[-1]}"
 
 
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"  # what Kata 1.x's shim reads (pkg/oci, cri-containerd)
+CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+
+
+def pod_member_annotations(sandbox_id: str) -> dict[str, str]:
+    """The CRI annotations that make a Kata shim put a container into the running sandbox ``sandbox_id`` (its
+    first container's id) instead of starting a VM of its own: the shim's ``StartShim`` hands containerd that
+    sandbox's socket, and virtcontainers creates the container in that VM."""
+    return {CRI_CONTAINER_TYPE: "container", CRI_SANDBOX_ID: sandbox_id}
+
+
 def runtime_type(handler: str) -> str:
     """``runc`` → ``io.containerd.runc.v2``; ``kata-qemu`` → ``io.containerd.kata-qemu.v2``."""
     if handler in CONTROL_HANDLERS:
@@ -312,6 +323,31 @@ class ContainerdDriver(SandboxDriver):
         raise SandboxError(f"ctr run -d through {self.handler} failed with exit {result.rc}: "
                            f"{(result.stderr or result.stdout).strip()[-300:]}",
                            path=f"{getattr(self.host, 'name', 'host')}:{self.address}")
+
+    def join_pod(self, sandbox_id: str, workload: Workload, command: list[str], *, cid: str = "",
+                 timeout: float = 300.0) -> str:
+        """Start ``command`` as a further container of the running pod ``sandbox_id`` (a pod started by
+        :meth:`start_pod`): same VM, same shim, same shared directory, as a CRI runtime does for a
+        multi-container pod. ``cid``: the container's id (default: a fresh :meth:`pod_id`), known before it
+        exists. Returns the id; :meth:`remove_pod` removes just that container."""
+        cid = cid or self.pod_id("member")
+        joined = dataclasses.replace(workload, annotations={**workload.annotations,
+                                                            **pod_member_annotations(sandbox_id)})
+        result = self.ctr("run", "-d", *self.run_args(joined, cid), self.image, cid, *command, check=False,
+                          timeout=timeout, prefix=self._ctr_prefix(joined))
+        if result.rc != 0:
+            self.remove_pod(cid)
+            raise SandboxError(f"ctr run -d of {cid} in pod {sandbox_id} failed with exit {result.rc}: "
+                               f"{(result.stderr or result.stdout).strip()[-300:]}",
+                               path=f"{getattr(self.host, 'name', 'host')}:{self.address}")
+        return cid
+
+    def runtime_pid(self) -> int | None:
+        """The pid of this run's private containerd on this machine: its mount namespace is the one Kata's shim
+        (and so the runtime's host mounts) lives in. None for a containerd this driver does not own."""
+        if not self._own_ctd or self.ctd is None:
+            return None
+        return int(self.ctd.pid)
 
     def _ctr_prefix(self, workload: Workload) -> list[str]:
         """How ctr runs for a privileged pod on a VM runtime. ``--privileged`` copies into the spec every device

@@ -109,18 +109,42 @@ def test_cve_2020_2023_root_device(mode, request, kata_result):
     finish(kata_result, outcome, sandbox)
 
 
+def hostile_pod(request: pytest.FixtureRequest, kata_result: Any) -> tuple[Any, Any]:
+    """The session sandbox and its hostile pod (a privileged container acting as the guest's root), or
+    (sandbox, None) after concluding skipped when this driver cannot run the shared-directory exploits."""
+    sandbox = request.getfixturevalue("kata_sandbox")
+    pod = request.getfixturevalue("kata_hostile_pod")
+    if isinstance(pod, str):
+        finish(kata_result, exploits.cannot_observe(pod), sandbox)
+        return sandbox, None
+    return sandbox, pod
+
+
+@pytest.mark.kata_advisory("CVE-2020-2026")
+@pytest.mark.kata_check("KATA-ESC-016", severity="critical", title="the guest cannot write the host's shared "
+                        "directory")
+@pytest.mark.parametrize("mode", [pytest.param("dynamic", marks=pytest.mark.vm)])  # no static half of its own
+def test_cve_2020_2026_guest_writes_share(mode, request, kata_result):
+    """The step CVE-2020-2024 and CVE-2020-2026 stand on, a boundary of its own: the guest's root (a privileged
+    container through the guest kernel's core_pattern helper) writes a file into the shared directory; it must
+    not appear in the sandbox's shared directory on the host (1.11.1+ shares a read-only bind)."""
+    sandbox, pod = hostile_pod(request, kata_result)
+    if pod is not None:
+        finish(kata_result, exploits.guest_writes_share(pod, current_run_id()), sandbox)
+
+
 @pytest.mark.kata_advisory("CVE-2020-2024")
 @pytest.mark.kata_check("KATA-ESC-002", severity="high", title="teardown never unmounts a host path")
 @pytest.mark.parametrize("mode", MODES)
-def test_cve_2020_2024_teardown_unmount(mode, request, kata_result):
+def test_cve_2020_2024_teardown_unmount(mode, request, kata_result, kata_escape_scratch):
+    """A host mount (tmpfs in the runtime's mount namespace) under a host directory; a container of the pod
+    runs; the guest's root swaps that container's directory in the share for a symlink to the host directory;
+    removing the container must leave the host mount mounted."""
     if mode == "static":
         return static(request, kata_result, feed_only("CVE-2020-2024"))
-    sandbox = request.getfixturevalue("kata_sandbox")
-    why = exploits.kata_runtime_missing(sandbox, "container teardown") or (
-        "planting a symlink from the guest in the shared directory before teardown needs a hostile container "
-        "that stays in the pod while another container of the same pod is removed (a CRI pod); the containerd "
-        "driver runs one container per sandbox, so the unmount redirection cannot be produced here")
-    finish(kata_result, exploits.cannot_observe(why), sandbox)
+    sandbox, pod = hostile_pod(request, kata_result)
+    if pod is not None:
+        finish(kata_result, exploits.symlink_redirects_unmount(pod, kata_escape_scratch), sandbox)
 
 
 @pytest.mark.kata_advisory("CVE-2020-2025")
@@ -137,15 +161,15 @@ def test_cve_2020_2025_image_writes(mode, request, kata_candidate_image, kata_re
 @pytest.mark.kata_advisory("CVE-2020-2026")
 @pytest.mark.kata_check("KATA-ESC-004", severity="critical", title="a guest symlink never redirects a host bind mount")
 @pytest.mark.parametrize("mode", MODES)
-def test_cve_2020_2026_symlink_bind(mode, request, kata_result):
+def test_cve_2020_2026_symlink_bind(mode, request, kata_result, kata_escape_scratch):
+    """The guest's root plants ``<share>/<id of the next container>`` → a host directory, then that container
+    is started in the pod: the runtime must not bind-mount its rootfs there (judged by the runtime's host mount
+    table and by ``<host directory>/rootfs`` appearing)."""
     if mode == "static":
         return static(request, kata_result, feed_only("CVE-2020-2026"))
-    sandbox = request.getfixturevalue("kata_sandbox")
-    why = exploits.kata_runtime_missing(sandbox, "the container rootfs bind mount") or (
-        "redirecting a host bind mount needs a symlink planted from the guest in the shared directory before a "
-        "second container of the same pod starts (a CRI pod); the containerd driver runs one container per "
-        "sandbox, so the redirection cannot be produced here")
-    finish(kata_result, exploits.cannot_observe(why), sandbox)
+    sandbox, pod = hostile_pod(request, kata_result)
+    if pod is not None:
+        finish(kata_result, exploits.symlink_redirects_mount(pod, kata_escape_scratch), sandbox)
 
 
 ROUTES = [pytest.param("static", None, id="static")] + [
