@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -126,6 +127,11 @@ def judge_all(path: Path, cmdline: str | None = CMDLINE, context: dict[str, Any]
         ctx = {"image_kind": root.kind, "confidential": False, **(context or {})}
     prof = load_profile(profile)
     return {rule.id: judge(rule, facts, ctx, profile=prof).outcome for rule in load_rules("image")}
+
+
+def _facts(path: Path, cmdline: str | None = CMDLINE) -> Any:
+    with open_image(path) as root:
+        return image_facts(root, cmdline=cmdline)
 
 
 def test_baseline_fails_for_concrete_reasons(images: dict[str, Path]) -> None:
@@ -285,6 +291,9 @@ def test_real_guest_recipes() -> None:
             "KATA-IMG-016"} <= failed
     assert "/usr/bin/su" in outcomes["KATA-IMG-001"].actual
     assert "getty@tty1.service" in outcomes["KATA-IMG-010"].actual
+    assert any(re.fullmatch(r"getty@tty1\.service: (/usr)?/lib/systemd/system/getty@\.service \(enabled by "
+                            r"/etc/systemd/system/getty\.target\.wants/getty@tty1\.service\)", unit)
+               for unit in _facts(base.image).about(["services.enabled"])["services.units"])
     for artefact in (mini.image, mini.initrd):
         bad = {rid: o.message for rid, o in judge_all(artefact).items() if o.status not in ("pass", "notapplicable")}
         assert not bad, f"{artefact}: {bad}"
@@ -527,3 +536,29 @@ def test_conditional_proc_sys_write_counts_only_when_its_file_test_holds(tmp_pat
     assert "sysctl.kernel.modules_disabled" not in f and outcomes["KATA-IMG-027"].status == "fail"
     f, outcomes = sysctl_outcomes(init_tree(tmp_path / "on", init, {"etc/kata-guest/lock-modules": ""}))
     assert f["sysctl.kernel.modules_disabled"] == 1 and outcomes["KATA-IMG-027"].status == "pass"
+
+
+def test_accounts_and_units_are_named_where_they_are_defined(images: dict[str, Path]) -> None:
+    """The accounts findings name each account with the file and line that defines it, and the services
+    finding names each unit by its file and the link that enables it (not only a name or a count)."""
+    outcomes = judge_all(images["baseline"])
+    assert outcomes["KATA-IMG-004"].actual == ["toor (/etc/passwd:2)"]
+    assert outcomes["KATA-IMG-005"].actual == ["root (/etc/shadow:1)"]
+    with open_image(images["baseline"]) as root:
+        f = image_facts(root, cmdline=CMDLINE)
+    units = f.about(["services.enabled"])["services.units"]
+    assert "ssh.service: /lib/systemd/system/ssh.service (enabled by " \
+           "/etc/systemd/system/multi-user.target.wants/ssh.service)" in units
+    assert "getty@tty1.service: /lib/systemd/system/getty@.service (enabled by " \
+           "/etc/systemd/system/getty.target.wants/getty@tty1.service)" in units
+    with open_image(images["minimal"]) as root:  # no systemd: no unit is started, none is named
+        assert image_facts(root, cmdline=CMDLINE).about(["services.enabled"]) == {"services.units": []}
+
+
+def test_surface_budget_names_what_is_new(images: dict[str, Path]) -> None:
+    """KATA-IMG-100's finding names the new setuid files, executables and units, not only their numbers."""
+    base, mini = measure(images["baseline"], "baseline"), measure(images["minimal"], "minimal")
+    grown = {line.split(":", 1)[0]: line for line in over_budget(mini, base, 10.0)}
+    assert grown["setuid/setgid files"].endswith("new: /usr/bin/su)")
+    assert "/usr/sbin/sshd" in grown["executables"]
+    assert "ssh.service: /lib/systemd/system/ssh.service" in grown["enabled services"]

@@ -49,6 +49,7 @@ ABOUT = {
     "root.readonly": ("root.readonly_reason",),
     "agent.": ("agent.path", "agent.mode"),
     "root.dm_verity": ("cmdline.text",),
+    "services.": ("services.units",),
 }
 
 
@@ -233,14 +234,16 @@ def _executables(root: RootView) -> dict[str, str]:
 
 
 def _accounts(root: RootView, v: dict[str, Any]) -> None:
+    """Accounts a finding is about, each with the file and line that defines it (``toor (/etc/passwd:2)``)."""
     passwd = root.read_text("/etc/passwd") or ""
     uid0 = []
-    for line in passwd.splitlines():
+    for number, line in enumerate(passwd.splitlines(), 1):
         parts = line.split(":")
         if len(parts) >= 4 and parts[2] == "0" and parts[0] != "root":
-            uid0.append(parts[0])
+            uid0.append(f"{parts[0]} (/etc/passwd:{number})")
     shadow = root.read_text("/etc/shadow") or ""
-    empty = [p[0] for p in (line.split(":") for line in shadow.splitlines()) if len(p) >= 2 and p[1] == ""]
+    empty = [f"{p[0]} (/etc/shadow:{number})" for number, p in
+             enumerate((line.split(":") for line in shadow.splitlines()), 1) if len(p) >= 2 and p[1] == ""]
     v["accounts.present"] = bool(passwd)
     _list_fact(v, "accounts.uid0_nonroot", uid0)
     _list_fact(v, "accounts.empty_passwords", empty)
@@ -294,16 +297,29 @@ def _init(root: RootView, v: dict[str, Any]) -> None:
 
 
 def _services(root: RootView, v: dict[str, Any]) -> None:
-    enabled = sorted({posixpath.basename(p) for p in root.glob("/etc/systemd/system/*.wants/*")
-                      + root.glob("/etc/systemd/system/*.requires/*")})
+    """Enabled units by name (what the rules compare), and by path: ``services.units`` gives each unit's
+    file and the links that enable it, so that a finding on a name says where to remove it."""
+    links: dict[str, list[str]] = {}
+    for link in sorted(root.glob("/etc/systemd/system/*.wants/*") + root.glob("/etc/systemd/system/*.requires/*")):
+        links.setdefault(posixpath.basename(link), []).append(link)
     masked = {posixpath.basename(p) for p in root.glob("/etc/systemd/system/*")
               if (root.entry(p) or Entry(p, "", 0, 0, 0, 0)).target == "/dev/null"}
-    enabled = [u for u in enabled if u not in masked]
+    enabled = sorted(u for u in links if u not in masked)
+    units = [f"{u}: {_unit_file(root, links[u][0])} (enabled by {', '.join(links[u])})" for u in enabled]
     if v.get("init.kind") != "systemd":
         v["services.unit_links_ignored"] = enabled  # nothing starts them without systemd
-        enabled = []
+        enabled, units = [], []
     _list_fact(v, "services.enabled", enabled)
+    v["services.units"] = units
     _list_fact(v, "services.unexpected", [u for u in enabled if u not in SERVICE_ALLOWLIST])
+
+
+def _unit_file(root: RootView, link: str) -> str:
+    """The unit file an enablement link points at (``getty@tty1.service`` -> ``.../getty@.service``), or the
+    link's target as written when the image lacks the file."""
+    entry = root.entry(link)
+    target = entry.target if entry is not None and entry.target else link
+    return root.resolve(link) or posixpath.normpath(posixpath.join(posixpath.dirname(link), target))
 
 
 def _cmdline_tokens(cmdline: str | None) -> list[str]:
