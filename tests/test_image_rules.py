@@ -562,3 +562,37 @@ def test_surface_budget_names_what_is_new(images: dict[str, Path]) -> None:
     assert grown["setuid/setgid files"].endswith("new: /usr/bin/su)")
     assert "/usr/sbin/sshd" in grown["executables"]
     assert "ssh.service: /lib/systemd/system/ssh.service" in grown["enabled services"]
+
+
+def test_sysctl_files_the_init_applies_override_the_kernel_command_line(tmp_path: Path) -> None:
+    """The kernel applies sysctl.* parameters before init; a file the init applies afterwards wins. An image
+    whose sysctl.d lowers what kernel_params set is judged by the lowered value."""
+    tree = minimal_tree(tmp_path / "t")
+    (tree / "etc/sysctl.d/90-kata-hardening.conf").write_text(HARDENING_SYSCTLS.replace(
+        "kernel.sysrq = 0", "kernel.sysrq = 1").replace("kernel.yama.ptrace_scope = 2", "kernel.yama.ptrace_scope = 3"))
+    with open_image(tree) as root:
+        f = image_facts(root, cmdline=CMDLINE + " sysctl.kernel.sysrq=0 sysctl.kernel.yama.ptrace_scope=1")
+    assert f["sysctl.kernel.sysrq"] == 1 and f["sysctl.kernel.yama.ptrace_scope"] == 3
+    rule = next(r for r in load_rules("image") if r.id == "KATA-IMG-028")
+    assert evaluate(rule, f, {}).status == "fail"
+    with open_image(tree) as root:  # a key only the command line sets keeps its value
+        f = image_facts(root, cmdline=CMDLINE + " sysctl.kernel.core_pattern=|/bin/false")
+    assert f["sysctl.kernel.core_pattern"] == "|/bin/false"
+
+
+@pytest.mark.slow
+def test_hardened_reference_sysctls_come_from_the_image_over_the_command_line() -> None:
+    """The real hardened reference: its configuration's kernel_params set kernel.yama.ptrace_scope=1 and its
+    guest's sysctl.d sets 3, applied by the init after the kernel: the image's value is what the guest has."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+    from reference import ensure_reference
+
+    from pytest_kata.bundle import open_bundle
+    from pytest_kata.images.facts import root_attachment
+
+    bundle = open_bundle(ensure_reference("candidate", "hardened"))
+    config = bundle.shim("qemu").config
+    cmdline = root_attachment(config).cmdline(config)
+    assert "sysctl.kernel.yama.ptrace_scope=1" in cmdline
+    f = _facts(bundle.path("share/kata-containers/kata-containers.img"), cmdline)
+    assert f["sysctl.kernel.yama.ptrace_scope"] == 3 and f["sysctl.kernel.kptr_restrict"] == 2

@@ -381,8 +381,8 @@ def _root_readonly(root: RootView, v: dict[str, Any], cmdline: str | None,
 
 
 def _sysctls(root: RootView, v: dict[str, Any], cmdline: str | None, notes: list[str]) -> None:
-    """Merge sysctl.d in systemd-sysctl order (by file name, later dirs override same names), then
-    ``sysctl.*`` kernel parameters; keep only what something applies at boot."""
+    """``sysctl.*`` kernel parameters, then sysctl.d in systemd-sysctl order (by file name, later dirs
+    override same names) as the init applies them after the kernel; keep only what something applies."""
     files: dict[str, str] = {}
     for d in SYSCTL_DIRS:
         real = root.resolve(d)
@@ -403,7 +403,12 @@ def _sysctls(root: RootView, v: dict[str, Any], cmdline: str | None, notes: list
     applier = boot.applier
     v["sysctl.applied_by"] = applier or (f"cannot tell: {boot.undecided}" if boot.undecided else "nothing")
     v["sysctl.decided"] = True if applier or not boot.undecided else f"cannot tell: {boot.undecided}"
+    # the kernel applies sysctl.* parameters before it starts init; what the init applies then overrides them
     values: dict[str, str] = {}
+    for t in _cmdline_tokens(cmdline):
+        if t.startswith("sysctl.") and "=" in t:
+            key, _, value = t[len("sysctl."):].partition("=")
+            values[key.replace("/", ".")] = value
     if applier:
         for path in ordered if boot.files is None else [p for p in ordered if p in boot.files]:
             values.update(_parse_sysctl(contents.get(path, b"").decode("utf-8", "replace")))
@@ -413,10 +418,6 @@ def _sysctls(root: RootView, v: dict[str, Any], cmdline: str | None, notes: list
         what = f"cannot tell whether the guest applies them ({boot.undecided})" if boot.undecided else \
             f"nothing in the guest applies them (init is {v.get('init.kind')})"
         notes.append(f"{len(from_files)} sysctl(s) set in {', '.join(ordered)} but {what}")
-    for t in _cmdline_tokens(cmdline):
-        if t.startswith("sysctl.") and "=" in t:
-            key, _, value = t[len("sysctl."):].partition("=")
-            values[key.replace("/", ".")] = value
     for key, value in values.items():
         v[f"sysctl.{key}"] = _number(value)
     v["sysctl.files"] = ordered
