@@ -596,3 +596,73 @@ def test_hardened_reference_sysctls_come_from_the_image_over_the_command_line() 
     assert "sysctl.kernel.yama.ptrace_scope=1" in cmdline
     f = _facts(bundle.path("share/kata-containers/kata-containers.img"), cmdline)
     assert f["sysctl.kernel.yama.ptrace_scope"] == 3 and f["sysctl.kernel.kptr_restrict"] == 2
+
+
+def _tamper_agent(image: Path, offset: int, line: str, tmp_path: Path) -> None:
+    """Add ``line`` to the placeholder agent of an ext4 guest image (debugfs, no mount), before it locks
+    module loading."""
+    import subprocess
+
+    spec = f"{image}?offset={offset}"
+    text = subprocess.run(["debugfs", "-R", "cat /usr/bin/kata-agent", spec], capture_output=True, text=True,
+                          check=True).stdout
+    anchor = "if [ -f /etc/kata-guest/lock-modules ]; then"
+    assert anchor in text
+    agent = tmp_path / "kata-agent"
+    agent.write_text(text.replace(anchor, f"{line}\n{anchor}"))
+    agent.chmod(0o755)
+    commands = tmp_path / "debugfs.cmd"
+    commands.write_text(f"cd /usr/bin\nrm kata-agent\nwrite {agent} kata-agent\nsif kata-agent mode 0100755\n"
+                        "sif kata-agent uid 0\nsif kata-agent gid 0\n")
+    subprocess.run(["debugfs", "-w", "-f", str(commands), spec], capture_output=True, text=True, check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.vm
+def test_boot_sysctls_are_judged_by_what_the_booted_guest_reads_back(tmp_path: Path) -> None:
+    """KATA-IMG-101 boots the real hardened reference and reads /proc/sys: every sysctl rule holds, and
+    kernel.yama.ptrace_scope is the image's 3 over the command line's 1. A copy whose agent sets
+    kernel.sysrq=1 in a way no reading of the files can see (printf, no sysctl file) passes the static
+    KATA-IMG-028 but fails KATA-IMG-101 by the value the guest has."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+    from reference import ensure_reference
+
+    from pytest_kata.images.guest import build_guest
+
+    root = ensure_reference("candidate", "hardened")
+
+    def run(candidate: Path) -> dict[str, Any]:
+        report = tmp_path / "verdict.json"
+        report.unlink(missing_ok=True)
+        _run_suite("--kata-candidate", str(candidate), "-k", "test_boot_sysctls_read_back or KATA-IMG-028",
+                   cwd=tmp_path)
+        return {r["id"]: r for r in json.loads(report.read_text())["results"]}
+
+    results = run(root)
+    if results["KATA-IMG-101"]["status"] == "skipped":
+        pytest.skip(f"no guest can boot here: {results['KATA-IMG-101']['evidence']}")
+    assert results["KATA-IMG-101"]["status"] == "pass", results["KATA-IMG-101"]
+    booted = results["KATA-IMG-101"]["evidence"]["booted"]
+    assert booted["kernel.yama.ptrace_scope"] == "3" and booted["kernel.sysrq"] == "0"
+    assert booted["kernel.modules_disabled"] == "1"
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(root, tampered, symlinks=True)
+    image = (tampered / "opt/kata/share/kata-containers/kata-containers.img").resolve()
+    _tamper_agent(image, build_guest("minimal").partition_offset, "printf 1 > /proc/sys/kernel/sysrq", tmp_path)
+    results = run(tampered)
+    assert results["KATA-IMG-028"]["status"] == "pass"  # the static reading cannot see the printf
+    assert results["KATA-IMG-101"]["status"] == "fail", results["KATA-IMG-101"]
+    assert results["KATA-IMG-101"]["evidence"]["booted"]["kernel.sysrq"] == "1"
+    assert "KATA-IMG-028: sysctl.kernel.sysrq is 1, expected == 0" in json.dumps(results["KATA-IMG-101"])
+
+
+def test_boot_sysctl_read_back_skips_when_no_guest_can_boot(images: dict[str, Path], tmp_path: Path) -> None:
+    """A candidate without a guest kernel cannot be booted: KATA-IMG-101 is skipped with the reason, never
+    passed on the static reading."""
+    bundle = _bundle_with(images["minimal"], tmp_path / "nokernel")
+    _run_suite("--kata-candidate", str(bundle), "--kata-shim", "qemu", "-k", "test_boot_sysctls_read_back",
+               cwd=tmp_path)
+    result = next(r for r in json.loads((tmp_path / "verdict.json").read_text())["results"]
+                  if r["id"] == "KATA-IMG-101")
+    assert result["status"] == "skipped" and "no guest of the candidate can be booted here" in json.dumps(result)

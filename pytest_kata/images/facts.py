@@ -423,6 +423,23 @@ def _sysctls(root: RootView, v: dict[str, Any], cmdline: str | None, notes: list
     v["sysctl.files"] = ordered
 
 
+SYSCTL_META = frozenset({"sysctl.decided", "sysctl.applied_by", "sysctl.files", "sysctl.unapplied"})
+
+
+def sysctl_values(facts: ImageFacts) -> dict[str, Any]:
+    """The sysctl values the facts say the guest has at boot, by sysctl name (``kernel.sysrq``)."""
+    return {k[len("sysctl."):]: v for k, v in facts.values.items() if k.startswith("sysctl.") and k not in SYSCTL_META}
+
+
+def with_booted_sysctls(facts: ImageFacts, booted: dict[str, str | None], how: str) -> ImageFacts:
+    """The facts with every sysctl replaced by what a booted guest read back (None: the guest has no such
+    sysctl, so it is not set); decided, since the guest itself was asked."""
+    values = {k: v for k, v in facts.values.items() if not k.startswith("sysctl.")}
+    values.update({f"sysctl.{k}": _number(v) for k, v in booted.items() if v is not None})
+    values.update({"sysctl.decided": True, "sysctl.applied_by": how, "sysctl.files": facts.get("sysctl.files", [])})
+    return ImageFacts(values, list(facts.notes))
+
+
 def _parse_sysctl(text: str) -> Iterable[tuple[str, str]]:
     for line in text.splitlines():
         line = line.strip()
