@@ -585,6 +585,10 @@ def check_version(advisories: Iterable[Advisory], version: str) -> list[Decision
 # from every 1.x and 2.x tag); a release below it cannot be affected by a runtime-rs-only flaw
 RUNTIME_FIRST_RELEASE = {"rs": "3.0.0"}
 RUNTIME_NAMES = {"go": "the Go runtime", "rs": "runtime-rs"}
+# Confidential Containers (a confidential guest, an agent policy, genpolicy) is absent from the last 1.x
+# sources (kata-runtime and kata-agent 1.11.5: no confidential_guest, no policy engine), so no 1.x release
+# has it. 2.0.0 is a lower bound, not the release that added it: only releases below it are narrowed.
+COCO_FIRST_RELEASE = "2.0.0"
 
 
 @dataclass(frozen=True)
@@ -700,6 +704,12 @@ def applicability(advisory: Advisory, deployment: Deployment | None = None,
             return False, (f"{advisory.id} affects {scope.describe()}; "
                            f"{' and '.join(RUNTIME_NAMES[r] for r in scope.runtimes)} first shipped in {first}, "
                            f"so {release.text or release} does not have it")
+    coco_first = ReleaseVersion.parse(COCO_FIRST_RELEASE)
+    if scope.coco_only and release is not None and coco_first is not None and release < coco_first:
+        why = f" ({scope.why})" if scope.why else ""
+        return False, (f"{advisory.id} affects {scope.describe()}{why}; no 1.x release has Confidential "
+                       f"Containers (no confidential guest, no agent policy before {COCO_FIRST_RELEASE}), so "
+                       f"{release.text or release} cannot run the affected mode")
     if deployment is None:
         return True, f"affects {scope.describe()}" + ("" if not scope.runtimes and not scope.hypervisors
                                                       and not scope.shared_fs and not scope.coco_only

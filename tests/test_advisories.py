@@ -520,6 +520,31 @@ def test_runtime_rs_advisory_is_not_applicable_to_releases_before_runtime_rs_exi
         affects("GHSA-9999-9999-9999", "3.2.0")
 
 
+def test_bare_1_x_version_is_not_affected_by_confidential_containers_advisories(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The CoCo records' tag lists include 1.9.3, but no 1.x release has a confidential guest or an agent
+    policy: a bare 1.9.3 is notapplicable to them with the record's component as the reason. A 3.x release
+    could run CoCo, so without configurations to narrow by it stays affected, and so do 1.9.3's real matches
+    (the Go runtime's annotations, block hot-plug, virtiofsd arguments)."""
+    for advisory in COCO_ONLY:
+        old = affects(advisory, "1.9.3")
+        assert old.status == "notapplicable" and not old.affected, old.evidence
+        assert "Confidential Containers" in old.evidence and "no 1.x release" in old.evidence
+        assert "agent policy" in old.evidence and "1.9.3" in old.evidence
+        assert affects(advisory, "2.0.0").status != "notapplicable"
+    assert affects("GHSA-q49m-57vm-c8cc", "3.28.0").status == "affected"
+    assert affects("GHSA-h8jv-63p2-496x", "3.30.0").status == "affected"
+    assert affects("GHSA-fmg6-v47x-52wr", "4.0.0").status == "affected"
+    for advisory in ("GHSA-mp2j-xm59-qfgw", "GHSA-5fc8-gg7w-3g5c", "GHSA-rr59-xxvx-96qr", "CVE-2020-27151",
+                     "CVE-2020-2023"):
+        assert affects(advisory, "1.9.3").status == "affected", advisory
+    rc, out, _ = run_cli(capsys, "advisories", "--version", "1.9.3")
+    assert rc == 1 and "AFFECTED by 10 of 16 advisories; 6 not applicable" in out
+    assert not any(a in out for a in COCO_ONLY | RUNTIME_RS_ONLY)
+    rc, out, _ = run_cli(capsys, "advisories", "--version", "1.9.3", "--all")
+    assert "[not applicable] kata-agent MemAgentMemcgSet" in out and "no 1.x release has Confidential" in out
+
+
 def test_advisories_scoped_to_what_the_real_4_1_0_configurations_ship(tmp_path: Path) -> None:
     """Go QEMU alone: the runtime-rs, Dragonball, CoCo and CLH advisories do not apply, each with its reason;
     every shipped configuration (real 4.1.0 files) brings them back."""

@@ -111,7 +111,7 @@ def test_tarball_is_rooted_owned_by_root_and_sorted(candidate: Path) -> None:
     assert all(t in (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE) for *_, t in members)
 
 
-def test_baseline_reuses_the_guest_image(candidate: Path, baseline: Path) -> None:
+def test_baseline_reuses_its_variants_guest_image(candidate: Path, baseline: Path) -> None:
     assert (baseline / "opt/kata/VERSION").read_text().strip() == "3.30.0"
     refs = [json.loads((root / "opt/kata/kata-reference.json").read_text()) for root in (baseline, candidate)]
     assert refs[0]["components"]["guest-image-key"] == refs[1]["components"]["guest-image-key"]
@@ -120,11 +120,28 @@ def test_baseline_reuses_the_guest_image(candidate: Path, baseline: Path) -> Non
     assert baseline != candidate
 
 
-def test_upstream_variant_differs_only_in_configs(candidate: Path) -> None:
+def test_variants_ship_their_own_guest_image(candidate: Path) -> None:
+    """The hardened variant ships the hardened guest (vm-images/guest/minimal.toml: no package manager,
+    module loading locked at boot); the upstream variant keeps the ordinary one (reference.toml, with dpkg)."""
     upstream = ensure_reference("candidate", "upstream")
     cfg = "opt/kata/share/defaults/kata-containers/configuration-qemu.toml"
     assert (upstream / cfg).read_text() != (candidate / cfg).read_text()
     assert (upstream / "opt/kata/VERSION").read_text() == (candidate / "opt/kata/VERSION").read_text()
+    refs = {name: json.loads((root / "opt/kata/kata-reference.json").read_text())["components"]
+            for name, root in (("hardened", candidate), ("upstream", upstream))}
+    assert refs["hardened"]["guest-recipe"] == "minimal" and refs["upstream"]["guest-recipe"] == "reference"
+    assert "dpkg" not in refs["hardened"]["guest-packages"] and "dpkg" in refs["upstream"]["guest-packages"]
+    from pytest_kata.images.facts import image_facts
+    from pytest_kata.images.read import open_image
+
+    facts = {}
+    for name, root in (("hardened", candidate), ("upstream", upstream)):
+        with open_image(root / SHARE / "kata-containers.img") as image:
+            facts[name] = image_facts(image)
+    assert facts["hardened"]["image.package_managers"] == []
+    assert facts["hardened"]["sysctl.kernel.modules_disabled"] == 1
+    assert facts["upstream"]["image.package_managers"] == ["/usr/bin/dpkg"]
+    assert "sysctl.kernel.modules_disabled" not in facts["upstream"]
 
 
 def test_bad_arguments_are_one_line() -> None:
@@ -146,8 +163,36 @@ def test_build_script_runs_and_reports(candidate: Path) -> None:
 
 
 # The static gates on the reference bundles, as the demo runs them (the other suites boot VMs).
+# The Debian kernel's Kconfig the hardened reference cannot change without building its own kernel.
+HARDENED_KCONF_WARNINGS = {f"KATA-KCONF-{n:03d}" for n in (2, 4, 7, 10, 16, 18, 20, 44)}
+# Kconfig rules whose effect a kernel parameter gives (KSPP command line, or a sysctl the kernel sets
+# before init and KATA-IMG-101 reads back from a booted guest).
+KCONF_BY_CMDLINE = {"KATA-KCONF-005": "sysctl.kernel.kexec_load_disabled=1", "KATA-KCONF-006": "nohibernate",
+                    "KATA-KCONF-011": "sysctl.vm.unprivileged_userfaultfd=0", "KATA-KCONF-017": "sysctl.kernel.sysrq=0",
+                    "KATA-KCONF-021": "sysctl.dev.tty.ldisc_autoload=0", "KATA-KCONF-036": "init_on_free=1",
+                    "KATA-KCONF-038": "slab_nomerge"}
 UPSTREAM_REJECT_REASONS = {"KATA-CFG-006", "KATA-CFG-007", "KATA-CFG-008", "KATA-CFG-011", "KATA-CFG-030",
                            "KATA-KCONF-001"}
+
+
+@pytest.mark.parametrize("variant", ["upstream", "hardened"])
+def test_kconfig_rules_take_the_real_kernel_params_equivalents(variant: str) -> None:
+    """The Debian guest kernel's Kconfig fails these rules alone; the hardened 4.1.0 kernel_params give their
+    effect on the command line (each rule's own remediation), so they pass there and fail with upstream's."""
+    from pytest_kata.kataconfig import load_config
+    from pytest_kata.rules import Facts, evaluate, load_rules
+    from pytest_kata.rules.kconfig import load_kconfig
+
+    kconfig = load_kconfig(host_kernel().config)
+    params = str(load_config(REPO / "fixtures/configs" / variant / "configuration-qemu.toml").get(
+        "hypervisor.qemu.kernel_params", ""))
+    rules = {r.id: r for r in load_rules("kernel") if r.id in KCONF_BY_CMDLINE}
+    assert set(rules) == set(KCONF_BY_CMDLINE)
+    for rid, param in KCONF_BY_CMDLINE.items():
+        assert evaluate(rules[rid], kconfig, kconfig.context).status == "fail", rid  # the Kconfig alone
+        outcome = evaluate(rules[rid], Facts({}, overlay={"kernel.cmdline": params}, base=kconfig), kconfig.context)
+        assert (param in params.split()) == (variant == "hardened")
+        assert outcome.status == ("pass" if variant == "hardened" else "fail"), (rid, outcome.message)
 
 
 def static_verdict(pytester: pytest.Pytester, root: Path, baseline: Path) -> tuple[Any, dict[str, Any]]:
@@ -172,11 +217,15 @@ def test_demo_verdicts_hardened_accepted_upstream_rejected_for_the_readme_reason
     assert not [r["id"] for r in verdict["results"] if r["suite"] == "advisories" and r["status"] != "pass"
                 and r["status"] != "notapplicable"]
     assert not [r["id"] for r in verdict["results"] if r["id"].startswith("KATA-CFG") and r["status"] == "fail"]
-    # what is left below the gate: the Debian distribution kernel's config (no kernel is built here), and the
-    # reference guest image shared by both variants, which keeps dpkg and does not lock module loading
-    image_warnings = {r["id"] for r in verdict["results"] if r["id"].startswith("KATA-IMG") and r["status"] == "fail"}
-    assert image_warnings == {"KATA-IMG-007", "KATA-IMG-027"}
+    # what is left below the gate is the Debian distribution kernel's Kconfig (no guest kernel is built for
+    # the reference: README, "the hardened reference's remaining warnings"); the hardened guest image passes
+    # every image rule
+    warnings = {r["id"].split("[")[0] for r in verdict["results"] if r["status"] == "fail"}
+    assert warnings == HARDENED_KCONF_WARNINGS
     upstream = ensure_reference("candidate", "upstream")
     result, verdict = static_verdict(pytester, upstream, ensure_reference("baseline", "upstream"))
     assert verdict["verdict"] == "reject" and result.ret == 1
     assert {reason.split("[")[0] for reason in verdict["reasons"]} == UPSTREAM_REJECT_REASONS
+    # the upstream variant's guest keeps dpkg and leaves module loading open: warnings below the gate
+    upstream_image = {r["id"] for r in verdict["results"] if r["id"].startswith("KATA-IMG") and r["status"] == "fail"}
+    assert {"KATA-IMG-007", "KATA-IMG-027"} <= upstream_image

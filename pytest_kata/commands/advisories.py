@@ -122,11 +122,15 @@ def _main(args: argparse.Namespace) -> int:
                          indent=2))
         return 1 if affected or undecided else 0
     subject = f"{where} (release {normalise_release(version)})" if where else normalise_release(version)
+    inapplicable = sum(1 for d in decisions if not d.applicable)
+    scoped = f"; {inapplicable} not applicable to what it ships or can run" + ("" if args.all else
+                                                                              ": --all shows why")
+    scoped = scoped if inapplicable else ""
     if affected:
-        print(f"{subject}: AFFECTED by {len(affected)} of {len(decisions)} advisories")
+        print(f"{subject}: AFFECTED by {len(affected)} of {len(decisions)} advisories{scoped}")
     else:
         print(f"{subject}: not affected by any of {len(decisions)} advisories"
-              + (f" ({len(undecided)} cannot be decided)" if undecided else ""))
+              + (f" ({len(undecided)} cannot be decided)" if undecided else "") + scoped)
     clean = [d for d in decisions if not d.affected and not d.undecided]
     rows = affected + undecided + (clean if args.all else [])
     if rows:

@@ -50,6 +50,7 @@ ABOUT = {
     "root.readonly": ("root.readonly_reason",),
     "agent.": ("agent.path", "agent.mode"),
     "root.dm_verity": ("cmdline.text",),
+    "services.": ("services.units",),
 }
 
 
@@ -234,14 +235,16 @@ def _executables(root: RootView) -> dict[str, str]:
 
 
 def _accounts(root: RootView, v: dict[str, Any]) -> None:
+    """Accounts a finding is about, each with the file and line that defines it (``toor (/etc/passwd:2)``)."""
     passwd = root.read_text("/etc/passwd") or ""
     uid0 = []
-    for line in passwd.splitlines():
+    for number, line in enumerate(passwd.splitlines(), 1):
         parts = line.split(":")
         if len(parts) >= 4 and parts[2] == "0" and parts[0] != "root":
-            uid0.append(parts[0])
+            uid0.append(f"{parts[0]} (/etc/passwd:{number})")
     shadow = root.read_text("/etc/shadow") or ""
-    empty = [p[0] for p in (line.split(":") for line in shadow.splitlines()) if len(p) >= 2 and p[1] == ""]
+    empty = [f"{p[0]} (/etc/shadow:{number})" for number, p in
+             enumerate((line.split(":") for line in shadow.splitlines()), 1) if len(p) >= 2 and p[1] == ""]
     v["accounts.present"] = bool(passwd)
     _list_fact(v, "accounts.uid0_nonroot", uid0)
     _list_fact(v, "accounts.empty_passwords", empty)
@@ -295,16 +298,29 @@ def _init(root: RootView, v: dict[str, Any]) -> None:
 
 
 def _services(root: RootView, v: dict[str, Any]) -> None:
-    enabled = sorted({posixpath.basename(p) for p in root.glob("/etc/systemd/system/*.wants/*")
-                      + root.glob("/etc/systemd/system/*.requires/*")})
+    """Enabled units by name (what the rules compare), and by path: ``services.units`` gives each unit's
+    file and the links that enable it, so that a finding on a name says where to remove it."""
+    links: dict[str, list[str]] = {}
+    for link in sorted(root.glob("/etc/systemd/system/*.wants/*") + root.glob("/etc/systemd/system/*.requires/*")):
+        links.setdefault(posixpath.basename(link), []).append(link)
     masked = {posixpath.basename(p) for p in root.glob("/etc/systemd/system/*")
               if (root.entry(p) or Entry(p, "", 0, 0, 0, 0)).target == "/dev/null"}
-    enabled = [u for u in enabled if u not in masked]
+    enabled = sorted(u for u in links if u not in masked)
+    units = [f"{u}: {_unit_file(root, links[u][0])} (enabled by {', '.join(links[u])})" for u in enabled]
     if v.get("init.kind") != "systemd":
         v["services.unit_links_ignored"] = enabled  # nothing starts them without systemd
-        enabled = []
+        enabled, units = [], []
     _list_fact(v, "services.enabled", enabled)
+    v["services.units"] = units
     _list_fact(v, "services.unexpected", [u for u in enabled if u not in SERVICE_ALLOWLIST])
+
+
+def _unit_file(root: RootView, link: str) -> str:
+    """The unit file an enablement link points at (``getty@tty1.service`` -> ``.../getty@.service``), or the
+    link's target as written when the image lacks the file."""
+    entry = root.entry(link)
+    target = entry.target if entry is not None and entry.target else link
+    return root.resolve(link) or posixpath.normpath(posixpath.join(posixpath.dirname(link), target))
 
 
 def _cmdline_tokens(cmdline: str | None) -> list[str]:
@@ -366,8 +382,8 @@ def _root_readonly(root: RootView, v: dict[str, Any], cmdline: str | None,
 
 
 def _sysctls(root: RootView, v: dict[str, Any], cmdline: str | None, notes: list[str]) -> None:
-    """Merge sysctl.d in systemd-sysctl order (by file name, later dirs override same names), then
-    ``sysctl.*`` kernel parameters; keep only what something applies at boot."""
+    """``sysctl.*`` kernel parameters, then sysctl.d in systemd-sysctl order (by file name, later dirs
+    override same names) as the init applies them after the kernel; keep only what something applies."""
     files: dict[str, str] = {}
     for d in SYSCTL_DIRS:
         real = root.resolve(d)
@@ -388,7 +404,12 @@ def _sysctls(root: RootView, v: dict[str, Any], cmdline: str | None, notes: list
     applier = boot.applier
     v["sysctl.applied_by"] = applier or (f"cannot tell: {boot.undecided}" if boot.undecided else "nothing")
     v["sysctl.decided"] = True if applier or not boot.undecided else f"cannot tell: {boot.undecided}"
+    # the kernel applies sysctl.* parameters before it starts init; what the init applies then overrides them
     values: dict[str, str] = {}
+    for t in _cmdline_tokens(cmdline):
+        if t.startswith("sysctl.") and "=" in t:
+            key, _, value = t[len("sysctl."):].partition("=")
+            values[key.replace("/", ".")] = value
     if applier:
         for path in ordered if boot.files is None else [p for p in ordered if p in boot.files]:
             values.update(_parse_sysctl(contents.get(path, b"").decode("utf-8", "replace")))
@@ -398,13 +419,26 @@ def _sysctls(root: RootView, v: dict[str, Any], cmdline: str | None, notes: list
         what = f"cannot tell whether the guest applies them ({boot.undecided})" if boot.undecided else \
             f"nothing in the guest applies them (init is {v.get('init.kind')})"
         notes.append(f"{len(from_files)} sysctl(s) set in {', '.join(ordered)} but {what}")
-    for t in _cmdline_tokens(cmdline):
-        if t.startswith("sysctl.") and "=" in t:
-            key, _, value = t[len("sysctl."):].partition("=")
-            values[key.replace("/", ".")] = value
     for key, value in values.items():
         v[f"sysctl.{key}"] = _number(value)
     v["sysctl.files"] = ordered
+
+
+SYSCTL_META = frozenset({"sysctl.decided", "sysctl.applied_by", "sysctl.files", "sysctl.unapplied"})
+
+
+def sysctl_values(facts: ImageFacts) -> dict[str, Any]:
+    """The sysctl values the facts say the guest has at boot, by sysctl name (``kernel.sysrq``)."""
+    return {k[len("sysctl."):]: v for k, v in facts.values.items() if k.startswith("sysctl.") and k not in SYSCTL_META}
+
+
+def with_booted_sysctls(facts: ImageFacts, booted: dict[str, str | None], how: str) -> ImageFacts:
+    """The facts with every sysctl replaced by what a booted guest read back (None: the guest has no such
+    sysctl, so it is not set); decided, since the guest itself was asked."""
+    values = {k: v for k, v in facts.values.items() if not k.startswith("sysctl.")}
+    values.update({f"sysctl.{k}": _number(v) for k, v in booted.items() if v is not None})
+    values.update({"sysctl.decided": True, "sysctl.applied_by": how, "sysctl.files": facts.get("sysctl.files", [])})
+    return ImageFacts(values, list(facts.notes))
 
 
 def _parse_sysctl(text: str) -> Iterable[tuple[str, str]]:

@@ -90,8 +90,9 @@ def measure_root(root: Any, name: str, *, boot_seconds: float | None = None) -> 
         "shells": facts["image.shells.count"],
         "package_managers": facts["image.package_managers.count"],
     }
-    details = {"packages": packages, "setuid": facts["image.setuid_files"],
-               "services": facts["services.enabled"], "listeners": facts["image.network_daemons"],
+    details = {"packages": packages, "executables": executables, "setuid": facts["image.setuid_files"],
+               "file_capabilities": facts["image.file_capabilities"],
+               "services": facts["services.units"], "listeners": facts["image.network_daemons"],
                "shells": facts["image.shells"], "package_managers": facts["image.package_managers"]}
     notes.append("listening sockets are static (daemon binaries present); a booted measurement needs the "
                  "direct sandbox driver")
@@ -141,7 +142,8 @@ def growth(base: int, new: int) -> float | None:
 
 
 def over_budget(baseline: Surface, candidate: Surface, budget_percent: float) -> list[str]:
-    """The metrics that grew by more than the budget, each explained."""
+    """The metrics that grew by more than the budget, each explained and naming what is new (paths, units,
+    packages) where the surface keeps the list behind the count."""
     out = []
     for key in BUDGET_METRICS:
         if key not in baseline.metrics and key not in candidate.metrics:
@@ -150,7 +152,10 @@ def over_budget(baseline: Surface, candidate: Surface, budget_percent: float) ->
         g = growth(b, c)
         if g is None or g > budget_percent:
             shown = "from 0" if g is None else f"+{g:.1f}%"
-            out.append(f"{METRICS[key][0]}: {b} -> {c} ({shown}, budget {budget_percent:g}%)")
+            new = sorted(set(candidate.details.get(key, [])) - set(baseline.details.get(key, [])))
+            named = f"; new: {', '.join(new[:12])}" + (f" and {len(new) - 12} more" if len(new) > 12 else "") \
+                if new else ""
+            out.append(f"{METRICS[key][0]}: {b} -> {c} ({shown}, budget {budget_percent:g}%{named})")
     return out
 
 
