@@ -166,10 +166,12 @@ class SysrootContainerd:
     and stopped by pid, registered with the run id (``pytest_kata.services``) so that a sweep finds it.
     """
 
-    def __init__(self, sysroot: str | Path, run_id: str | None = None) -> None:
+    def __init__(self, sysroot: str | Path, run_id: str | None = None, *, private_mounts: bool = False) -> None:
         self.sysroot = Path(sysroot)
         self.config = self.sysroot / CONTAINERD_CONFIG.lstrip("/")
         self.run_id = run_id
+        # in a mount namespace of its own with / shared inside (what a Kata shim needs to share a rootfs)
+        self.private_mounts = private_mounts
         self.record: Any = None
         self.process: subprocess.Popen[bytes] | None = None
         self.description = f"private containerd for {self.sysroot}"
@@ -177,9 +179,10 @@ class SysrootContainerd:
 
     @classmethod
     def prepare(cls, sysroot: str | Path, *, version: int = 2, imports: list[str] | None = None,
-                run_id: str | None = None) -> SysrootContainerd:
+                run_id: str | None = None, private_mounts: bool = False) -> SysrootContainerd:
         """Write a containerd config for the sysroot (all paths inside it; CRI on, so that the handlers can
-        be reported). ``version=1`` writes a config without drop-in support."""
+        be reported). ``version=1`` writes a config without drop-in support; ``private_mounts`` runs it (and
+        its shims) in a mount namespace of its own with ``/`` shared inside, as real Kata shims need."""
         import tomli_w
 
         from pytest_kata.services import containerd_config
@@ -204,11 +207,11 @@ class SysrootContainerd:
                 f'[grpc]\n  address = "{config["grpc"]["address"]}"\n[ttrpc]\n  address = ""\n'
                 '[debug]\n  address = ""\n[metrics]\n  address = ""\n'
                 f'[plugins.opt]\n  path = "{work / "opt"}"\n')
-            return cls(sysroot, run_id)
+            return cls(sysroot, run_id, private_mounts=private_mounts)
         if imports is not None:
             config["imports"] = imports
         path.write_text(tomli_w.dumps(config))
-        return cls(sysroot, run_id)
+        return cls(sysroot, run_id, private_mounts=private_mounts)
 
     def socket(self) -> str:
         return str(tomllib.loads(self.config.read_text())["grpc"]["address"])
@@ -220,11 +223,12 @@ class SysrootContainerd:
 
     def start(self, timeout: float = 30.0) -> None:
         from pytest_kata import runid
-        from pytest_kata.services import register_daemon
+        from pytest_kata.services import PRIVATE_MOUNTS_ARGV, register_daemon
 
         (self.sysroot / "var/lib").mkdir(parents=True, exist_ok=True)
         log = open(self.sysroot / "var/lib/containerd.log", "ab")  # noqa: SIM115 (owned by the child)
-        self.process = subprocess.Popen(["containerd", "--config", str(self.config)],
+        prefix = PRIVATE_MOUNTS_ARGV if self.private_mounts else []
+        self.process = subprocess.Popen([*prefix, "containerd", "--config", str(self.config)],
                                         stdin=subprocess.DEVNULL,
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
