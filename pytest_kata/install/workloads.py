@@ -110,7 +110,8 @@ class WorkloadProbe:
     def __init__(self, installer: Any, *, tag: str | None = None, namespace: str | None = None,
                  kata_args: KataArgs | None = None) -> None:
         self.installer = installer
-        self.kata_args = kata_args
+        # an installer may carry the kata_args of its host (so that a smoke gate's probe runs Kata there too)
+        self.kata_args = kata_args or getattr(installer, "kata_args", None)
         self.host = installer.host
         self.address = containerd_address(installer.containerd)
         # in a test run: the run id (a sweep finds containerd cgroups by it); the CLI passes a stable name

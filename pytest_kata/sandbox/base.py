@@ -52,6 +52,8 @@ class Workload:
     # deployments set containerd's privileged_without_host_devices, which is the default here)
     host_devices: bool = False
     mark: str = "kata-probe"
+    cpus: float = 0.0  # a CPU quota (CFS, in CPUs) for the workload's container; 0: none
+    cpu_burn: int = 0  # seconds of busy loops whose CPU time the probe measures; 0: none
 
     def env(self) -> dict[str, str]:
         env = {"KATA_PROBE_MARK": self.mark}
@@ -63,6 +65,8 @@ class Workload:
             env["KATA_PROBE_WRITES"] = "1"
         if self.volume_write:
             env["KATA_PROBE_VOLUME_WRITE"] = self.volume_write
+        if self.cpu_burn:
+            env["KATA_PROBE_CPU_BURN"] = str(self.cpu_burn)
         return env
 
 

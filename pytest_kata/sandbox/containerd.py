@@ -269,6 +269,8 @@ class ContainerdDriver(SandboxDriver):
             args += ["--mount", f"type=bind,src={m.source},dst={m.destination},options=rbind:{mode}"]
         for dev in workload.devices:
             args += ["--device", dev]
+        if workload.cpus:
+            args += ["--cpus", f"{workload.cpus:g}"]
         for key, value in workload.env().items():
             args += ["--env", f"{key}={value}"]
         return args
