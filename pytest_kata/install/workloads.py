@@ -56,7 +56,7 @@ class Workload:
     runnable: bool = True  # False: its shim is not on the host (a start cannot be expected to work)
     create_args: list[str] = field(default_factory=list)  # extra `ctr containers create` arguments (kata_args)
     shim_sha256: str | None = None  # the shim binary the handler resolved to when the workload was planted
-    shim_version: str = ""
+    shim_label: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,14 +192,15 @@ class WorkloadProbe:
         return result.stdout.split()[0] if result.ok and result.stdout.split() else None
 
     def shim_identity(self, runtime: str) -> tuple[str | None, str]:
-        """(sha256, first line of ``--version``) of the shim binary an absolute runtime path resolves to."""
+        """(sha256, label) of the shim binary an absolute runtime path resolves to; the label is what the shim
+        says of itself (``--version``), or, for a shim without a version flag (Kata 1.x), its resolved path."""
         if not runtime.startswith("/"):
             return None, ""
         path = shlex.quote(runtime)
         digest = self.host.run(f"sha256sum \"$(readlink -f {path})\"", timeout=60)
-        version = self.host.run(f"{path} --version 2>&1 | head -n 1", timeout=60)
+        label = self.host.run(f"{path} --version 2>/dev/null | head -n 1 | grep . || readlink -f {path}", timeout=60)
         return (digest.stdout.split()[0] if digest.ok and digest.stdout.split() else None,
-                version.stdout.strip() if version.ok else "")
+                label.stdout.strip() if label.ok else "")
 
     def create(self, workload: Workload, command: list[str]) -> Any:
         """``ctr containers create`` of ``workload``'s record (runtime, configuration, extra arguments)."""
@@ -217,7 +218,7 @@ class WorkloadProbe:
             workload.before = f"did not run before the upgrade: no executable shim at {runtime} on {self.host.name}"
             return
         if handler.startswith("kata"):
-            workload.shim_sha256, workload.shim_version = self.shim_identity(runtime)
+            workload.shim_sha256, workload.shim_label = self.shim_identity(runtime)
             if self.kata_args is not None:
                 try:
                     workload.create_args = list(self.kata_args(handler, {"runtime": runtime,
@@ -299,11 +300,11 @@ class WorkloadProbe:
                 problems.append(f"ConfigPath {workload.config_path} differs from before the upgrade "
                                 f"(sha256 {workload.config_sha256[:12]} -> {digest[:12]})")
         if workload.shim_sha256 and runtime == workload.runtime:
-            shim, version = self.shim_identity(runtime)
+            shim, label = self.shim_identity(runtime)
             if shim != workload.shim_sha256:
                 problems.append(f"handler {workload.handler} resolves to another shim binary than before the "
-                                f"upgrade: {version or 'missing'} (sha256 {(shim or '-')[:12]}), before "
-                                f"{workload.shim_version or '?'} (sha256 {workload.shim_sha256[:12]})")
+                                f"upgrade: sha256 {(shim or 'missing')[:12]} ({label or runtime}), before sha256 "
+                                f"{workload.shim_sha256[:12]} ({workload.shim_label or runtime})")
         return problems
 
     # ---------------------------------------------------------------------------------------- persistence

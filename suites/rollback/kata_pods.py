@@ -59,13 +59,13 @@ class RunnableKataConfigs:
                 daemon = str(config.get("hypervisor.*.virtio_fs_daemon", "") or "")
                 if not map_path(self.prefix, daemon).exists():
                     raise KataError(f"{handler} cannot run on this host: its shared file system is virtio-fs "
-                                    f"and the release ships no {daemon or 'virtiofsd'}", path=str(source))
+                                    f"and the release ships no {daemon or 'virtiofsd'}")
             try:
                 shim = write_shim_config(config, self.prefix, out, accel=self.accel,
                                          vhost_net=Path("/dev/vhost-net").exists(),
                                          vhost_vsock=Path("/dev/vhost-vsock").exists())
             except SandboxError as exc:
-                raise KataError(f"{handler} cannot run on this host: {exc}", path=str(source)) from None
+                raise KataError(f"{handler} cannot run on this host: {exc}") from None
             shim.changes.setdefault("accel", f"{self.accel} ({self.accel_reason})")
             self.written[str(shim.path)] = shim
         return ["--annotation", f"{CONFIG_PATH_ANNOTATION}={copy}"]
@@ -96,9 +96,9 @@ class RunningPod:
         """Create and start (detached) a pod with the same runtime, configuration and arguments as ``planted``."""
         workload = Workload(f"{planted.container}-running", planted.handler, planted.runtime, planted.config_path,
                             planted.config_sha256, create_args=list(planted.create_args),
-                            shim_sha256=planted.shim_sha256, shim_version=planted.shim_version)
+                            shim_sha256=planted.shim_sha256, shim_label=planted.shim_label)
         pod = cls(probe, workload)
-        created = probe.create(workload, ["sh", "-c", "echo running > /var/running; exec sleep 3600"])
+        created = probe.create(workload, ["sh", "-c", "echo running > /tmp/running; exec sleep 3600"])
         if not created.ok:
             raise KataError(f"the running pod was not created: {_tail(created)}", path=workload.container)
         started = probe.ctr("tasks", "start", "-d", workload.container, timeout=300)
@@ -111,7 +111,7 @@ class RunningPod:
             pod.shim_pid = shims[0].pid
             pod.shim_exe = probe.host.run(f"readlink /proc/{pod.shim_pid}/exe", timeout=30).stdout.strip()
         pod.steps["started"] = (f"task pid {pod.task_pid}, shim pid {pod.shim_pid} executing {pod.shim_exe} "
-                                f"({planted.shim_version})")
+                                f"({planted.shim_label})")
         return pod
 
     def status(self) -> tuple[str, int]:
@@ -145,7 +145,7 @@ class RunningPod:
         else:
             problems.append("no shim process of the pod was found on the host when it started")
         seen = self.probe.ctr("tasks", "exec", "--exec-id", f"probe{int(time.time()) % 100000}",
-                              self.workload.container, "sh", "-c", "cat /var/running; uname -r", timeout=180)
+                              self.workload.container, "sh", "-c", "cat /tmp/running; uname -r", timeout=180)
         self.steps["exec after the switch"] = seen.stdout.strip().replace("\n", " | ") or _tail(seen)
         if not seen.ok or "running" not in seen.stdout:
             problems.append(f"exec into the running pod failed after the switch: {_tail(seen)}")

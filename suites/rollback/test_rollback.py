@@ -219,11 +219,11 @@ def test_a_pod_running_on_the_baseline_survives_the_upgrade(upgrade: Scenario, k
     pod = upgrade.pod
     assert pod is not None
     kata_result.record(handler=pod.workload.handler, container=pod.workload.container, steps=pod.steps,
-                       shim_before=pod.workload.shim_version, **(upgrade.kata.evidence() if upgrade.kata else {}))
+                       shim_before=pod.workload.shim_label, **(upgrade.kata.evidence() if upgrade.kata else {}))
     (problems,) = upgrade.need(kata_result, "pod-after-switch")
     if problems:
         kata_result.conclude("fail", "; ".join(problems))
-    started_on = pod.workload.shim_version or "the baseline"
+    started_on = pod.workload.shim_label or "the baseline"
     kata_result.conclude("pass", f"{pod.workload.handler}: the pod started on {started_on}"
                          f" ran on through the switch (task pid {pod.task_pid}, shim {pod.shim_exe}), answered an "
                          "exec and was deleted with nothing left")

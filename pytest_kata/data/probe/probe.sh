@@ -219,7 +219,9 @@ fi
 if [ -n "$KATA_PROBE_CPU_BURN" ]; then
   n=${KATA_PROBE_CPU_WORKERS:-2}
   cmax=$(rd /sys/fs/cgroup/cpu.max)
-  [ -n "$cmax" ] || cmax="$(rd /sys/fs/cgroup/cpu/cpu.cfs_quota_us) $(rd /sys/fs/cgroup/cpu/cpu.cfs_period_us)"
+  for d in /sys/fs/cgroup/cpu /sys/fs/cgroup/cpu,cpuacct; do
+    [ -z "$cmax" ] && [ -e "$d/cpu.cfs_quota_us" ] && cmax="$(rd "$d/cpu.cfs_quota_us") $(rd "$d/cpu.cfs_period_us")"
+  done
   t0=$(awk '{print $1}' /proc/uptime)
   bpids=""
   i=0
