@@ -114,11 +114,17 @@ class WorkloadProbe:
         self.kata_args = kata_args or getattr(installer, "kata_args", None)
         self.host = installer.host
         self.address = containerd_address(installer.containerd)
-        # in a test run: the run id (a sweep finds containerd cgroups by it); the CLI passes a stable name
-        self.namespace = namespace or runid.current_run_id()
         where = f"{self.host.name}:{installer.sysroot}"
         # runc's state directory is per namespace and shared by every containerd: ids must be unique per target
         self.tag = tag or hashlib.sha256(f"{where}:{os.getpid()}".encode()).hexdigest()[:8]
+        # in a test run: the run id (a sweep finds containerd cgroups by it); the CLI passes a stable name
+        self.namespace = namespace or runid.current_run_id()
+        if namespace is None and self.kata_args is not None:
+            # Kata 1.x shims refuse a namespace whose dash-separated parts do not start with a letter (a run id's
+            # hex part may not): a fixed name, and the run id in every container id (a sweep finds their
+            # processes by it)
+            self.namespace = KATA_TEST_NAMESPACE
+            self.tag = f"{runid.current_run_id()}-{self.tag}"
         self.image = ""
         self.image_was_present = False
         self.remote_tar = ""
@@ -382,7 +388,8 @@ def _tail(result: Any) -> str:
 # per kata-* handler: extra `ctr containers create` arguments, or a KataError saying why it cannot run here
 KataArgs = Callable[[str, dict[str, str]], list[str]]
 CLI_NAMESPACE = "pytest-kata-workloads"  # workloads planted by ``pytest-kata install`` live until its rollback
+KATA_TEST_NAMESPACE = "pytest-kata-rollback"  # a test run's workloads that run real Kata shims
 WORKLOADS_FILE = "workloads.json"
 
-__all__ = ["CLI_NAMESPACE", "MARKER", "WORKLOADS_FILE", "KataArgs", "Workload", "WorkloadProbe", "WorkloadReport",
-           "WorkloadResult", "containerd_address"]
+__all__ = ["CLI_NAMESPACE", "KATA_TEST_NAMESPACE", "MARKER", "WORKLOADS_FILE", "KataArgs", "Workload",
+           "WorkloadProbe", "WorkloadReport", "WorkloadResult", "containerd_address"]
