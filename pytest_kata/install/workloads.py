@@ -388,7 +388,7 @@ def _tail(result: Any) -> str:
 # per kata-* handler: extra `ctr containers create` arguments, or a KataError saying why it cannot run here
 KataArgs = Callable[[str, dict[str, str]], list[str]]
 CLI_NAMESPACE = "pytest-kata-workloads"  # workloads planted by ``pytest-kata install`` live until its rollback
-KATA_TEST_NAMESPACE = "pytest-kata-rollback"  # a test run's workloads that run real Kata shims
+KATA_TEST_NAMESPACE = "kata-rb"  # a test run's real Kata workloads (short: the shim socket path holds it twice)
 WORKLOADS_FILE = "workloads.json"
 
 __all__ = ["CLI_NAMESPACE", "KATA_TEST_NAMESPACE", "MARKER", "WORKLOADS_FILE", "KataArgs", "Workload",

@@ -85,7 +85,8 @@ def real_kata_on(inst: Installer, baseline: Any, scratch: Any) -> Iterator[Runna
     kata = RunnableKataConfigs(inst.sysroot, scratch)
     run = runid.current_run_id()
     services.lend_syslog(run)
-    inst.kata_args = kata  # type: ignore[attr-defined]  (the smoke gate's probe runs Kata the same way)
+    # the installer carries them, so that the smoke gate's probe runs Kata the same way
+    inst.kata_args = kata  # type: ignore[attr-defined]
     try:
         yield kata
     finally:
