@@ -1,6 +1,6 @@
-"""The device-cgroup and CPU-quota isolation checks decided from probe facts: each can pass, fail and say that
-it cannot observe its effect (skipped, never pass). The facts are shaped as the probe prints them; the real
-runs (runc and Kata 1.11.5) are in tests/test_isolation_real.py."""
+"""The device-cgroup, CPU-quota and memory-limit isolation checks decided from probe facts: each can pass,
+fail and say that it cannot observe its effect (skipped, never pass). The facts are shaped as the probe prints
+them; the real runs are in tests/test_isolation_controls.py (runc) and tests/test_sandbox_kata.py (Kata)."""
 
 from __future__ import annotations
 
@@ -94,3 +94,26 @@ def test_a_load_that_got_almost_no_cpu_cannot_show_the_quota() -> None:
 def test_no_quota_or_no_measurement_is_never_a_pass() -> None:
     assert checks.cpu_limited(burn(ticks=300), quota_cpus=0, handler="kata").status == "notapplicable"
     assert checks.cpu_limited({}, quota_cpus=0.5, handler="kata").status == "error"
+
+
+def fill(*, rc: int, reached_mb: int, held: bool, asked: int = 192) -> dict:
+    return {"mem_fill": {"asked_mb": asked, "rc": rc, "reached_bytes": reached_mb << 20, "held": held,
+                         "limit": "67108864"}}
+
+
+def test_a_process_killed_below_the_memory_limit_passes() -> None:
+    out = checks.memory_limited(fill(rc=137, reached_mb=32, held=False), limit_mb=64, handler="kata")
+    assert out.status == "pass" and "killed at 32 MiB" in out.message
+
+
+def test_a_process_holding_more_than_the_memory_limit_fails() -> None:
+    out = checks.memory_limited(fill(rc=0, reached_mb=256, held=True), limit_mb=64, handler="kata")
+    assert out.status == "fail" and "held 256 MiB in a container limited to 64 MiB" in out.message
+
+
+def test_an_allocation_that_stopped_for_another_reason_is_not_a_pass() -> None:
+    out = checks.memory_limited(fill(rc=2, reached_mb=16, held=False), limit_mb=64, handler="kata")
+    assert out.status == "skipped" and "not the OOM killer" in out.message
+    assert checks.memory_limited({}, limit_mb=64, handler="kata").status == "error"
+    assert checks.memory_limited(fill(rc=0, reached_mb=256, held=True), limit_mb=0, handler="kata").status \
+        == "notapplicable"

@@ -190,25 +190,29 @@ def test_isolation_suite_on_real_kata_1_11_5(pytester, kata_bundles):
     (device,) = [r for r in verdict["results"] if r["id"] == "KATA-ISO-012"]
     assert "booted from an initrd" in device["evidence"]["reason"], device["evidence"]
     assert seen["KATA-ISO-013"] == {"pass"}  # two busy loops in a pod with half a CPU stay within it
+    assert seen["KATA-ISO-014"] == {"pass"}  # a process asking for 3x its pod's memory limit is OOM-killed
     tcg = Path("/sys/module/kvm_pvm").exists() or not Path("/dev/kvm").exists()
     for r in verdict["results"]:
         assert r["evidence"].get("hypervisor_rewrite", "").startswith("hypervisor argv rewritten for TCG") == tcg
 
 
-def test_a_cpu_quota_holds_in_a_real_kata_pod_and_a_pod_without_one_fails_the_check(kata_bundles):
-    """Two busy loops for 6 s in a Kata 1.11.5 pod: with a quota of half a CPU (Kata hot-plugs a vCPU and the
-    agent sets the container's cgroup in the guest) they stay within it; in a pod without a quota, judged
-    against the same half CPU, they use a whole vCPU and the check fails: it can see a limit that does not hold."""
+def test_cpu_and_memory_limits_hold_in_a_real_kata_pod_and_a_pod_without_them_fails_the_checks(kata_bundles):
+    """In a Kata 1.11.5 pod with a CPU quota of half a CPU and a 64 MiB memory limit (Kata hot-plugs a vCPU and
+    memory, the agent sets the container's cgroups in the guest), two busy loops stay within the quota and a
+    process asking for 192 MiB is OOM-killed below 64 MiB. The same probe in a pod without limits, judged
+    against the same limits, fails both checks: they can see a limit that does not hold."""
     driver = ContainerdDriver("kata", bundle=kata_bundles["1.11.5"])
     try:
         driver.start()
-        limited = driver.probe(Workload(cpus=0.5, cpu_burn=6))
-        unlimited = driver.probe(Workload(cpu_burn=6))
+        limited = driver.probe(Workload(cpus=0.5, memory_mb=64, cpu_burn=6, mem_fill_mb=192))
+        unlimited = driver.probe(Workload(cpu_burn=6, mem_fill_mb=192))
     finally:
         driver.stop()
-    held = checks.cpu_limited(limited, quota_cpus=0.5, handler="kata")
-    assert held.status == "pass", (held.message, limited["cpu_burn"])
-    assert limited["cpu_burn"]["cpus"] == 2, "Kata hot-plugged one vCPU for the half-CPU quota"
-    caught = checks.cpu_limited(unlimited, quota_cpus=0.5, handler="kata")
-    assert caught.status == "fail" and "the CPU limit does not hold" in caught.message, (caught.message,
-                                                                                        unlimited["cpu_burn"])
+    cpu = checks.cpu_limited(limited, quota_cpus=0.5, handler="kata")
+    assert cpu.status == "pass", (cpu.message, limited["cpu_burn"])
+    memory = checks.memory_limited(limited, limit_mb=64, handler="kata")
+    assert memory.status == "pass", (memory.message, limited["mem_fill"])
+    cpu = checks.cpu_limited(unlimited, quota_cpus=0.5, handler="kata")
+    assert cpu.status == "fail" and "the CPU limit does not hold" in cpu.message, (cpu.message, unlimited["cpu_burn"])
+    memory = checks.memory_limited(unlimited, limit_mb=64, handler="kata")
+    assert memory.status == "fail" and "the memory limit does not hold" in memory.message, memory.message

@@ -245,6 +245,29 @@ def cpu_limited(facts: Mapping[str, Any], *, quota_cpus: float, handler: str) ->
                    f"{quota_cpus:g} (cgroup cpu.max {burn.get('cpu_max')!r}, {burn.get('cpus')} CPUs seen)", ev)
 
 
+def memory_limited(facts: Mapping[str, Any], *, limit_mb: int, handler: str) -> Outcome:
+    """A process that tries to hold more than the container's memory limit must be stopped (OOM-killed) before
+    it holds more than the limit; one that holds it all shows that the limit does not hold."""
+    fill = facts.get("mem_fill") or {}
+    ev = {"mem_fill": fill, "limit_mb": limit_mb, "handler": handler}
+    if not limit_mb:
+        return Outcome("notapplicable", "no memory limit was given to the workload", ev)
+    if not fill or fill.get("reached_bytes") is None:
+        return Outcome("error", "the probe made no measurable allocation (mem_fill missing)", ev)
+    reached = int(fill["reached_bytes"]) / (1 << 20)
+    ev["reached_mb"] = round(reached, 1)
+    asked = int(fill.get("asked_mb") or 0)
+    if fill.get("held") and asked > limit_mb:
+        return Outcome("fail", f"a process held {reached:.0f} MiB in a container limited to {limit_mb} MiB: the "
+                       "memory limit does not hold", ev)
+    if fill.get("rc") in (137, 9) and reached <= limit_mb:
+        return Outcome("pass", f"a process asking for {asked} MiB was killed at {reached:.0f} MiB (its "
+                       f"allocations need up to 3x that) under a {limit_mb} MiB limit (cgroup: "
+                       f"{fill.get('limit')!r})", ev)
+    return Outcome("skipped", f"cannot tell: the allocation stopped at {reached:.0f} MiB with exit status "
+                   f"{fill.get('rc')} (not the OOM killer's SIGKILL)", ev)
+
+
 def container_boundary(facts: Mapping[str, Any], *, has_container: bool) -> Outcome:
     """Unprivileged workload: capabilities dropped, kernel knobs read-only, OCI masked paths masked."""
     ev = {"status": facts.get("status"), "masked": facts.get("masked"), "writable": facts.get("writable_paths"),

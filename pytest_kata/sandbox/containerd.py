@@ -271,6 +271,8 @@ class ContainerdDriver(SandboxDriver):
             args += ["--device", dev]
         if workload.cpus:
             args += ["--cpus", f"{workload.cpus:g}"]
+        if workload.memory_mb:
+            args += ["--memory-limit", str(workload.memory_mb << 20)]
         for key, value in workload.env().items():
             args += ["--env", f"{key}={value}"]
         return args

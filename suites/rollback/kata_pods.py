@@ -106,7 +106,7 @@ class RunningPod:
             pod.delete()
             raise KataError(f"the running pod did not start: {_tail(started)}", path=workload.container)
         pod.task_pid = pod.status()[1]
-        shims = [p for p in pod.processes() if p.role == "shim"]
+        shims = [p for p in pod.processes() if p.argv and Path(p.argv[0]).name.startswith("containerd-shim")]
         if shims:
             pod.shim_pid = shims[0].pid
             pod.shim_exe = probe.host.run(f"readlink /proc/{pod.shim_pid}/exe", timeout=30).stdout.strip()

@@ -9,6 +9,8 @@
 #   KATA_PROBE_MARK        token written by those attempts
 #   KATA_PROBE_VOLUME_WRITE  a read-only volume's mount point: try to write it, remount it rw, write again
 #   KATA_PROBE_VSOCK_TIMEOUT  seconds per vsock connect attempt (default 3)
+#   KATA_PROBE_MEM_FILL    MiB a process tries to hold (a string doubled in awk), to show whether a memory
+#                          limit holds
 #   KATA_PROBE_CPU_BURN    seconds of busy loops (KATA_PROBE_CPU_WORKERS of them, default 2) whose CPU time is
 #                          measured, to show whether a CPU quota holds
 # No tabs in this file: the direct driver types it over a serial console.
@@ -235,6 +237,19 @@ if [ -n "$KATA_PROBE_CPU_BURN" ]; then
   printf '{"workers":%s,"seconds":%s,"ticks":%s,"hz":100,"uptime_before":%s,"uptime_after":%s,"cpu_max":%s,"cpus":%s}' \
     "$(jnum "$n")" "$(jnum "$KATA_PROBE_CPU_BURN")" "$(jnum "$ticks")" "$(jstr "$t0")" "$(jstr "$t1")" \
     "$(jstr "$cmax")" "$(jnum "$(grep -c '^processor' /proc/cpuinfo)")"
+fi
+if [ -n "$KATA_PROBE_MEM_FILL" ]; then
+  mlim=$(rd /sys/fs/cgroup/memory.max)
+  [ -n "$mlim" ] || mlim=$(rd /sys/fs/cgroup/memory/memory.limit_in_bytes)
+  f=/tmp/.kata-probe-mem-$$
+  awk -v want="$KATA_PROBE_MEM_FILL" -v f="$f" 'BEGIN { s = "x"; while (length(s) < want * 1048576) \
+    { s = s s; print length(s) > f; close(f) }; print length(s) > f; print "held" > f; close(f) }' 2>/dev/null
+  rc=$?
+  key mem_fill
+  printf '{"asked_mb":%s,"rc":%s,"reached_bytes":%s,"held":%s,"limit":%s}' "$(jnum "$KATA_PROBE_MEM_FILL")" \
+    "$(jnum "$rc")" "$(jnum "$(grep -v held "$f" 2>/dev/null | tail -n 1)")" "$(jbool grep -qx held "$f")" \
+    "$(jstr "$mlim")"
+  rm -f "$f"
 fi
 printf '}\n'
 echo "=== ${b}-END ==="
