@@ -11,9 +11,9 @@ as CRI would run them, plus ``runc`` as a control when the host has it) and star
 writes a marker into its own writable layer, so that a later start can tell "the same container again" from
 "a fresh one". After the rollback, :meth:`WorkloadProbe.verify` starts every container that ran before from
 the same record and requires the marker, and checks that every ``kata-*`` handler still resolves to the same
-shim binary (sha256 and the version it reports) and the same configuration bytes as before the upgrade. A
-workload that did not run before the upgrade (no executable shim on the host, or a handler this host cannot
-run) is reported as not run, with the reason, never as passed.
+shim binary (by sha256; named by its ``--version`` or resolved path) and the same configuration bytes as before
+the upgrade. A workload that did not run before the upgrade (no executable shim on the host, or a handler this
+host cannot run) is reported as not run, with the reason, never as passed.
 
 Where a Kata shim needs help to run on the host (a sysroot whose configuration names ``/opt/kata`` paths, a
 machine without KVM), the caller passes ``kata_args``: per handler, extra ``ctr containers create``
