@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -79,19 +80,20 @@ def test_corrupt_baseline_is_a_usage_error(tmp_path: Path, xdist: tuple[str, ...
 
 
 def test_expired_waiver_on_a_medium_rule_rejects(tmp_path: Path, reference_bundle: Callable[[str], Path]) -> None:
-    """KATA-IMG-007 (medium) fails on the reference candidate; its waiver expired: below --kata-fail-on high,
-    yet the candidate is rejected, with the reason."""
+    """KATA-KCONF-002 (medium) fails on the reference candidate's Debian kernel; its waiver expired: below
+    --kata-fail-on high, yet the candidate is rejected, with the reason."""
     waivers = tmp_path / "waivers.toml"
-    waivers.write_text('[[waiver]]\nrule = "KATA-IMG-007"\njustification = "dpkg kept for the scanner"\n'
+    waivers.write_text('[[waiver]]\nrule = "KATA-KCONF-002"\njustification = "Debian signs its own modules"\n'
                        "expires = 2020-01-01\n")
-    proc = _suites(str(REPO / "suites/hardening"), "-k", "image_rule", "--kata-candidate",
+    proc = _suites(str(REPO / "suites/hardening"), "-k", "KCONF-002", "--kata-candidate",
                    str(reference_bundle("candidate")), "--kata-waivers", str(waivers), "--kata-report", "v.json",
                    cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout[-3000:]
     verdict = json.loads((tmp_path / "v.json").read_text())
     assert verdict["verdict"] == "reject"
-    assert verdict["reasons"] == ["KATA-IMG-007 [medium] error: No package manager in the guest image "
-                                  "(its waiver expired: rejects at any severity)"]
+    assert len(verdict["reasons"]) == 1, verdict["reasons"]
+    assert re.fullmatch(r"KATA-KCONF-002\[config-[^]]+\] \[medium\] error: Modules are signed with all of them "
+                        r"and a strong hash \(its waiver expired: rejects at any severity\)", verdict["reasons"][0])
     assert "expired on 2020-01-01" in proc.stdout
 
 

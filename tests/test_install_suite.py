@@ -28,7 +28,7 @@ def test_rollback_suite_accepts_a_clean_upgrade_and_rollback(pytester: pytest.Py
     by_id = {r["id"]: r for r in verdict["results"]}
     assert set(by_id) == {"KATA-RB-001", "KATA-RB-002", "KATA-RB-003", "KATA-RB-004", "KATA-RB-005-corrupt-archive",
                           "KATA-RB-005-killed-containerd", "KATA-RB-005-full-disk", "KATA-RB-006", "KATA-RB-007",
-                          "KATA-RB-008"}
+                          "KATA-RB-008", "KATA-RB-009"}
     assert by_id["KATA-RB-003"]["status"] == "pass" and by_id["KATA-RB-003"]["severity"] == "critical"
     evidence = by_id["KATA-RB-003"]["evidence"]
     assert evidence["digest_before"] == evidence["digest_after_rollback"] and evidence["residue"] == []
@@ -44,6 +44,8 @@ def test_rollback_suite_accepts_a_clean_upgrade_and_rollback(pytester: pytest.Py
     results = {r["handler"]: r for r in workloads["evidence"]["workloads"]["results"]}
     assert results["runc"]["status"] == "pass" and "KATA-WORKLOAD again" in results["runc"]["detail"]
     assert results["kata-qemu"]["status"] == "notrun"
+    # no shim, so no Kata pod ran on the baseline and none was left running through the upgrade
+    assert by_id["KATA-RB-009"]["status"] == "notapplicable"
     assert verdict["verdict"] == "accept"
 
 

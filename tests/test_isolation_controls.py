@@ -16,9 +16,14 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pytest_kata.hosts.base import LocalHost
+from pytest_kata.sandbox import Workload, checks
+from pytest_kata.sandbox.containerd import ContainerdDriver
+from pytest_kata.sandbox.probe import host_facts, parse_output, script_text
 from pytest_kata.sandbox.variants import stand_in_tree, variant_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,8 +88,46 @@ def test_runc_control_fails_the_isolation_suite_for_the_right_reasons(pytester):
     assert seen["KATA-ISO-009"] == {"fail"}  # the host's memory
     assert seen["KATA-ISO-011"] == {"fail"}  # privileged writes would land on the host
     assert "fail" in seen["KATA-ISO-006"]  # host devices (sysfs, privileged /dev)
-    # what runc does isolate is reported as passing: the suite does not fail blindly
+    assert seen["KATA-ISO-012"] == {"fail"}  # the block device it can name is the host's own disk
+    # what runc does isolate is reported as passing: the suite does not fail blindly (CPU and memory limits are
+    # cgroups' job, which runc does; a machine too busy to give the load a quarter of the quota cannot show it)
     assert seen["KATA-ISO-002"] == {"pass"} and seen["KATA-ISO-005"] == {"pass"}
+    assert seen["KATA-ISO-013"] <= {"pass", "skipped"}
+    assert seen["KATA-ISO-014"] == {"pass"}  # runc's memory cgroup OOM-kills the process below its limit
+
+
+def runc_probes(*workloads: Workload) -> list[Any]:
+    driver = ContainerdDriver("runc")
+    try:
+        driver.start()
+        return [driver.probe(w) for w in workloads]
+    finally:
+        driver.stop()
+
+
+def test_device_cgroup_check_on_a_real_runc_container():
+    """The device-cgroup check by effect on runc (a real device cgroup, on the host's kernel): the cgroup
+    refuses opening the host's disk (EPERM), and the check still fails, because that disk is the host's."""
+    needs_runc()
+    (plain,) = runc_probes(Workload())
+    if not plain["mknod_root"].get("device"):
+        pytest.skip("this host shows no whole disk to its containers")
+    assert "Operation not permitted" in plain["mknod_root"]["open_read"], plain["mknod_root"]
+    refused = checks.device_cgroup_root(plain, host_facts()["block_devices"], is_vm=False, handler="runc")
+    assert refused.status == "fail" and "is the host's own disk, (the open: " in refused.message, refused.message
+
+
+def test_device_cgroup_check_sees_a_privileged_runc_container_open_the_disk():
+    """Privileged (every device allowed), the workload opens the disk and the check says so, where this
+    machine lets its own root open it (a machine that is itself inside a device cgroup does not)."""
+    needs_runc()
+    host = parse_output(LocalHost().run("cd / && sh -s", stdin=script_text().encode(), timeout=180).stdout)
+    if host["mknod_root"].get("open_read") != "ok":
+        pytest.skip(f"this machine's own root cannot open its disk: {host['mknod_root'].get('open_read')}")
+    (privileged,) = runc_probes(Workload(privileged=True))
+    assert privileged["mknod_root"]["open_read"] == "ok", privileged["mknod_root"]
+    opened = checks.device_cgroup_root(privileged, host_facts()["block_devices"], is_vm=False, handler="runc")
+    assert opened.status == "fail" and "is the host's own disk, and opened it" in opened.message
 
 
 @pytest.mark.slow

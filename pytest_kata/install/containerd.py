@@ -120,10 +120,12 @@ class SysrootContainerd:
     and stopped by pid, registered with the run id (``pytest_kata.services``) so that a sweep finds it.
     """
 
-    def __init__(self, sysroot: str | Path, run_id: str | None = None) -> None:
+    def __init__(self, sysroot: str | Path, run_id: str | None = None, *, private_mounts: bool = False) -> None:
         self.sysroot = Path(sysroot)
         self.config = self.sysroot / CONTAINERD_CONFIG.lstrip("/")
         self.run_id = run_id
+        # in a mount namespace of its own with / shared inside (what a Kata shim needs to share a rootfs)
+        self.private_mounts = private_mounts
         self.record: DaemonRecord | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self.description = f"private containerd for {self.sysroot}"
@@ -131,9 +133,10 @@ class SysrootContainerd:
 
     @classmethod
     def prepare(cls, sysroot: str | Path, *, version: int = 2, imports: list[str] | None = None,
-                run_id: str | None = None) -> SysrootContainerd:
+                run_id: str | None = None, private_mounts: bool = False) -> SysrootContainerd:
         """Write a containerd config for the sysroot (all paths inside it; CRI on, so that the handlers can
-        be reported). ``version=1`` writes a config without drop-in support."""
+        be reported). ``version=1`` writes a config without drop-in support; ``private_mounts`` runs it (and
+        its shims) in a mount namespace of its own with ``/`` shared inside, as real Kata shims need."""
         sysroot = Path(sysroot)
         work = sysroot / "var/lib/containerd"
         config = containerd_config(work)
@@ -150,11 +153,11 @@ class SysrootContainerd:
                 f'[grpc]\n  address = "{config["grpc"]["address"]}"\n[ttrpc]\n  address = ""\n'
                 '[debug]\n  address = ""\n[metrics]\n  address = ""\n'
                 f'[plugins.opt]\n  path = "{work / "opt"}"\n')
-            return cls(sysroot, run_id)
+            return cls(sysroot, run_id, private_mounts=private_mounts)
         if imports is not None:
             config["imports"] = imports
         path.write_text(tomli_w.dumps(config))
-        return cls(sysroot, run_id)
+        return cls(sysroot, run_id, private_mounts=private_mounts)
 
     def socket(self) -> str:
         return str(tomllib.loads(self.config.read_text())["grpc"]["address"])
@@ -173,7 +176,8 @@ class SysrootContainerd:
         try:
             self.process, self.record = launch_containerd(
                 self.config, socket, run_id=self.run_id or runid.current_run_id(),
-                log=self.sysroot / "var/lib/containerd.log", timeout=timeout, on_timeout=stop_process)
+                log=self.sysroot / "var/lib/containerd.log", timeout=timeout, on_timeout=stop_process,
+                private_mounts=self.private_mounts)
         except ServiceError as exc:
             raise InstallError(str(exc)) from None
 

@@ -11,9 +11,14 @@ as CRI would run them, plus ``runc`` as a control when the host has it) and star
 writes a marker into its own writable layer, so that a later start can tell "the same container again" from
 "a fresh one". After the rollback, :meth:`WorkloadProbe.verify` starts every container that ran before from
 the same record and requires the marker, and checks that every ``kata-*`` handler still resolves to the same
-shim and the same configuration bytes as before the upgrade. A workload that did not run before the upgrade
-(here: no Kata shim exists on these machines) is reported as not run, with containerd's own error, never as
-passed.
+shim binary (by sha256; named by its ``--version`` or resolved path) and the same configuration bytes as before
+the upgrade. A workload that did not run before the upgrade (no executable shim on the host, or a handler this
+host cannot run) is reported as not run, with the reason, never as passed.
+
+Where a Kata shim needs help to run on the host (a sysroot whose configuration names ``/opt/kata`` paths, a
+machine without KVM), the caller passes ``kata_args``: per handler, extra ``ctr containers create``
+arguments (e.g. Kata 1.x's ``io.katacontainers.config_path`` annotation naming a runnable copy of the
+handler's configuration), kept in the container record like everything else the workload runs with.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 import json
 import os
 import shlex
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +57,9 @@ class Workload:
     ran_before: bool = False
     before: str = ""  # output of the first start, or why it did not run
     runnable: bool = True  # False: its shim is not on the host (a start cannot be expected to work)
+    create_args: list[str] = field(default_factory=list)  # extra `ctr containers create` arguments (kata_args)
+    shim_sha256: str | None = None  # the shim binary the handler resolved to when the workload was planted
+    shim_label: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,15 +110,24 @@ def containerd_address(containerd: Any) -> str | None:
 class WorkloadProbe:
     """Plant workloads through an :class:`~pytest_kata.install.installer.Installer`'s containerd, then verify."""
 
-    def __init__(self, installer: Any, *, tag: str | None = None, namespace: str | None = None) -> None:
+    def __init__(self, installer: Any, *, tag: str | None = None, namespace: str | None = None,
+                 kata_args: KataArgs | None = None) -> None:
         self.installer = installer
+        # an installer may carry the kata_args of its host (so that a smoke gate's probe runs Kata there too)
+        self.kata_args = kata_args or getattr(installer, "kata_args", None)
         self.host = installer.host
         self.address = containerd_address(installer.containerd)
-        # in a test run: the run id (a sweep finds containerd cgroups by it); the CLI passes a stable name
-        self.namespace = namespace or runid.current_run_id()
         where = f"{self.host.name}:{installer.sysroot}"
         # runc's state directory is per namespace and shared by every containerd: ids must be unique per target
         self.tag = tag or hashlib.sha256(f"{where}:{os.getpid()}".encode()).hexdigest()[:8]
+        # in a test run: the run id (a sweep finds containerd cgroups by it); the CLI passes a stable name
+        self.namespace = namespace or runid.current_run_id()
+        if namespace is None and self.kata_args is not None:
+            # Kata 1.x shims refuse a namespace whose dash-separated parts do not start with a letter (a run id's
+            # hex part may not): a fixed name, and the run id in every container id (a sweep finds their
+            # processes by it)
+            self.namespace = KATA_TEST_NAMESPACE
+            self.tag = f"{runid.current_run_id()}-{self.tag}"
         self.image = ""
         self.image_was_present = False
         self.remote_tar = ""
@@ -179,6 +197,24 @@ class WorkloadProbe:
         result = self.host.run(f"sha256sum {shlex.quote(path)}", timeout=60)
         return result.stdout.split()[0] if result.ok and result.stdout.split() else None
 
+    def shim_identity(self, runtime: str) -> tuple[str | None, str]:
+        """(sha256, label) of the shim binary an absolute runtime path resolves to; the label is what the shim
+        says of itself (``--version``), or, for a shim without a version flag (Kata 1.x), its resolved path."""
+        if not runtime.startswith("/"):
+            return None, ""
+        path = shlex.quote(runtime)
+        digest = self.host.run(f"sha256sum \"$(readlink -f {path})\"", timeout=60)
+        label = self.host.run(f"{path} --version 2>/dev/null | head -n 1 | grep . || readlink -f {path}", timeout=60)
+        return (digest.stdout.split()[0] if digest.ok and digest.stdout.split() else None,
+                label.stdout.strip() if label.ok else "")
+
+    def create(self, workload: Workload, command: list[str]) -> Any:
+        """``ctr containers create`` of ``workload``'s record (runtime, configuration, extra arguments)."""
+        args = ["containers", "create", "--runtime", workload.runtime]
+        if workload.config_path:
+            args += ["--runtime-config-path", workload.config_path]
+        return self.ctr(*args, *workload.create_args, self.image, workload.container, "--", *command)
+
     def _plant_one(self, handler: str, runtime: str, config: str | None) -> None:
         workload = Workload(self._id(handler), handler, runtime, config, self._config_digest(config))
         if runtime.startswith("/"):
@@ -187,10 +223,17 @@ class WorkloadProbe:
         if not workload.runnable:  # containerd would only say the same, slowly (seconds per handler under TCG)
             workload.before = f"did not run before the upgrade: no executable shim at {runtime} on {self.host.name}"
             return
-        args = ["containers", "create", "--runtime", runtime]
-        if config:
-            args += ["--runtime-config-path", config]
-        created = self.ctr(*args, self.image, workload.container, "--", "sh", "-c", WORKLOAD_SCRIPT)
+        if handler.startswith("kata"):
+            workload.shim_sha256, workload.shim_label = self.shim_identity(runtime)
+            if self.kata_args is not None:
+                try:
+                    workload.create_args = list(self.kata_args(handler, {"runtime": runtime,
+                                                                         "config_path": config or ""}))
+                except KataError as exc:
+                    workload.runnable = False
+                    workload.before = f"did not run before the upgrade: {exc}"
+                    return
+        created = self.create(workload, ["sh", "-c", WORKLOAD_SCRIPT])
         if not created.ok:
             workload.before = f"not created: {_tail(created)}"
             return
@@ -262,6 +305,12 @@ class WorkloadProbe:
             elif workload.config_sha256 and digest != workload.config_sha256:
                 problems.append(f"ConfigPath {workload.config_path} differs from before the upgrade "
                                 f"(sha256 {workload.config_sha256[:12]} -> {digest[:12]})")
+        if workload.shim_sha256 and runtime == workload.runtime:
+            shim, label = self.shim_identity(runtime)
+            if shim != workload.shim_sha256:
+                problems.append(f"handler {workload.handler} resolves to another shim binary than before the "
+                                f"upgrade: sha256 {(shim or 'missing')[:12]} ({label or runtime}), before sha256 "
+                                f"{workload.shim_sha256[:12]} ({workload.shim_label or runtime})")
         return problems
 
     # ---------------------------------------------------------------------------------------- persistence
@@ -334,7 +383,10 @@ def _tail(result: Any) -> str:
     return " | ".join(text.splitlines()[-2:])[-300:] or f"exit {result.rc}"
 
 
+# per kata-* handler: extra `ctr containers create` arguments, or a KataError saying why it cannot run here
+KataArgs = Callable[[str, dict[str, str]], list[str]]
 CLI_NAMESPACE = "pytest-kata-workloads"  # workloads planted by ``pytest-kata install`` live until its rollback
+KATA_TEST_NAMESPACE = "kata-rb"  # a test run's real Kata workloads (short: the shim socket path holds it twice)
 WORKLOADS_FILE = "workloads.json"
 
 
@@ -371,5 +423,6 @@ def plant_workloads(installer: Any) -> tuple[WorkloadProbe | None, str]:
     return probe, f"planted {count} workloads (ran on the previous release: {', '.join(ran) or 'none'})"
 
 
-__all__ = ["CLI_NAMESPACE", "MARKER", "WORKLOADS_FILE", "Workload", "WorkloadProbe", "WorkloadReport",
-           "WorkloadResult", "containerd_address", "plant_workloads", "workloads_path"]
+__all__ = ["CLI_NAMESPACE", "KATA_TEST_NAMESPACE", "MARKER", "WORKLOADS_FILE", "KataArgs", "Workload",
+           "WorkloadProbe", "WorkloadReport", "WorkloadResult", "containerd_address", "plant_workloads",
+           "workloads_path"]

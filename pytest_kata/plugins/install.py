@@ -44,7 +44,8 @@ class InstallTargets:
         sysroot = self.tmp.mktemp(f"sysroot-{name}")
         containerd: Any
         if shutil.which("containerd") and os.geteuid() == 0:
-            containerd = SysrootContainerd.prepare(sysroot)
+            # a mount namespace of its own: Kata shims need / shared, and no rootfs mount reaches the machine's
+            containerd = SysrootContainerd.prepare(sysroot, private_mounts=True)
             containerd.start()
             self.started.append(containerd)
         else:

@@ -54,6 +54,10 @@ class Workload:
     # deployments set containerd's privileged_without_host_devices, which is the default here)
     host_devices: bool = False
     mark: str = "kata-probe"
+    cpus: float = 0.0  # a CPU quota (CFS, in CPUs) for the workload's container; 0: none
+    cpu_burn: int = 0  # seconds of busy loops whose CPU time the probe measures; 0: none
+    memory_mb: int = 0  # a memory limit (MiB) for the workload's container; 0: none
+    mem_fill_mb: int = 0  # MiB a process of the probe tries to hold; 0: none
 
     def env(self) -> dict[str, str]:
         env = {"KATA_PROBE_MARK": self.mark}
@@ -65,6 +69,10 @@ class Workload:
             env["KATA_PROBE_WRITES"] = "1"
         if self.volume_write:
             env["KATA_PROBE_VOLUME_WRITE"] = self.volume_write
+        if self.cpu_burn:
+            env["KATA_PROBE_CPU_BURN"] = str(self.cpu_burn)
+        if self.mem_fill_mb:
+            env["KATA_PROBE_MEM_FILL"] = str(self.mem_fill_mb)
         return env
 
 

@@ -172,6 +172,102 @@ def memory_bounded(facts: Mapping[str, Any], host: Mapping[str, Any], *, limit_m
                    "MiB)", ev)
 
 
+CAP_MKNOD = 27
+EPERM_TEXT = "Operation not permitted"
+
+
+def device_cgroup_root(facts: Mapping[str, Any], host_blocks: Sequence[Mapping[str, Any]], *, is_vm: bool,
+                       handler: str) -> Outcome:
+    """A workload holding CAP_MKNOD makes a node for the guest's root block device and opens it: the device
+    cgroup must refuse (EPERM at mknod or open). Where the guest has no root block device (an initrd boot)
+    there is nothing to deny, so the check cannot be shown to hold: skipped with that reason, never pass."""
+    m = facts.get("mknod_root") or {}
+    device, source = m.get("device") or "", m.get("source", "")
+    ev = {"mknod_root": m, "root_param": facts.get("root_param"), "capeff": facts.get("status", {}).get("CapEff"),
+          "is_vm": is_vm}
+    host_keys = {(b.get("name"), b.get("dev"), b.get("size")) for b in host_blocks if b.get("size")}
+    opened = m.get("open_read") == "ok"
+    no_vm_prefix = "" if is_vm else f"{handler} is no VM: "
+    if device and (device, m.get("dev"), m.get("size")) in host_keys:
+        how = "and opened it" if opened else f"(the open: {m.get('open_read') or m.get('mknod') or '-'})"
+        return Outcome("fail", f"{no_vm_prefix}the block device the workload can name, {device} ({m.get('dev')}), "
+                       f"is the host's own disk, {how}", ev)
+    if not is_vm:
+        return Outcome("fail", f"{no_vm_prefix}the workload runs on the host kernel; its device cgroup is all that "
+                       "stands between it and the host's devices", ev)
+    if not device or (is_vm and source != "root="):
+        why = (f"the guest has no root block device: its kernel command line has no root= (it booted from an "
+               f"initrd){f'; the disk {device} is not its root' if device else ''}")
+        return Outcome("skipped", f"cannot observe: {why}, so there is no root device for the device cgroup to "
+                       "deny", ev)
+    capeff = int(str(facts.get("status", {}).get("CapEff") or "0"), 16)
+    if not capeff & (1 << CAP_MKNOD):
+        return Outcome("skipped", "cannot observe: the workload lacks CAP_MKNOD, so a refused mknod proves nothing "
+                       "about the device cgroup", ev)
+    if opened:
+        return Outcome("fail", f"a CAP_MKNOD workload opened the guest's root device {device} ({m.get('dev')}): "
+                       "the device cgroup does not deny it", ev)
+    refused = [k for k in ("mknod", "open_read") if EPERM_TEXT in str(m.get(k, ""))]
+    if not refused:
+        return Outcome("skipped", f"cannot tell: the root device {device} was neither opened nor refused by the "
+                       f"device cgroup (mknod: {m.get('mknod')}; open: {m.get('open_read')})", ev)
+    step = "mknod" if refused[0] == "mknod" else "open"
+    return Outcome("pass", f"the device cgroup refuses a CAP_MKNOD workload the guest's root device {device} "
+                   f"({m.get('dev')}) at {step}: {m.get(refused[0])}", ev)
+
+
+CPU_TOLERANCE = 1.25  # CFS throttles per period: a short burn may overrun a little
+CPU_SLACK = 0.05
+
+
+def cpu_limited(facts: Mapping[str, Any], *, quota_cpus: float, handler: str) -> Outcome:
+    """Busy loops in a workload with a CPU quota of ``quota_cpus`` must not use more CPU time than it, measured
+    from inside (their utime+stime over the wall time of the burn)."""
+    burn = facts.get("cpu_burn") or {}
+    ev = {"cpu_burn": burn, "quota_cpus": quota_cpus, "handler": handler}
+    if not quota_cpus:
+        return Outcome("notapplicable", "no CPU quota was given to the workload", ev)
+    try:
+        wall = float(burn["uptime_after"]) - float(burn["uptime_before"])
+        used = int(burn["ticks"]) / int(burn.get("hz") or 100) / wall
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return Outcome("error", "the probe ran no measurable CPU load (cpu_burn missing or malformed)", ev)
+    ev["used_cpus"] = round(used, 3)
+    ev["wall_seconds"] = round(wall, 2)
+    allowed = quota_cpus * CPU_TOLERANCE + CPU_SLACK
+    if used > allowed:
+        return Outcome("fail", f"{burn.get('workers')} busy loops used {used:.2f} CPUs with a quota of "
+                       f"{quota_cpus:g} (at most {allowed:.2f} allowed): the CPU limit does not hold", ev)
+    if used < quota_cpus / 4:
+        return Outcome("skipped", f"cannot observe: the load got only {used:.2f} CPUs, too little to show whether a "
+                       f"quota of {quota_cpus:g} binds", ev)
+    return Outcome("pass", f"{burn.get('workers')} busy loops used {used:.2f} CPUs over {wall:.1f} s with a quota of "
+                   f"{quota_cpus:g} (cgroup cpu.max {burn.get('cpu_max')!r}, {burn.get('cpus')} CPUs seen)", ev)
+
+
+def memory_limited(facts: Mapping[str, Any], *, limit_mb: int, handler: str) -> Outcome:
+    """A process that tries to hold more than the container's memory limit must be stopped (OOM-killed) before
+    it holds more than the limit; one that holds it all shows that the limit does not hold."""
+    fill = facts.get("mem_fill") or {}
+    ev = {"mem_fill": fill, "limit_mb": limit_mb, "handler": handler}
+    if not limit_mb:
+        return Outcome("notapplicable", "no memory limit was given to the workload", ev)
+    if not fill or fill.get("reached_bytes") is None:
+        return Outcome("error", "the probe made no measurable allocation (mem_fill missing)", ev)
+    reached = int(fill["reached_bytes"]) / (1 << 20)
+    ev["reached_mb"] = round(reached, 1)
+    asked = int(fill.get("asked_mb") or 0)
+    if fill.get("held") and asked > limit_mb:
+        return Outcome("fail", f"a process held {reached:.0f} MiB in a container limited to {limit_mb} MiB: the "
+                       "memory limit does not hold", ev)
+    if fill.get("rc") in (137, 9) and reached <= limit_mb:
+        return Outcome("pass", f"a process asking for {asked} MiB was killed at {reached:.0f} MiB (its "
+                       f"allocations need up to 3x that) under a {limit_mb} MiB limit (cgroup: "
+                       f"{fill.get('limit')!r})", ev)
+    return Outcome("skipped", f"cannot tell: the allocation stopped at {reached:.0f} MiB with exit status "
+                   f"{fill.get('rc')} (not the OOM killer's SIGKILL)", ev)
+
+
 def container_boundary(facts: Mapping[str, Any], *, has_container: bool) -> Outcome:
     """Unprivileged workload: capabilities dropped, kernel knobs read-only, OCI masked paths masked."""
     ev = {"status": facts.get("status"), "masked": facts.get("masked"), "writable": facts.get("writable_paths"),

@@ -278,6 +278,10 @@ class ContainerdDriver(SandboxDriver):
             args += ["--mount", f"type=bind,src={m.source},dst={m.destination},options=rbind:{mode}"]
         for dev in workload.devices:
             args += ["--device", dev]
+        if workload.cpus:
+            args += ["--cpus", f"{workload.cpus:g}"]
+        if workload.memory_mb:
+            args += ["--memory-limit", str(workload.memory_mb << 20)]
         for key, value in workload.env().items():
             args += ["--env", f"{key}={value}"]
         return args

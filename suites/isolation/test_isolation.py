@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_kata.sandbox import checks
+from pytest_kata.runid import current_run_id
+from pytest_kata.sandbox import SandboxError, Workload, checks
 
 pytestmark = pytest.mark.vm  # every check probes a running sandbox (qemu or containerd)
 
@@ -115,3 +116,52 @@ def test_host_unchanged_after_hostile_workload(kata_sandbox, kata_probe, kata_ho
                                  "kernel, so a privileged workload's writes would land on the host (not attempted)",
                                  outcome.evidence)
     outcome.apply(kata_result)
+
+
+@pytest.mark.kata_check("KATA-ISO-012", severity="high", title="the device cgroup denies a CAP_MKNOD workload the "
+                        "guest's root block device")
+def test_device_cgroup_denies_the_root_device(kata_sandbox, kata_probe, kata_host_facts, kata_result):
+    """An unprivileged container keeps CAP_MKNOD by default: it makes a node for the guest's root device and
+    opens it, which the device cgroup must refuse (skipped when the guest has no root device)."""
+    if kata_sandbox.name == "direct":
+        kata_result.conclude("notapplicable", "the direct driver runs no container, so there is no device cgroup")
+    checks.device_cgroup_root(kata_probe(privileged=False), kata_host_facts["block_devices"],
+                              is_vm=kata_sandbox.is_vm, handler=handler_of(kata_sandbox)).apply(kata_result)
+
+
+CPU_QUOTA = 0.5  # CPUs
+CPU_BURN_SECONDS = 6
+
+
+@pytest.mark.kata_check("KATA-ISO-013", severity="medium", title="a CPU quota holds: the workload cannot use more "
+                        "CPU than it")
+def test_cpu_quota_holds(kata_sandbox, kata_result):
+    """Two busy loops in a container with a quota of half a CPU, measured from inside over a few seconds."""
+    if kata_sandbox.name == "direct":
+        kata_result.conclude("notapplicable", "the direct driver runs no container to give a CPU quota")
+    try:
+        facts = kata_sandbox.probe(Workload(cpus=CPU_QUOTA, cpu_burn=CPU_BURN_SECONDS, mark=current_run_id()))
+    except SandboxError as exc:
+        kata_result.conclude("error", f"the probe with a CPU quota of {CPU_QUOTA:g} did not run: {exc}")
+    checks.cpu_limited(facts, quota_cpus=CPU_QUOTA, handler=handler_of(kata_sandbox)).apply(kata_result)
+
+
+MEMORY_LIMIT_MB = 64
+MEMORY_ASKED_MB = 192
+
+
+@pytest.mark.kata_check("KATA-ISO-014", severity="medium", title="a memory limit holds: a process cannot hold more "
+                        "memory than its container's limit")
+def test_memory_limit_holds(kata_sandbox, kata_result):
+    """A process asks for three times its container's memory limit; it must be OOM-killed below the limit. A
+    runtime that refuses to start a pod with a memory limit (e.g. its memory hot-plug fails) leaves nothing to
+    observe: skipped with its error, never pass."""
+    if kata_sandbox.name == "direct":
+        kata_result.conclude("notapplicable", "the direct driver runs no container to give a memory limit")
+    try:
+        facts = kata_sandbox.probe(Workload(memory_mb=MEMORY_LIMIT_MB, mem_fill_mb=MEMORY_ASKED_MB,
+                                            mark=current_run_id()))
+    except SandboxError as exc:
+        kata_result.conclude("skipped", f"cannot observe: the runtime refused to start a pod with a "
+                             f"{MEMORY_LIMIT_MB} MiB memory limit: {exc}")
+    checks.memory_limited(facts, limit_mb=MEMORY_LIMIT_MB, handler=handler_of(kata_sandbox)).apply(kata_result)

@@ -1,6 +1,12 @@
 """Upgrade and rollback suite: baseline install -> workloads -> capture -> candidate install -> smoke ->
 rollback -> verify (digest, residue, workloads start again).
 
+With a real Kata release (a bundle that ships ``containerd-shim-kata-v2``) on a local sysroot, the workloads
+planted on the baseline are real Kata pods (each handler's configuration made runnable here, see
+``kata_pods``), and one pod is left running through the upgrade: it must run on, answer an exec and be
+deleted after the switch (``KATA-RB-009``), while the pods that ran on the baseline start again after the
+rollback from the same records, on the same shim binary (``KATA-RB-008``).
+
 Run: ``pytest suites/rollback --kata-baseline OLD --kata-candidate NEW [--kata-hosts N]``. The scenario runs
 once per module on a fresh target (a libvirt pool host, or a scratch sysroot with a private containerd; see
 ``pytest_kata.plugins.install``); each check below reads one property of it, so a failure names the property,
@@ -11,20 +17,23 @@ from __future__ import annotations
 
 import contextlib
 import shlex
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
+from pytest_kata import runid, services
 from pytest_kata.bundle import Bundle
-from pytest_kata.install.installer import Installer, InstallError, NoContainerd
+from pytest_kata.install.installer import Installer, InstallError, NoContainerd, SysrootContainerd
 from pytest_kata.install.rollout import rolling_update, smoke_gate, target_name
 from pytest_kata.install.state import RELEASES, State
 from pytest_kata.install.workloads import WorkloadProbe
 from pytest_kata.options import KataSettings
 from pytest_kata.plugins.install import InstallTargets
 from pytest_kata.plugins.recorder import CheckRecorder
+
+from .kata_pods import RunnableKataConfigs, RunningPod
 
 pytestmark = pytest.mark.vm  # installs on hosts (libvirt VMs or a sysroot) and runs containerd workloads
 
@@ -34,6 +43,9 @@ class Scenario:
     installer: Installer
     results: dict[str, Any] = field(default_factory=dict)
     workloads: WorkloadProbe | None = None
+    kata: RunnableKataConfigs | None = None  # real Kata pods on a local sysroot: their runnable configurations
+    pod: RunningPod | None = None
+    pod_note: str = ""  # why no pod was left running through the upgrade
     errors: dict[str, str] = field(default_factory=dict)
     blocking: list[str] = field(default_factory=list)
 
@@ -57,29 +69,69 @@ class Scenario:
         return [self.results[n] for n in names]
 
 
+def ships_kata_shim(bundle: Any) -> bool:
+    """Whether the bundle carries a real ``containerd-shim-kata-v2`` (the reference candidate does not)."""
+    try:
+        return bool(bundle.shim(None).binary)
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def real_kata_on(inst: Installer, baseline: Any, scratch: Any) -> Iterator[RunnableKataConfigs | None]:
+    """On a local sysroot with a baseline that ships a Kata shim: the installer's ``kata_args`` (runnable
+    configuration copies) and the ``/dev/log`` Kata's shim insists on, for the sequence; else None."""
+    if not (isinstance(inst.containerd, SysrootContainerd) and ships_kata_shim(baseline)):
+        yield None
+        return
+    kata = RunnableKataConfigs(inst.sysroot, scratch)
+    run = runid.current_run_id()
+    services.lend_syslog(run)
+    # the installer carries them, so that the smoke gate's probe runs Kata the same way
+    inst.kata_args = kata  # type: ignore[attr-defined]
+    try:
+        yield kata
+    finally:
+        services.return_syslog(run)
+
+
 @pytest.fixture(scope="module")
-def upgrade(kata_baseline: Bundle, kata_candidate: Bundle, make_kata_install_target: InstallTargets) -> Scenario:
+def upgrade(kata_baseline: Bundle, kata_candidate: Bundle, make_kata_install_target: InstallTargets,
+            tmp_path_factory: pytest.TempPathFactory) -> Generator[Scenario, None, None]:
     """The whole upgrade-and-rollback sequence, once."""
     scenario = Scenario(make_kata_install_target.one("upgrade"))
     inst = scenario.installer
-    workloads = WorkloadProbe(inst)
-    scenario.run("baseline", lambda: inst.install(kata_baseline))
-    if workloads.unavailable is None:  # workloads are extra evidence: their failure does not stop the upgrade
-        scenario.run("workloads-planted", workloads.plant, blocks=False)
-    scenario.run("state-before", inst.capture)
-    candidate = scenario.run("candidate", lambda: inst.install(kata_candidate))
-    scenario.run("smoke", lambda: smoke_gate(inst.host.name, inst, candidate))
-    scenario.run("rollback", inst.rollback)
-    if "workloads-planted" in scenario.results:
-        scenario.run("workloads-after", workloads.verify, blocks=False)
-    scenario.run("second-rollback", inst.rollback)
-    scenario.run("state-after", inst.capture)
-    scenario.workloads = workloads
-    try:
-        workloads.cleanup()
-    except Exception as exc:  # a pool host is reverted anyway; a staging host keeps a note
-        scenario.errors["workloads-cleanup"] = f"{type(exc).__name__}: {exc}"
-    return scenario
+    with real_kata_on(inst, kata_baseline, tmp_path_factory.mktemp("kata-configs")) as kata:
+        scenario.kata = kata
+        workloads = WorkloadProbe(inst, kata_args=kata)
+        scenario.run("baseline", lambda: inst.install(kata_baseline))
+        if workloads.unavailable is None:  # workloads are extra evidence: their failure does not stop the upgrade
+            scenario.run("workloads-planted", workloads.plant, blocks=False)
+        ran = [w for w in workloads.report.planted if w.handler.startswith("kata") and w.ran_before]
+        if ran:
+            scenario.pod = scenario.run("pod-started", lambda: RunningPod.start(workloads, ran[0]), blocks=False)
+        else:
+            scenario.pod_note = "no Kata pod ran on the baseline: " + ("; ".join(
+                f"{w.handler}: {w.before}" for w in workloads.report.planted if w.handler.startswith("kata"))
+                or "no kata-* handler was planted")
+        scenario.run("state-before", inst.capture)
+        candidate = scenario.run("candidate", lambda: inst.install(kata_candidate))
+        scenario.run("smoke", lambda: smoke_gate(inst.host.name, inst, candidate))
+        if scenario.pod is not None:
+            scenario.run("pod-after-switch", scenario.pod.problems_after_switch, blocks=False)
+        scenario.run("rollback", inst.rollback)
+        if "workloads-planted" in scenario.results:
+            scenario.run("workloads-after", workloads.verify, blocks=False)
+        scenario.run("second-rollback", inst.rollback)
+        scenario.run("state-after", inst.capture)
+        scenario.workloads = workloads
+        try:
+            if scenario.pod is not None and "pod-after-switch" not in scenario.results:
+                scenario.pod.delete()
+            workloads.cleanup()
+        except Exception as exc:  # a pool host is reverted anyway; a staging host keeps a note
+            scenario.errors["workloads-cleanup"] = f"{type(exc).__name__}: {exc}"
+        yield scenario
 
 
 def _identity(kata_result: CheckRecorder, check_id: str, severity: str, title: str, inst: Installer) -> None:
@@ -144,7 +196,7 @@ def test_workloads_that_ran_before_start_again_after_rollback(upgrade: Scenario,
         reason = probe.unavailable if probe is not None else "the scenario did not run"
         kata_result.conclude("notapplicable", f"no containerd to run workloads with: {reason}")
     report, _ = upgrade.need(kata_result, "workloads-planted", "workloads-after")
-    kata_result.record(workloads=report.to_json())
+    kata_result.record(workloads=report.to_json(), **(upgrade.kata.evidence() if upgrade.kata else {}))
     kata_result.attach("workloads before the upgrade and after the rollback",
                        "\n".join(f"{w.handler:12} {w.container}\n  before: {w.before}" for w in report.planted)
                        + "\n" + "\n".join(f"{r.handler:12} {r.status}: {r.detail}" for r in report.results),
@@ -159,6 +211,25 @@ def test_workloads_that_ran_before_start_again_after_rollback(upgrade: Scenario,
                          "record after the rollback"
                          + (f"; not run before the upgrade: {'; '.join(f'{r.handler}: {r.detail}' for r in not_run)}"
                             if not_run else ""))
+
+
+def test_a_pod_running_on_the_baseline_survives_the_upgrade(upgrade: Scenario, kata_result: CheckRecorder) -> None:
+    _identity(kata_result, "KATA-RB-009", "high", "a pod running on the baseline keeps running through the upgrade, "
+              "answers an exec and is deleted after the switch", upgrade.installer)
+    if upgrade.pod is None and "pod-started" not in upgrade.errors:
+        kata_result.conclude("notapplicable", upgrade.pod_note or "no pod was left running")
+    upgrade.need(kata_result, "pod-started")
+    pod = upgrade.pod
+    assert pod is not None
+    kata_result.record(handler=pod.workload.handler, container=pod.workload.container, steps=pod.steps,
+                       shim_before=pod.workload.shim_label, **(upgrade.kata.evidence() if upgrade.kata else {}))
+    (problems,) = upgrade.need(kata_result, "pod-after-switch")
+    if problems:
+        kata_result.conclude("fail", "; ".join(problems))
+    started_on = pod.workload.shim_label or "the baseline"
+    kata_result.conclude("pass", f"{pod.workload.handler}: the pod started on {started_on}"
+                         f" ran on through the switch (task pid {pod.task_pid}, shim {pod.shim_exe}), answered an "
+                         "exec and was deleted with nothing left")
 
 
 def _corrupt_archive(step: str, installer: Installer) -> None:

@@ -9,6 +9,10 @@
 #   KATA_PROBE_MARK        token written by those attempts
 #   KATA_PROBE_VOLUME_WRITE  a read-only volume's mount point: try to write it, remount it rw, write again
 #   KATA_PROBE_VSOCK_TIMEOUT  seconds per vsock connect attempt (default 3)
+#   KATA_PROBE_MEM_FILL    MiB a process tries to hold (a string doubled in awk), to show whether a memory
+#                          limit holds
+#   KATA_PROBE_CPU_BURN    seconds of busy loops (KATA_PROBE_CPU_WORKERS of them, default 2) whose CPU time is
+#                          measured, to show whether a CPU quota holds
 # No tabs in this file: the direct driver types it over a serial console.
 PATH=/bin:/sbin:/usr/bin:/usr/sbin:$PATH
 export PATH
@@ -144,6 +148,33 @@ key cwd; jstr "$(readlink /proc/self/cwd 2>/dev/null)"
 key proc_self_exe_write; jstr "$(errof sh -c ': >> /proc/self/exe')"
 rdev=$(root_dev)
 key root_device; jstr "$rdev"
+# the kernel's root block device (root= on its command line), else the first whole disk: a device node is made
+# for it (CAP_MKNOD) and opened for reading, which the device cgroup of a container must refuse
+rparam=$(tr ' ' '\n' < /proc/cmdline 2>/dev/null | sed -n 's/^root=//p' | tail -n 1)
+key root_param; jstr "$rparam"
+rblk=${rparam#/dev/}; rsrc=root=
+if [ "$rblk" = "$rparam" ] || [ ! -e "/sys/class/block/$rblk/dev" ]; then
+  rblk=""; rsrc="first disk"
+  for s in /sys/class/block/*; do
+    [ -e "$s/dev" ] || continue
+    [ -e "$s/partition" ] && continue
+    case ${s##*/} in loop*|ram*|zram*|sr*) continue;; esac
+    rblk=${s##*/}; break
+  done
+fi
+key mknod_root; printf '{"device":%s,"source":%s' "$(jstr "$rblk")" "$(jstr "$rsrc")"
+if [ -n "$rblk" ]; then
+  mm=$(rd "/sys/class/block/$rblk/dev")
+  printf ',"dev":%s,"size":%s' "$(jstr "$mm")" "$(jnum "$(rd "/sys/class/block/$rblk/size")")"
+  node=/dev/.kata-probe-root-$$
+  rm -f "$node"
+  printf ',"mknod":%s' "$(jstr "$(errof mknod "$node" b "${mm%:*}" "${mm#*:}")")"
+  if [ -b "$node" ]; then
+    printf ',"open_read":%s' "$(jstr "$(errof dd if="$node" of=/dev/null bs=512 count=1)")"
+  fi
+  rm -f "$node"
+fi
+printf '}'
 if [ "$KATA_PROBE_WRITES" = 1 ]; then
   key writes; printf '{'
   old=$(rd /proc/sys/kernel/core_pattern)
@@ -186,6 +217,39 @@ if [ -n "$KATA_PROBE_VOLUME_WRITE" ]; then
   printf ',"remount_rw":%s' "$(jstr "$(errof mount -o remount,rw,bind "$v")")"
   printf ',"write_after_remount":%s' "$(jstr "$(errof sh -c "echo $MARK >> $v/keep && : > $v/planted-$MARK && sync")")"
   printf '}'
+fi
+if [ -n "$KATA_PROBE_CPU_BURN" ]; then
+  n=${KATA_PROBE_CPU_WORKERS:-2}
+  cmax=$(rd /sys/fs/cgroup/cpu.max)
+  for d in /sys/fs/cgroup/cpu /sys/fs/cgroup/cpu,cpuacct; do
+    [ -z "$cmax" ] && [ -e "$d/cpu.cfs_quota_us" ] && cmax="$(rd "$d/cpu.cfs_quota_us") $(rd "$d/cpu.cfs_period_us")"
+  done
+  t0=$(awk '{print $1}' /proc/uptime)
+  bpids=""
+  i=0
+  while [ $i -lt "$n" ]; do sh -c 'while :; do :; done' & bpids="$bpids $!"; i=$((i + 1)); done
+  sleep "$KATA_PROBE_CPU_BURN"
+  ticks=0
+  for p in $bpids; do t=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null); ticks=$((ticks + ${t:-0})); done
+  t1=$(awk '{print $1}' /proc/uptime)
+  kill $bpids 2>/dev/null; wait 2>/dev/null
+  key cpu_burn
+  printf '{"workers":%s,"seconds":%s,"ticks":%s,"hz":100,"uptime_before":%s,"uptime_after":%s,"cpu_max":%s,"cpus":%s}' \
+    "$(jnum "$n")" "$(jnum "$KATA_PROBE_CPU_BURN")" "$(jnum "$ticks")" "$(jstr "$t0")" "$(jstr "$t1")" \
+    "$(jstr "$cmax")" "$(jnum "$(grep -c '^processor' /proc/cpuinfo)")"
+fi
+if [ -n "$KATA_PROBE_MEM_FILL" ]; then
+  mlim=$(rd /sys/fs/cgroup/memory.max)
+  [ -n "$mlim" ] || mlim=$(rd /sys/fs/cgroup/memory/memory.limit_in_bytes)
+  f=/tmp/.kata-probe-mem-$$
+  awk -v want="$KATA_PROBE_MEM_FILL" -v f="$f" 'BEGIN { s = "x"; while (length(s) < want * 1048576) \
+    { s = s s; print length(s) > f; close(f) }; print length(s) > f; print "held" > f; close(f) }' 2>/dev/null
+  rc=$?
+  key mem_fill
+  printf '{"asked_mb":%s,"rc":%s,"reached_bytes":%s,"held":%s,"limit":%s}' "$(jnum "$KATA_PROBE_MEM_FILL")" \
+    "$(jnum "$rc")" "$(jnum "$(grep -v held "$f" 2>/dev/null | tail -n 1)")" "$(jbool grep -qx held "$f")" \
+    "$(jstr "$mlim")"
+  rm -f "$f"
 fi
 printf '}\n'
 echo "=== ${b}-END ==="
