@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pytest_kata.errors import ConfigError
+from pytest_kata.resources import LOCAL_LIBVIRT_URI
 from pytest_kata.severities import SEVERITIES
 
 OptType = Literal["path", "paths", "str", "int", "float", "bool", "choice"]
@@ -64,7 +65,7 @@ OPTIONS: tuple[Option, ...] = (
     # hosts
     Option("hosts", "int", "how many KVM hosts to provision per run", 1, metavar="N"),
     Option("host_provider", "choice", "where hosts come from", "libvirt", choices=("libvirt", "local", "ssh")),
-    Option("libvirt_uri", "str", "libvirt connection URI (remote qemu+ssh:// URIs scale out)", "qemu:///system",
+    Option("libvirt_uri", "str", "libvirt connection URI (remote qemu+ssh:// URIs scale out)", LOCAL_LIBVIRT_URI,
            metavar="URI"),
     Option("host_image", "path", "prebuilt host image (qcow2/raw); default: build vm-images' host recipe (cached)",
            metavar="FILE"),
@@ -109,7 +110,7 @@ class KataSettings:
     installed_config: str | None = None
     hosts: int = 1
     host_provider: str = "libvirt"
-    libvirt_uri: str = "qemu:///system"
+    libvirt_uri: str = LOCAL_LIBVIRT_URI
     host_image: str | None = None
     accel: str = "auto"
     boot_timeout: float = 240.0

@@ -25,10 +25,10 @@ from typing import Any
 
 import zstandard
 
+from pytest_kata.compression import BZIP2_MAGIC, GZIP_DEFLATE_MAGIC, LZMA_MAGIC, XZ_MAGIC, ZSTD_MAGIC
 from pytest_kata.errors import ConfigError
 
 IKCFG_START = b"IKCFG_ST"
-GZIP_MAGIC = b"\x1f\x8b\x08"
 MAX_KERNEL = 512 << 20  # bytes of decompressed kernel we are willing to produce per attempt
 _LINE_SET = re.compile(r"^(CONFIG_[A-Za-z0-9_]+)=(.*)$")
 _LINE_UNSET = re.compile(r"^# (CONFIG_[A-Za-z0-9_]+) is not set$")
@@ -107,7 +107,7 @@ def load_kconfig(path: str | Path) -> KernelConfig:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read kernel config: {exc.strerror or exc}", path=path) from None
-    if data.startswith(GZIP_MAGIC):
+    if data.startswith(GZIP_DEFLATE_MAGIC):
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as exc:
@@ -143,16 +143,16 @@ def _zstd(data: bytes) -> bytes:
 
 # (magic, decompressor): the formats scripts/extract-ikconfig tries (lzo and lz4 need external tools).
 DECOMPRESSORS: tuple[tuple[bytes, Callable[[bytes], bytes]], ...] = (
-    (GZIP_MAGIC, _gunzip_prefix),
-    (b"\xfd7zXZ\x00", _xz),
-    (b"BZh", _bz2),
-    (b"\x5d\x00\x00\x00", _lzma),
-    (b"(\xb5/\xfd", _zstd),
+    (GZIP_DEFLATE_MAGIC, _gunzip_prefix),
+    (XZ_MAGIC, _xz),
+    (BZIP2_MAGIC, _bz2),
+    (LZMA_MAGIC, _lzma),
+    (ZSTD_MAGIC, _zstd),
 )
 
 
 def _config_after_marker(blob: bytes) -> str | None:
-    index = blob.find(IKCFG_START + GZIP_MAGIC)
+    index = blob.find(IKCFG_START + GZIP_DEFLATE_MAGIC)
     if index < 0:
         return None
     try:
