@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
+from pytest_kata.bundle import Bundle
 from pytest_kata.errors import FeedError, KataError
 from pytest_kata.images.read import open_image
 from pytest_kata.resources import data_path
@@ -679,7 +680,7 @@ class Deployment:
     configs: list[DeployedConfig]
 
     @classmethod
-    def from_bundle(cls, bundle: Any, shim: str | None = None) -> Deployment | None:
+    def from_bundle(cls, bundle: Bundle, shim: str | None = None) -> Deployment | None:
         """Every shipped configuration, or the one ``shim`` names; None when the bundle ships none."""
         shims = bundle.selected_shims(shim)
         configs = []
@@ -933,7 +934,7 @@ class CandidateBuild:
 OSBUILDER_RECORD = "/var/lib/osbuilder/osbuilder.yaml"
 
 
-def _agent_versions(bundle: Any) -> tuple[dict[str, str], list[str]]:
+def _agent_versions(bundle: Bundle) -> tuple[dict[str, str], list[str]]:
     """``agent.version`` of each guest image's osbuilder record, where it is a release number."""
     import yaml
 
@@ -965,7 +966,7 @@ def _agent_versions(bundle: Any) -> tuple[dict[str, str], list[str]]:
     return found, notes
 
 
-def candidate_build(bundle: Any, *, commit: str | None = None) -> CandidateBuild:
+def candidate_build(bundle: Bundle, *, commit: str | None = None) -> CandidateBuild:
     """The build to judge (``commit`` wins: ``--kata-commit``) and the versions its binaries report."""
     version = str(bundle.version or "")
     source = next((k for k, v in bundle.version_evidence.items() if v.strip().removeprefix("v") == version),

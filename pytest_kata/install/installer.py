@@ -41,6 +41,7 @@ from typing import Any
 import tomli_w
 
 from pytest_kata import progress
+from pytest_kata.bundle import Bundle
 from pytest_kata.errors import KataError
 from pytest_kata.hosts.base import Host
 from pytest_kata.hosts.resolve import check_sysroot, resolve_host
@@ -137,7 +138,7 @@ class StepRun:
     """What every install step of one transaction sees (``data``: each done step's journaled result)."""
 
     tx: str
-    bundle: Any
+    bundle: Bundle
     release: str
     shims: list[str]
     data: dict[str, dict[str, Any]]
@@ -210,7 +211,7 @@ class Installer:
 
     # ---------------------------------------------------------------------------------------- install
 
-    def install(self, bundle: Any, *, shims: list[str] | None = None, resume_tx: Transaction | None = None
+    def install(self, bundle: Bundle, *, shims: list[str] | None = None, resume_tx: Transaction | None = None
                 ) -> InstallReport:
         """Install ``bundle`` (a :class:`pytest_kata.bundle.Bundle`); on failure, undo and re-raise."""
         release = f"{bundle.version or 'unknown'}-{bundle.sha256[:12]}"
@@ -271,7 +272,7 @@ class Installer:
                              after.digest, after.handlers, data.get("containerd-config", {}).get("mode", ""),
                              {n: "done" for n in INSTALL_STEPS if n in data}, notes, timings)
 
-    def resume(self, bundle: Any, *, shims: list[str] | None = None) -> InstallReport:
+    def resume(self, bundle: Bundle, *, shims: list[str] | None = None) -> InstallReport:
         """Continue an interrupted install from the step after the last one the journal says is done."""
         last = self.journal.last("install")
         if last is None or last.status != "running":
@@ -288,7 +289,7 @@ class Installer:
         return {"digest": state.digest, "release_before": state.release,
                 "prefix_before": None if prefix is None else prefix.kind}
 
-    def _pack(self, bundle: Any) -> Path:
+    def _pack(self, bundle: Bundle) -> Path:
         """The bundle as a gzip tarball (gzip -1: cheap, and everything a host has can read it; small bundles
         then fit a console transfer)."""
         tmp = Path(tempfile.mkdtemp(prefix="pytest-kata-stage-"))
@@ -380,7 +381,7 @@ class Installer:
 
     # containerd
 
-    def handler_specs(self, bundle: Any, shims: list[str]) -> dict[str, dict[str, str]]:
+    def handler_specs(self, bundle: Bundle, shims: list[str]) -> dict[str, dict[str, str]]:
         """``kata-<shim>`` -> runtime_type/runtime_path/config_path, as kata-deploy writes them."""
         prefix = self.p(PREFIX)
         specs = {}

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pytest_kata import progress
+from pytest_kata.bundle import Bundle
 from pytest_kata.install.workloads import WorkloadProbe
 
 
 class Target(Protocol):
     """What the rollout drives on each host (an :class:`~pytest_kata.install.installer.Installer`)."""
 
-    def install(self, bundle: Any) -> Any: ...
+    def install(self, bundle: Bundle) -> Any: ...
 
     def rollback(self) -> Any: ...
 
@@ -89,7 +90,7 @@ def smoke_gate(name: str, target: Any, report: Any) -> GateResult:
                       + (f"; no shim on the host for {', '.join(absent)}" if absent else ""))
 
 
-def rolling_update(targets: Sequence[Any], bundle: Any, *, batch_size: int = 1,
+def rolling_update(targets: Sequence[Any], bundle: Bundle, *, batch_size: int = 1,
                    gate: Gate | None = None, parallel: bool = False) -> dict[str, Any]:
     """Update ``targets`` in order, ``batch_size`` at a time, gating after each batch.
 

@@ -69,7 +69,7 @@ class Scenario:
         return [self.results[n] for n in names]
 
 
-def ships_kata_shim(bundle: Any) -> bool:
+def ships_kata_shim(bundle: Bundle) -> bool:
     """Whether the bundle carries a real ``containerd-shim-kata-v2`` (the reference candidate does not)."""
     try:
         return bool(bundle.shim(None).binary)
