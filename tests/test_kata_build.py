@@ -24,8 +24,9 @@ from pytest_kata.cli import main
 from pytest_kata.errors import BundleError, KataError
 from pytest_kata.images.common import HostKernel
 from pytest_kata.images.guest import module_load_order
-from pytest_kata.kata_build.build import _run_make, go_toolchain
-from pytest_kata.kata_build.kernel_choice import bzimage_release, guest_kernel
+from pytest_kata.kata_build.build import _run_make, go_toolchain, select_guest
+from pytest_kata.kata_build.image_mode import IMAGE_MODE_BUILTINS, image_mode_gaps
+from pytest_kata.kata_build.kernel_choice import bundle_kernel, bzimage_release, guest_kernel
 from pytest_kata.kata_build.smoke import boot_agent
 from pytest_kata.kata_build.sources import REPOS, SourceError, discover
 
@@ -206,6 +207,73 @@ def test_kernel_without_module_tree_must_have_the_transports_built_in(tmp_path: 
     config.write_text(config.read_text().replace("CONFIG_VIRTIO_CONSOLE=y", "CONFIG_VIRTIO_CONSOLE=m"))
     with pytest.raises(KataError, match=r"'virtio_console' is needed but .* CONFIG_VIRTIO_CONSOLE is not =y"):
         module_load_order(kernel, names)
+
+
+# The lines of the 1.11 runtime's configuration templates that name the guest (cli/config/*.toml.in, rendered).
+QEMU_RENDER = ('[hypervisor.qemu]\npath = "/opt/kata/bin/qemu-system-x86_64"\n'
+               'kernel = "/opt/kata/share/kata-containers/vmlinuz.container"\n'
+               'initrd = "/opt/kata/share/kata-containers/kata-containers-initrd.img"\n'
+               'image = "/opt/kata/share/kata-containers/kata-containers.img"\nmachine_type = "pc"\n')
+FC_RENDER = '[hypervisor.firecracker]\nimage = "/opt/kata/share/kata-containers/kata-containers.img"\n'
+
+
+def _defaults(tmp_path: Path) -> Path:
+    defaults = tmp_path / "defaults"
+    defaults.mkdir()
+    (defaults / "configuration-qemu.toml").write_text(QEMU_RENDER)
+    (defaults / "configuration-fc.toml").write_text(FC_RENDER)
+    (defaults / "configuration-qemu-virtiofs.toml").write_text(QEMU_RENDER)  # not among the files upstream edits
+    return defaults
+
+
+def test_image_is_the_default_guest_as_upstream_release_script_leaves_it(tmp_path: Path) -> None:
+    """kata-deploy-binaries.sh: sed -i -e '/^initrd =/d' on configuration-qemu.toml and configuration-fc.toml."""
+    defaults = _defaults(tmp_path)
+    initrd_line = 'initrd = "/opt/kata/share/kata-containers/kata-containers-initrd.img"'
+    assert select_guest(defaults, "image") == {"configuration-qemu.toml": initrd_line}
+    assert (defaults / "configuration-qemu.toml").read_text() == QEMU_RENDER.replace(initrd_line + "\n", "")
+    assert (defaults / "configuration-fc.toml").read_text() == FC_RENDER
+    assert (defaults / "configuration-qemu-virtiofs.toml").read_text() == QEMU_RENDER
+
+
+def test_initrd_guest_deletes_the_image_line_only_where_an_initrd_replaces_it(tmp_path: Path) -> None:
+    defaults = _defaults(tmp_path)
+    assert select_guest(defaults, "initrd") == {
+        "configuration-qemu.toml": 'image = "/opt/kata/share/kata-containers/kata-containers.img"'}
+    qemu = (defaults / "configuration-qemu.toml").read_text()
+    assert "initrd = " in qemu and "\nimage = " not in qemu
+    assert (defaults / "configuration-fc.toml").read_text() == FC_RENDER  # its only guest stays
+
+
+def _kernel_with(tmp_path: Path, config_text: str) -> HostKernel:
+    config = tmp_path / "config-6.1.192"
+    config.write_text(config_text)
+    return HostKernel(tmp_path / "vmlinuz-6.1.192-76", None, config, "6.1.192")
+
+
+def test_image_mode_needs_the_nvdimm_drivers_built_in(tmp_path: Path) -> None:
+    """Debian's kernel has the NVDIMM, ext4 and virtio drivers as modules: it cannot boot Kata's image mode
+    (no initrd loads them). The build refuses it in one line naming the options; the initrd form takes it."""
+    (tmp_path / "src").mkdir()
+    _release(tmp_path / "src", "1.12.0", ("runtime", "agent", "proxy"))
+    sources = discover(tmp_path / "src", "1.12.0")  # no packaging: Debian's kernel by default
+    debian = guest_kernel()
+    assert "CONFIG_BLK_DEV_PMEM=m" in image_mode_gaps(debian.config)
+    with pytest.raises(KataError) as info:
+        bundle_kernel(sources, None, "image")
+    message = str(info.value)
+    assert message.startswith(str(debian.config)) and "cannot boot Kata's image mode" in message
+    assert "CONFIG_BLK_DEV_PMEM=m" in message and "\n" not in message and "--guest initrd" in info.value.hint
+    kernel, origin = bundle_kernel(sources, None, "initrd")
+    assert kernel == debian and origin.startswith("Debian's")
+    built_in = _kernel_with(tmp_path, "".join(f"{name}=y\n" for name in IMAGE_MODE_BUILTINS))
+    assert image_mode_gaps(built_in.config) == []
+    assert bundle_kernel(sources, built_in, "image") == (built_in, f"given with --kernel ({built_in.vmlinuz})")
+    one_module = _kernel_with(tmp_path, built_in.config.read_text().replace("CONFIG_ACPI_NFIT=y", "CONFIG_ACPI_NFIT=m"))
+    with pytest.raises(KataError, match=r"drivers: CONFIG_ACPI_NFIT=m \(use --guest initrd"):
+        bundle_kernel(sources, one_module, "image")
+    with pytest.raises(KataError, match="unknown guest form 'disk'"):
+        bundle_kernel(sources, built_in, "disk")
 
 
 def test_missing_go_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
