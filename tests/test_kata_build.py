@@ -25,7 +25,7 @@ from pytest_kata.errors import BundleError, KataError
 from pytest_kata.images.common import HostKernel
 from pytest_kata.images.guest import module_load_order
 from pytest_kata.kata_build.build import _run_make, go_toolchain, select_guest
-from pytest_kata.kata_build.image_mode import IMAGE_MODE_BUILTINS, image_mode_gaps
+from pytest_kata.kata_build.image_mode import IMAGE_BOUNDARY, IMAGE_MODE_BUILTINS, PFN_INFO_OFFSET, image_mode_gaps
 from pytest_kata.kata_build.kernel_choice import bundle_kernel, bzimage_release, guest_kernel
 from pytest_kata.kata_build.smoke import boot_agent
 from pytest_kata.kata_build.sources import REPOS, SourceError, discover
@@ -362,19 +362,35 @@ def test_builds_a_real_bundle_from_upstream_source(kata_src: Path, tmp_path: Pat
         assert re.search(rf"version: {re.escape(version)},", shim.stdout), shim.stdout
         assert bundle.version_evidence["containerd-shim-kata-v2 --version (go)"] == version
 
-    # The runtime Makefile's own render, paths under /opt/kata, nothing else touched.
+    # The runtime Makefile's own render, paths under /opt/kata, as kata-static leaves it: the initrd line of
+    # configuration-qemu.toml deleted (upstream's release script), so the NVDIMM image is the default guest.
     assert {"qemu", "qemu-virtiofs", "fc", "clh", "acrn"} <= set(bundle.shims)
     assert bundle.default_shim == "qemu"
     qemu = bundle.shims["qemu"].config
     assert qemu.get("hypervisor.qemu.path") == "/opt/kata/bin/qemu-system-x86_64"
     assert qemu.get("hypervisor.qemu.kernel") == "/opt/kata/share/kata-containers/vmlinuz.container"
     assert qemu.get("hypervisor.qemu.image") == "/opt/kata/share/kata-containers/kata-containers.img"
+    assert qemu.get("hypervisor.qemu.initrd") in (None, "")
     assert qemu.get("proxy.kata.path") == "/opt/kata/libexec/kata-containers/kata-proxy"
     assert qemu.get("runtime.disable_guest_seccomp") is True  # upstream's 1.x default, kept
     for rel in ("share/kata-containers/vmlinuz.container", "share/kata-containers/kata-containers.img",
                 "share/kata-containers/kata-containers-initrd.img"):
         assert bundle.resolve(rel) in bundle.files and bundle.files[bundle.resolve(rel) or ""].kind == "file"
     assert bundle.kernels and bundle.images and bundle.initrds
+    record = json.loads(bundle.path("kata-build.json").read_text())
+    assert record["guest"]["default"] == "image" and list(record["guest"]["deleted-from-configs"]) == [
+        "configuration-qemu.toml"]
+    # Kata's guest kernel, built from this release's own packaging fragments, with image mode's drivers built in
+    config_version = {"1.11.0": "73", "1.11.5": "76"}[version]
+    kernel = bundle.path("share/kata-containers/vmlinuz.container").resolve()
+    assert kernel.name.endswith(f"-{config_version}") and f"kata-packaging-{version}" in record["kernel"]["origin"]
+    assert image_mode_gaps(bundle.path(f"share/kata-containers/config-{record['kernel']['release']}")) == []
+    # the image in osbuilder's NVDIMM layout: the pfn info block 4 KiB in, the size a multiple of 128 MiB
+    image = bundle.path("share/kata-containers/kata-containers.img")
+    with open(image, "rb") as fh:
+        fh.seek(PFN_INFO_OFFSET)
+        assert fh.read(16) == b"NVDIMM_PFN_INFO\0"
+    assert image.stat().st_size % IMAGE_BOUNDARY == 0
 
     # The real agent is in the initrd, as /usr/bin/kata-agent, with /sbin/init and /init leading to it.
     initrd = bundle.path("share/kata-containers/kata-containers-initrd.img")
