@@ -107,6 +107,17 @@ def test_cve_2020_2023_root_device(mode, request, kata_result):
     finish(kata_result, exploits.root_device_cgroup(request.getfixturevalue("guest_root_attempt")), sandbox)
 
 
+@pytest.mark.kata_check("KATA-ESC-016", severity="medium", title="the workload cannot write the disk holding the "
+                        "guest root filesystem")
+@pytest.mark.vm
+def test_guest_root_disk_write(request, kata_result):
+    """The same CAP_MKNOD container opens the whole disk around the guest root partition (pmem0) for writing.
+    No advisory covers it: the CVE-2020-2023 fix denies only the partition ``/`` is on."""
+    kata_result.record(advisory="none (the disk around the partition CVE-2020-2023's fix guards)")
+    sandbox = request.getfixturevalue("kata_sandbox")
+    finish(kata_result, exploits.root_disk_cgroup(request.getfixturevalue("guest_root_attempt")), sandbox)
+
+
 @pytest.mark.kata_advisory("CVE-2020-2024")
 @pytest.mark.kata_check("KATA-ESC-002", severity="high", title="teardown never unmounts a host path")
 @pytest.mark.parametrize("mode", MODES)
