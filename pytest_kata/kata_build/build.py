@@ -352,6 +352,7 @@ def _build_into(sources: SourceSet, key: str, kernel: HostKernel, kernel_origin:
         step(AREA, f"{version}: [5/6] VERSION, versions.yaml, kata-build.json")
         (root / "VERSION").write_text(f"{version}\n")
         (root / "versions.yaml").write_text(_versions_yaml(kernel, qemu_line, guest, kernel_origin))
+        edited = ", ".join(GUEST_CHOICE_CONFIGS)
         record = {
             "version": version, "key": key, "builder-version": BUILDER_VERSION, "go": go,
             "sources": {repo: {"kind": s.kind, "name": s.path.name, "sha256": _source_hash(s),
@@ -376,9 +377,9 @@ def _build_into(sources: SourceSet, key: str, kernel: HostKernel, kernel_origin:
                           "cloud-hypervisor": "not built", "acrn": "not built"},
             "notes": ["configuration-*.toml are the runtime Makefile's render with PREFIX=/opt/kata; the render "
                       "names both image and initrd, which 1.x refuses at run time, and the only edit is "
-                      + ("upstream's own (kata-deploy-binaries.sh deletes the initrd line of "
-                         if guest_form == "image" else "--guest initrd (the image line deleted, not upstream's "
-                         "default) in ") + ", ".join(GUEST_CHOICE_CONFIGS)],
+                      + (f"upstream's own: kata-deploy-binaries.sh deletes the initrd line of {edited}"
+                         if guest_form == "image" else f"--guest initrd, not upstream's default: the image line "
+                         f"deleted from {edited}")],
         }
         (root / "kata-build.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         step(AREA, f"{version}: [6/6] {tarball_name(version)}")
