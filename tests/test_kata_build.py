@@ -24,8 +24,9 @@ from pytest_kata.cli import main
 from pytest_kata.errors import BundleError, KataError
 from pytest_kata.images.common import HostKernel
 from pytest_kata.images.guest import module_load_order
-from pytest_kata.kata_build.build import _run_make, go_toolchain
-from pytest_kata.kata_build.kernel_choice import bzimage_release, guest_kernel
+from pytest_kata.kata_build.build import _run_make, go_toolchain, select_guest
+from pytest_kata.kata_build.image_mode import IMAGE_BOUNDARY, IMAGE_MODE_BUILTINS, PFN_INFO_OFFSET, image_mode_gaps
+from pytest_kata.kata_build.kernel_choice import bundle_kernel, bzimage_release, guest_kernel
 from pytest_kata.kata_build.smoke import boot_agent
 from pytest_kata.kata_build.sources import REPOS, SourceError, discover
 
@@ -208,6 +209,73 @@ def test_kernel_without_module_tree_must_have_the_transports_built_in(tmp_path: 
         module_load_order(kernel, names)
 
 
+# The lines of the 1.11 runtime's configuration templates that name the guest (cli/config/*.toml.in, rendered).
+QEMU_RENDER = ('[hypervisor.qemu]\npath = "/opt/kata/bin/qemu-system-x86_64"\n'
+               'kernel = "/opt/kata/share/kata-containers/vmlinuz.container"\n'
+               'initrd = "/opt/kata/share/kata-containers/kata-containers-initrd.img"\n'
+               'image = "/opt/kata/share/kata-containers/kata-containers.img"\nmachine_type = "pc"\n')
+FC_RENDER = '[hypervisor.firecracker]\nimage = "/opt/kata/share/kata-containers/kata-containers.img"\n'
+
+
+def _defaults(tmp_path: Path) -> Path:
+    defaults = tmp_path / "defaults"
+    defaults.mkdir()
+    (defaults / "configuration-qemu.toml").write_text(QEMU_RENDER)
+    (defaults / "configuration-fc.toml").write_text(FC_RENDER)
+    (defaults / "configuration-qemu-virtiofs.toml").write_text(QEMU_RENDER)  # not among the files upstream edits
+    return defaults
+
+
+def test_image_is_the_default_guest_as_upstream_release_script_leaves_it(tmp_path: Path) -> None:
+    """kata-deploy-binaries.sh: sed -i -e '/^initrd =/d' on configuration-qemu.toml and configuration-fc.toml."""
+    defaults = _defaults(tmp_path)
+    initrd_line = 'initrd = "/opt/kata/share/kata-containers/kata-containers-initrd.img"'
+    assert select_guest(defaults, "image") == {"configuration-qemu.toml": initrd_line}
+    assert (defaults / "configuration-qemu.toml").read_text() == QEMU_RENDER.replace(initrd_line + "\n", "")
+    assert (defaults / "configuration-fc.toml").read_text() == FC_RENDER
+    assert (defaults / "configuration-qemu-virtiofs.toml").read_text() == QEMU_RENDER
+
+
+def test_initrd_guest_deletes_the_image_line_only_where_an_initrd_replaces_it(tmp_path: Path) -> None:
+    defaults = _defaults(tmp_path)
+    assert select_guest(defaults, "initrd") == {
+        "configuration-qemu.toml": 'image = "/opt/kata/share/kata-containers/kata-containers.img"'}
+    qemu = (defaults / "configuration-qemu.toml").read_text()
+    assert "initrd = " in qemu and "\nimage = " not in qemu
+    assert (defaults / "configuration-fc.toml").read_text() == FC_RENDER  # its only guest stays
+
+
+def _kernel_with(tmp_path: Path, config_text: str) -> HostKernel:
+    config = tmp_path / "config-6.1.192"
+    config.write_text(config_text)
+    return HostKernel(tmp_path / "vmlinuz-6.1.192-76", None, config, "6.1.192")
+
+
+def test_image_mode_needs_the_nvdimm_drivers_built_in(tmp_path: Path) -> None:
+    """Debian's kernel has the NVDIMM, ext4 and virtio drivers as modules: it cannot boot Kata's image mode
+    (no initrd loads them). The build refuses it in one line naming the options; the initrd form takes it."""
+    (tmp_path / "src").mkdir()
+    _release(tmp_path / "src", "1.12.0", ("runtime", "agent", "proxy"))
+    sources = discover(tmp_path / "src", "1.12.0")  # no packaging: Debian's kernel by default
+    debian = guest_kernel()
+    assert "CONFIG_BLK_DEV_PMEM=m" in image_mode_gaps(debian.config)
+    with pytest.raises(KataError) as info:
+        bundle_kernel(sources, None, "image")
+    message = str(info.value)
+    assert message.startswith(str(debian.config)) and "cannot boot Kata's image mode" in message
+    assert "CONFIG_BLK_DEV_PMEM=m" in message and "\n" not in message and "--guest initrd" in info.value.hint
+    kernel, origin = bundle_kernel(sources, None, "initrd")
+    assert kernel == debian and origin.startswith("Debian's")
+    built_in = _kernel_with(tmp_path, "".join(f"{name}=y\n" for name in IMAGE_MODE_BUILTINS))
+    assert image_mode_gaps(built_in.config) == []
+    assert bundle_kernel(sources, built_in, "image") == (built_in, f"given with --kernel ({built_in.vmlinuz})")
+    one_module = _kernel_with(tmp_path, built_in.config.read_text().replace("CONFIG_ACPI_NFIT=y", "CONFIG_ACPI_NFIT=m"))
+    with pytest.raises(KataError, match=r"drivers: CONFIG_ACPI_NFIT=m \(use --guest initrd"):
+        bundle_kernel(sources, one_module, "image")
+    with pytest.raises(KataError, match="unknown guest form 'disk'"):
+        bundle_kernel(sources, built_in, "disk")
+
+
 def test_missing_go_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(KataError, match=r"go is not installed: .*golang-go") as info:
@@ -294,19 +362,35 @@ def test_builds_a_real_bundle_from_upstream_source(kata_src: Path, tmp_path: Pat
         assert re.search(rf"version: {re.escape(version)},", shim.stdout), shim.stdout
         assert bundle.version_evidence["containerd-shim-kata-v2 --version (go)"] == version
 
-    # The runtime Makefile's own render, paths under /opt/kata, nothing else touched.
+    # The runtime Makefile's own render, paths under /opt/kata, as kata-static leaves it: the initrd line of
+    # configuration-qemu.toml deleted (upstream's release script), so the NVDIMM image is the default guest.
     assert {"qemu", "qemu-virtiofs", "fc", "clh", "acrn"} <= set(bundle.shims)
     assert bundle.default_shim == "qemu"
     qemu = bundle.shims["qemu"].config
     assert qemu.get("hypervisor.qemu.path") == "/opt/kata/bin/qemu-system-x86_64"
     assert qemu.get("hypervisor.qemu.kernel") == "/opt/kata/share/kata-containers/vmlinuz.container"
     assert qemu.get("hypervisor.qemu.image") == "/opt/kata/share/kata-containers/kata-containers.img"
+    assert qemu.get("hypervisor.qemu.initrd", "") == ""
     assert qemu.get("proxy.kata.path") == "/opt/kata/libexec/kata-containers/kata-proxy"
     assert qemu.get("runtime.disable_guest_seccomp") is True  # upstream's 1.x default, kept
     for rel in ("share/kata-containers/vmlinuz.container", "share/kata-containers/kata-containers.img",
                 "share/kata-containers/kata-containers-initrd.img"):
         assert bundle.resolve(rel) in bundle.files and bundle.files[bundle.resolve(rel) or ""].kind == "file"
     assert bundle.kernels and bundle.images and bundle.initrds
+    record = json.loads(bundle.path("kata-build.json").read_text())
+    assert record["guest"]["default"] == "image" and list(record["guest"]["deleted-from-configs"]) == [
+        "configuration-qemu.toml"]
+    # Kata's guest kernel, built from this release's own packaging fragments, with image mode's drivers built in
+    config_version = {"1.11.0": "73", "1.11.5": "76"}[version]
+    kernel = bundle.path("share/kata-containers/vmlinuz.container").resolve()
+    assert kernel.name.endswith(f"-{config_version}") and f"kata-packaging-{version}" in record["kernel"]["origin"]
+    assert image_mode_gaps(bundle.path(f"share/kata-containers/config-{record['kernel']['release']}")) == []
+    # the image in osbuilder's NVDIMM layout: the pfn info block 4 KiB in, the size a multiple of 128 MiB
+    image = bundle.path("share/kata-containers/kata-containers.img")
+    with open(image, "rb") as fh:
+        fh.seek(PFN_INFO_OFFSET)
+        assert fh.read(16) == b"NVDIMM_PFN_INFO\0"
+    assert image.stat().st_size % IMAGE_BOUNDARY == 0
 
     # The real agent is in the initrd, as /usr/bin/kata-agent, with /sbin/init and /init leading to it.
     initrd = bundle.path("share/kata-containers/kata-containers-initrd.img")
@@ -350,12 +434,20 @@ def test_agent_smoke_fails_loudly_without_an_agent(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.xdist_group("kata-build")
 def test_builds_from_checkouts_given_per_repository(kata_src: Path, tmp_path: Path) -> None:
-    """Git checkouts a user points at (here: the 1.11.5 trees unpacked), one --<repo>-src each, no DIR."""
+    """Git checkouts a user points at (here: the 1.11.5 trees unpacked), one --<repo>-src each, no DIR; the
+    packaging archive given the same way supplies Kata's guest kernel (without it the build says, in one line,
+    that Debian's kernel cannot boot the image guest)."""
     args = []
     for repo in ("runtime", "agent", "proxy"):
         top = f"kata-{repo}-1.11.5"
         unpack_archive(kata_src / f"{top}.tar.xz", tmp_path / f"unpacked-{repo}", prefix=top)
         args += [f"--{repo}-src", str(tmp_path / f"unpacked-{repo}" / top)]
+    refused = subprocess.run([str(REPO / ".venv/bin/pytest-kata"), "build", *args, "--output", str(tmp_path)],
+                             capture_output=True, text=True)
+    [error] = [line for line in refused.stderr.splitlines() if not line.startswith("[kata")]
+    assert refused.returncode == 2 and error.startswith("pytest-kata: error: "), refused.stderr[-2000:]
+    assert "cannot boot Kata's image mode" in error and "CONFIG_BLK_DEV_PMEM=m" in error
+    args += ["--packaging-src", str(kata_src / "kata-packaging-1.11.5.tar.xz")]
     proc = subprocess.run([str(REPO / ".venv/bin/pytest-kata"), "build", *args, "--output", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -45,6 +45,19 @@ def test_wrapper_rewrites_only_accel_and_cpu_and_logs_the_original(tmp_path):
     assert got.split("\n")[:-1] == rewritten(other) == ["-cpu", "max", *other[2:]]
 
 
+def test_wrapper_spells_image_modes_bare_nvdimm_flag_for_qemu_7(tmp_path):
+    """Kata 1.11's image mode appends a bare ``nvdimm`` to ``-machine`` (qemu_arch_base.go handleImagePath),
+    which qemu 7+ refuses ("Expected '=' after parameter 'nvdimm'"): the wrapper writes ``nvdimm=on``."""
+    fake_qemu = tmp_path / "qemu"
+    fake_qemu.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    fake_qemu.chmod(0o755)
+    wrapper, log = write_tcg_wrapper(tmp_path / "w", fake_qemu)
+    argv = ["-machine", "pc,accel=kvm,kernel_irqchip,nvdimm", "-device", "nvdimm,id=nv0,memdev=mem0"]
+    got = subprocess.run([str(wrapper), *argv], capture_output=True, text=True, check=True).stdout
+    assert got.split("\n")[:-1] == rewritten(argv) == ["-machine", "pc,accel=tcg,nvdimm=on", *argv[2:]]
+    assert read_argv_log(log) == [argv]
+
+
 def _config(tmp_path: Path, **qemu: object) -> tuple[KataConfig, Path]:
     root = tmp_path / "tree"
     for rel in ("bin/qemu-system-x86_64", "libexec/kata-containers/kata-proxy", "share/kata-containers/vmlinuz"):

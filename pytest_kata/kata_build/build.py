@@ -4,14 +4,19 @@ The recipe is upstream's own, run offline with Debian's Go in GOPATH mode (``GO1
 dependencies): each repository is unpacked to ``$GOPATH/src/github.com/kata-containers/<repo>`` and built
 with its own Makefile (``make SKIP_GO_VERSION_CHECK=1 PREFIX=/opt/kata``; the runtime also
 ``containerd-shim-v2`` and ``install``, which renders ``cli/config/configuration-*.toml`` with every path
-under ``/opt/kata``). Those rendered files go into the bundle unchanged, so the hardening rules judge
-upstream's real defaults. The real ``kata-agent`` goes into a guest built by the project's guest-image
-builder (recipe ``vm-images/guest/kata.toml``), with the guest kernel and qemu beside it.
+under ``/opt/kata``). Those rendered files go into the bundle as upstream's release script
+(``packaging/release/kata-deploy-binaries.sh``) leaves them in kata-static: its one edit deletes the
+``initrd =`` line of ``configuration-qemu.toml`` and ``configuration-fc.toml`` (the render names both an image
+and an initrd, which 1.x refuses), so the guest image, booted as an NVDIMM root, is the default guest and the
+hardening rules judge upstream's real defaults. The real ``kata-agent`` goes into a guest built by the
+project's guest-image builder (recipe ``vm-images/guest/kata.toml``), shipped as osbuilder's NVDIMM image and
+as an initrd, with Kata's guest kernel (built from the release's packaging sources) and qemu beside it.
 
 Why it is built this way:
 
 * **Cached by content hash** of the input archives (or checkout trees), this builder's code, the guest
-  recipe and its resolved packages, the kernel, qemu and the Go toolchain: a second build of the same
+  recipe and its resolved packages, the kernel (image and config), the guest form, qemu and the Go
+  toolchain: a second build of the same
   inputs costs a few hashes. Go's build cache (``cache_dir()/go/cache``) is kept, so a cold bundle build
   after a builder change recompiles little.
 * **Archives are untrusted** and are unpacked by the bundle opener's checked extraction
@@ -47,14 +52,15 @@ from pytest_kata.images.guest import (
     load_recipe,
     resolve_versions,
 )
-from pytest_kata.kata_build.kernel_choice import guest_kernel
+from pytest_kata.kata_build.image_mode import nvdimm_image
+from pytest_kata.kata_build.kernel_choice import bundle_kernel
 from pytest_kata.kata_build.sources import REQUIRED, Source, SourceSet, first_line
 from pytest_kata.progress import step, timed
 from pytest_kata.resources import cache_dir
 
 AREA = "kata-build"
 CACHE_KIND = "kata-build"
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 PREFIX = "opt/kata"
 GUEST_RECIPE = "kata"
 QEMU = Path("/usr/bin/qemu-system-x86_64")
@@ -69,6 +75,9 @@ DEFAULTS = "share/defaults/kata-containers"
 GO_PROJECT = "src/github.com/kata-containers"
 MAKE_VARS = ("SKIP_GO_VERSION_CHECK=1", f"PREFIX=/{PREFIX}")
 LOG_TAIL_LINES = 3
+DEFAULT_GUEST = "image"  # kata-static's: kata-deploy-binaries.sh deletes the initrd line
+# The configurations upstream's release script edits (the others name one guest form only).
+GUEST_CHOICE_CONFIGS = ("configuration-qemu.toml", "configuration-fc.toml")
 # What every bundle holds (relative to /opt/kata); the build fails loudly when one is missing.
 EXPECTED = ("bin/containerd-shim-kata-v2", "bin/kata-runtime", "libexec/kata-containers/kata-proxy",
             "libexec/kata-containers/kata-netmon", f"{DEFAULTS}/configuration-qemu.toml")
@@ -84,6 +93,7 @@ class BuildResult:
     tarball: Path
     built: bool
     seconds: float
+    guest: str = DEFAULT_GUEST
 
     @property
     def root(self) -> Path:
@@ -134,16 +144,16 @@ def _source_hash(source: Source) -> str:
 
 
 def build_key(sources: SourceSet, kernel: HostKernel, guest_versions: dict[str, str], go: str,
-              qemu: Path = QEMU) -> str:
+              qemu: Path = QEMU, guest: str = DEFAULT_GUEST) -> str:
     """The content hash that names a build: every input, and the code and recipe that turn them into it."""
     package = Path(__file__).parent
-    builder = [package / name for name in ("build.py", "sources.py", "kernel_choice.py")]  # what shapes it
+    builder = [package / name for name in ("build.py", "sources.py", "kernel_choice.py", "image_mode.py")]
     guest_code = [Path(__file__).parents[1] / "images" / name for name in ("guest.py", "common.py")]
     recipe = load_recipe(GUEST_RECIPE)
     parts: list[object] = [BUILDER_VERSION, sources.version, go, {r: _source_hash(s) for r, s in
                                                                sorted(sources.sources.items())}]
     parts += [*builder, *guest_code, recipe.path, guest_files_dir(), guest_versions]
-    parts += [kernel.release, kernel.vmlinuz, kernel.config, qemu]
+    parts += [kernel.release, kernel.vmlinuz, kernel.config, qemu, guest]
     return content_hash(*parts)[:20]
 
 
@@ -206,6 +216,28 @@ def _build_go(sources: SourceSet, work: Path, stage: Path, logs: Path) -> tuple[
     return agent, commits
 
 
+def select_guest(defaults: Path, guest: str) -> dict[str, str]:
+    """Leave one guest form in the configurations that name both, as upstream's release script does.
+
+    ``image`` is ``kata-deploy-binaries.sh``'s own edit (``sed -i -e '/^initrd =/d'`` on
+    :data:`GUEST_CHOICE_CONFIGS`); ``initrd`` deletes the ``image =`` line instead, only where an ``initrd =``
+    line is there to take its place. Nothing else in the files changes. Returns what was deleted, by file.
+    """
+    lines = {form: re.compile(rf"^{form} =.*\n?", re.MULTILINE) for form in ("image", "initrd")}
+    drop = "initrd" if guest == "image" else "image"
+    deleted = {}
+    for name in GUEST_CHOICE_CONFIGS:
+        path = defaults / name
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        found = lines[drop].search(text)
+        if found and (guest == "image" or lines[guest].search(text)):
+            path.write_text(lines[drop].sub("", text))
+            deleted[name] = found.group(0).strip()
+    return deleted
+
+
 def _binary_version(binary: Path, *args: str) -> str:
     """First line of ``BINARY --version`` (these are the binaries just built, run with a timeout)."""
     try:
@@ -217,10 +249,17 @@ def _binary_version(binary: Path, *args: str) -> str:
 
 
 def _install_guest(root: Path, version: str, guest: GuestImage, kernel: HostKernel) -> dict[str, str]:
-    """Kernel, image and initrd under share/kata-containers with the names the rendered configs use."""
+    """Kernel, image and initrd under share/kata-containers with the names the rendered configs use.
+
+    The image is osbuilder's NVDIMM layout of the guest disk (DAX header in front), as every osbuilder image
+    is: Kata boots it as a pmem root, and its first MBR still shows the ext4 partition to other readers.
+    A kernel keeps its own ``vmlinuz-*`` name (Kata's ``vmlinuz-<kernel>-<config version>``, Debian's
+    ``vmlinuz-<release>``).
+    """
     share = root / SHARE
     share.mkdir(parents=True, exist_ok=True)
-    names = {"kernel": f"vmlinuz-{kernel.release}", "kernel-config": f"config-{kernel.release}",
+    kernel_name = kernel.vmlinuz.name if kernel.vmlinuz.name.startswith("vmlinuz-") else f"vmlinuz-{kernel.release}"
+    names = {"kernel": kernel_name, "kernel-config": f"config-{kernel.release}",
              "image": f"kata-containers-image_debian-12_{version}_agent.img",
              "initrd": f"kata-containers-initrd_debian-12_{version}_agent.initrd"}
     shutil.copyfile(kernel.vmlinuz, share / names["kernel"])
@@ -228,7 +267,7 @@ def _install_guest(root: Path, version: str, guest: GuestImage, kernel: HostKern
     (share / "vmlinuz.container").symlink_to(names["kernel"])
     if guest.image is None or guest.initrd is None:
         raise KataError(f"guest recipe {GUEST_RECIPE!r} must produce an image and an initrd", path=guest.dir)
-    shutil.copyfile(guest.image, share / names["image"])
+    shutil.copyfile(nvdimm_image(guest.image), share / names["image"])
     (share / "kata-containers.img").symlink_to(names["image"])
     shutil.copyfile(guest.initrd, share / names["initrd"])
     (share / "kata-containers-initrd.img").symlink_to(names["initrd"])
@@ -246,7 +285,7 @@ def _install_qemu(root: Path) -> str:
     return _binary_version(root / "bin/qemu-system-x86_64", "--version")
 
 
-def _versions_yaml(kernel: HostKernel, qemu_line: str, guest: GuestImage) -> str:
+def _versions_yaml(kernel: HostKernel, qemu_line: str, guest: GuestImage, kernel_origin: str) -> str:
     """Kata's ``versions.yaml`` structure with what is really in this bundle.
 
     Not the runtime repository's ``versions.yaml``: that pins the kernel and qemu upstream released with,
@@ -258,9 +297,10 @@ def _versions_yaml(kernel: HostKernel, qemu_line: str, guest: GuestImage) -> str
                "hypervisor": {"qemu": {"description": "Debian's qemu-system-x86_64",
                                        "version": f"v{match.group(1)}" if match else "unknown",
                                        "version-output": qemu_line}},
-               "kernel": {"description": "guest kernel", "version": f"v{kernel.upstream_version}",
+               "kernel": {"description": f"guest kernel: {kernel_origin}", "version": f"v{kernel.upstream_version}",
                           "release": kernel.release},
-               "image": {"description": f"guest image (vm-images/guest/{GUEST_RECIPE}.toml) with the real agent",
+               "image": {"description": f"guest image (vm-images/guest/{GUEST_RECIPE}.toml) with the real agent, "
+                                        "osbuilder's NVDIMM layout",
                          "architecture": {"x86_64": {"name": "debian", "version": "12"}}, "build-key": guest.key},
                "initrd": {"description": f"guest initrd (vm-images/guest/{GUEST_RECIPE}.toml), agent as init",
                           "architecture": {"x86_64": {"name": "debian", "version": "12"}}, "build-key": guest.key},
@@ -279,7 +319,8 @@ def _normalize_modes(root: Path) -> None:
                 os.chmod(path, 0o755 if os.stat(path).st_mode & 0o111 else 0o644)
 
 
-def _build_into(sources: SourceSet, key: str, kernel: HostKernel, go: str, out: Path) -> None:
+def _build_into(sources: SourceSet, key: str, kernel: HostKernel, kernel_origin: str, guest_form: str, go: str,
+                out: Path) -> None:
     version = sources.version
     # Outside the build directory: a failed build's directory is removed, its logs must stay readable.
     logs = cache_dir() / CACHE_KIND / "logs" / f"{version}-{key}"
@@ -291,7 +332,7 @@ def _build_into(sources: SourceSet, key: str, kernel: HostKernel, go: str, out: 
     stage = out / "root"
     root = stage / PREFIX
     try:
-        step(AREA, f"{version}: [1/5] Go binaries with {go}")
+        step(AREA, f"{version}: [1/6] Go binaries with {go}")
         agent, commits = _build_go(sources, work, stage, logs)
         missing = [rel for rel in EXPECTED if not (root / rel).exists()]
         if missing:
@@ -299,15 +340,19 @@ def _build_into(sources: SourceSet, key: str, kernel: HostKernel, go: str, out: 
         agent_line = _binary_version(agent, "--version")  # "kata-agent version 1.11.5"
         found = re.search(r"version\s+v?(\S+)", agent_line)
         agent_version = found.group(1) if found else agent_line  # osbuilder.yaml records the bare version
-        step(AREA, f"{version}: [2/5] guest-{GUEST_RECIPE} with the real agent ({agent_line}), "
-                   f"kernel {kernel.release}")
+        step(AREA, f"{version}: [2/6] guest-{GUEST_RECIPE} with the real agent ({agent_line}), "
+                   f"kernel {kernel.release}, image (NVDIMM layout) and initrd")
         guest = build_guest(GUEST_RECIPE, kernel=kernel, agent=RealAgent(agent, agent_version))
         names = _install_guest(root, version, guest, kernel)
-        step(AREA, f"{version}: [3/5] qemu from {QEMU} with its modules")
+        deleted = select_guest(root / DEFAULTS, guest_form)
+        step(AREA, f"{version}: [3/6] default guest: the {guest_form} (deleted from the rendered configurations: "
+                   f"{'; '.join(f'{n}: {line}' for n, line in deleted.items()) or 'nothing'})")
+        step(AREA, f"{version}: [4/6] qemu from {QEMU} with its modules")
         qemu_line = _install_qemu(root)
-        step(AREA, f"{version}: [4/5] VERSION, versions.yaml, kata-build.json")
+        step(AREA, f"{version}: [5/6] VERSION, versions.yaml, kata-build.json")
         (root / "VERSION").write_text(f"{version}\n")
-        (root / "versions.yaml").write_text(_versions_yaml(kernel, qemu_line, guest))
+        (root / "versions.yaml").write_text(_versions_yaml(kernel, qemu_line, guest, kernel_origin))
+        edited = ", ".join(GUEST_CHOICE_CONFIGS)
         record = {
             "version": version, "key": key, "builder-version": BUILDER_VERSION, "go": go,
             "sources": {repo: {"kind": s.kind, "name": s.path.name, "sha256": _source_hash(s),
@@ -316,9 +361,12 @@ def _build_into(sources: SourceSet, key: str, kernel: HostKernel, go: str, out: 
                                                                     "--version"),
                          "kata-runtime": _binary_version(root / "bin/kata-runtime", "--version"),
                          "kata-agent": agent_line},
-            "kernel": {"release": kernel.release, "source": str(kernel.vmlinuz), "file": f"{SHARE}/{names['kernel']}",
-                       "modules-in-guest": guest.recipe.kernel_modules},
-            "guest": {"recipe": GUEST_RECIPE, "key": guest.key, "image": f"{SHARE}/{names['image']}",
+            "kernel": {"release": kernel.release, "source": str(kernel.vmlinuz), "origin": kernel_origin,
+                       "file": f"{SHARE}/{names['kernel']}", "sha256": sha256_file(kernel.vmlinuz),
+                       "config-sha256": sha256_file(kernel.config), "modules-in-guest": guest.recipe.kernel_modules},
+            "guest": {"recipe": GUEST_RECIPE, "key": guest.key, "default": guest_form,
+                      "deleted-from-configs": deleted, "image-layout": "osbuilder NVDIMM (DAX header + disk)",
+                      "image": f"{SHARE}/{names['image']}",
                       "initrd": f"{SHARE}/{names['initrd']}", "init": "/sbin/init (agent, or kata-preinit "
                       "loading the transport modules, then exec of the agent); initrd /init -> /sbin/init"},
             "qemu": qemu_line,
@@ -327,12 +375,14 @@ def _build_into(sources: SourceSet, key: str, kernel: HostKernel, go: str, out: 
                                        "configs' [shim.kata] path is unused with containerd-shim-kata-v2",
                           "virtiofsd": "not packaged in Debian bookworm", "firecracker": "not built",
                           "cloud-hypervisor": "not built", "acrn": "not built"},
-            "notes": ["configuration-*.toml are the runtime Makefile's render with PREFIX=/opt/kata, unchanged: "
-                      "configuration-qemu.toml sets both image and initrd, which 1.x refuses at run time; "
-                      "upstream's kata-deploy-binaries.sh deletes the initrd line, a harness picks one"],
+            "notes": ["configuration-*.toml are the runtime Makefile's render with PREFIX=/opt/kata; the render "
+                      "names both image and initrd, which 1.x refuses at run time, and the only edit is "
+                      + (f"upstream's own: kata-deploy-binaries.sh deletes the initrd line of {edited}"
+                         if guest_form == "image" else f"--guest initrd, not upstream's default: the image line "
+                         f"deleted from {edited}")],
         }
         (root / "kata-build.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        step(AREA, f"{version}: [5/5] {tarball_name(version)}")
+        step(AREA, f"{version}: [6/6] {tarball_name(version)}")
         _normalize_modes(stage)
         write_tarball(stage, out / tarball_name(version))
     finally:
@@ -340,14 +390,21 @@ def _build_into(sources: SourceSet, key: str, kernel: HostKernel, go: str, out: 
 
 
 # ---------------------------------------------------------------------------------------------- public
-def build_bundle(sources: SourceSet, *, kernel: HostKernel | None = None, force: bool = False) -> BuildResult:
-    """Build (or take from the cache) the kata-static bundle of ``sources``."""
+def build_bundle(sources: SourceSet, *, kernel: HostKernel | None = None, guest: str = DEFAULT_GUEST,
+                 force: bool = False) -> BuildResult:
+    """Build (or take from the cache) the kata-static bundle of ``sources``.
+
+    ``kernel`` defaults to Kata's guest kernel built from the release's packaging sources (see
+    :func:`~pytest_kata.kata_build.kernel_choice.bundle_kernel`); ``guest`` is the form the configurations boot
+    (``image``, upstream's default, or ``initrd``). Both forms are shipped either way.
+    """
     start = time.monotonic()
     go = go_toolchain()
-    kernel = kernel or guest_kernel()
+    kernel, kernel_origin = bundle_kernel(sources, kernel, guest)
+    step(AREA, f"{sources.version}: guest kernel {kernel.release}: {kernel_origin}; default guest: the {guest}")
     with timed(AREA, f"{sources.version}: hashing the sources and inputs"):
         guest_versions = resolve_versions(load_recipe(GUEST_RECIPE))
-        key = build_key(sources, kernel, guest_versions, go)
+        key = build_key(sources, kernel, guest_versions, go, guest=guest)
     entry_name = f"{sources.version}-{key}"
     final = cache_dir() / CACHE_KIND / entry_name
     built = False
@@ -357,12 +414,12 @@ def build_bundle(sources: SourceSet, *, kernel: HostKernel | None = None, force:
         def build(out: Path) -> None:
             nonlocal built
             with timed(AREA, f"{sources.version}: building {entry_name}"):
-                _build_into(sources, key, kernel, go, out)
+                _build_into(sources, key, kernel, kernel_origin, guest, go, out)
             built = True
 
         final = cached(CACHE_KIND, entry_name, build, force=force)
     return BuildResult(sources.version, key, final, final / tarball_name(sources.version), built,
-                       time.monotonic() - start)
+                       time.monotonic() - start, guest)
 
 
 def publish(result: BuildResult, output_dir: Path) -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from collections.abc import Sequence
@@ -46,6 +47,15 @@ KATA_NVDIMM_ROOT_PARAMS = ("root=/dev/pmem0p1", "rootflags=dax,data=ordered,erro
                            "rootfstype=ext4")
 KATA_TAIL_PARAMS = ("quiet", "systemd.show_status=false", "panic=1")
 KATA_MACHINE = "pc"  # runtime arch/amd64-options.mk MACHINETYPE
+# What a kernel must have built in (=y) to boot Kata's image mode: no initrd loads modules there. NVDIMM/pmem
+# with the pfn (DAX) namespace and ACPI NFIT (qemu's -device nvdimm), ext4 with DAX, the msdos label, and the
+# agent's transports (virtio-serial, vsock, 9p for the shared container rootfs).
+IMAGE_MODE_BUILTINS = (
+    "CONFIG_LIBNVDIMM", "CONFIG_BLK_DEV_PMEM", "CONFIG_ACPI_NFIT", "CONFIG_NVDIMM_PFN", "CONFIG_FS_DAX",
+    "CONFIG_ZONE_DEVICE", "CONFIG_EXT4_FS", "CONFIG_MSDOS_PARTITION", "CONFIG_VIRTIO_PCI", "CONFIG_VIRTIO_BLK",
+    "CONFIG_VIRTIO_CONSOLE", "CONFIG_VIRTIO_VSOCKETS", "CONFIG_9P_FS", "CONFIG_NET_9P_VIRTIO",
+    "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_DEVTMPFS",
+)
 KATA_MEMORY_MIB = 2048  # runtime Makefile DEFMEMSZ
 KATA_MEMORY_SLOTS = 10  # runtime Makefile DEFMEMSLOTS
 
@@ -129,6 +139,17 @@ def nvdimm_image(disk: str | Path, *, force: bool = False) -> Path:
         write_nvdimm_image(disk, out / name)
 
     return cached(CACHE_KIND, f"{disk.stem}-{key}", build, force=force) / name
+
+
+def image_mode_gaps(config: Path) -> list[str]:
+    """The :data:`IMAGE_MODE_BUILTINS` a kernel config does not build in, as ``CONFIG_X=<value>`` (empty: the
+    kernel can boot Kata's NVDIMM image without an initrd)."""
+    try:
+        text = config.read_text(errors="replace")
+    except OSError as exc:
+        raise KataError(f"cannot read the kernel config: {exc.strerror}", path=config) from None
+    values = dict(re.findall(r"^(CONFIG_[A-Za-z0-9_]+)=(\S*)", text, re.MULTILINE))
+    return [f"{name}={values.get(name, 'n')}" for name in IMAGE_MODE_BUILTINS if values.get(name) != "y"]
 
 
 def host_memory_mib() -> int:

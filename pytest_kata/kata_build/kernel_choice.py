@@ -1,9 +1,13 @@
-"""The guest kernel of a bundle built from source: Debian's, or one the user built (``--kernel PATH``).
+"""The guest kernel of a bundle built from source: Kata's own, Debian's, or one the user built (``--kernel``).
 
-Either way it is a :class:`~pytest_kata.images.common.HostKernel` (image, config, release), which is what
-the guest-image builder takes: for Debian's kernel it copies the agent's transport modules from
-``/lib/modules/<release>``; for a kernel without a module tree there (a kernel built the way Kata builds
-its own, everything built in) the config must show them built in.
+By default it is Kata's guest kernel built from the release's own packaging sources (its config fragments on
+``linux-source-6.1``, :func:`pytest_kata.kata_build.kernel.build_guest_kernel`, cached), as upstream's
+kata-static ships; Debian's kernel only when the sources hold no packaging tree. Either way it is a
+:class:`~pytest_kata.images.common.HostKernel` (image, config, release), which is what the guest-image
+builder takes: for Debian's kernel it copies the agent's transport modules from ``/lib/modules/<release>``;
+for a kernel without a module tree there (Kata's, everything built in) the config must show them built in.
+Image mode (the guest image as an NVDIMM root, no initrd) needs the drivers of
+:data:`~pytest_kata.kata_build.image_mode.IMAGE_MODE_BUILTINS` built in, which Debian's kernel lacks.
 """
 
 from __future__ import annotations
@@ -13,6 +17,11 @@ from pathlib import Path
 
 from pytest_kata.errors import KataError
 from pytest_kata.images.common import HostKernel, host_kernel
+from pytest_kata.kata_build.image_mode import image_mode_gaps
+from pytest_kata.kata_build.kernel import build_guest_kernel
+from pytest_kata.kata_build.sources import SourceSet
+
+GUESTS = ("image", "initrd")
 
 
 def bzimage_release(path: Path) -> str:
@@ -61,3 +70,35 @@ def guest_kernel(path: Path | None = None, config: Path | None = None) -> HostKe
     if not config.is_file():
         raise KataError("no such kernel config", path=config)
     return HostKernel(vmlinuz=path, initrd=None, config=config, release=release)
+
+
+def kata_kernel(packaging: Path) -> HostKernel:
+    """Kata's guest kernel from a packaging archive or checkout (built once, then taken from the cache)."""
+    built = build_guest_kernel(packaging)
+    return HostKernel(vmlinuz=built.vmlinuz, initrd=None, config=built.config, release=built.kernel_version)
+
+
+def bundle_kernel(sources: SourceSet, kernel: HostKernel | None, guest: str) -> tuple[HostKernel, str]:
+    """The kernel a bundle of ``sources`` ships and where it comes from (for the build record).
+
+    ``kernel`` is the user's (``--kernel``); else Kata's from the release's packaging sources; else Debian's.
+    A kernel that cannot boot the ``guest`` form asked for is refused here, in one line, before anything
+    is built.
+    """
+    if guest not in GUESTS:
+        raise KataError(f"unknown guest form {guest!r}: use {' or '.join(GUESTS)}", path="--guest")
+    if kernel is not None:
+        origin = f"given with --kernel ({kernel.vmlinuz})"
+    elif "packaging" in sources.sources:
+        packaging = sources["packaging"].path
+        kernel, origin = kata_kernel(packaging), f"Kata's guest kernel built from {packaging.name}"
+    else:
+        kernel, origin = host_kernel(), "Debian's (the sources hold no kata-packaging tree to build Kata's from)"
+    if guest == "image":
+        gaps = image_mode_gaps(kernel.config)
+        if gaps:
+            raise KataError(f"kernel {kernel.release} ({origin}) cannot boot Kata's image mode, which has no initrd "
+                            f"to load drivers: {', '.join(gaps[:6])}{' ...' if len(gaps) > 6 else ''}",
+                            path=kernel.config, hint="use --guest initrd, or Kata's guest kernel (put the "
+                            "release's kata-packaging archive beside the sources)")
+    return kernel, origin

@@ -219,6 +219,7 @@ class ContainerdDriver(SandboxDriver):
         except SandboxError as exc:
             raise SandboxUnavailable(str(exc), path=exc.path) from None
         self.shim_config.changes.setdefault("accel", f"{accel} ({why})")
+        self.guest = self.shim_config.guest  # what the pods boot, whichever form was asked for
         bindir = out / "bin"
         bindir.mkdir()
         (bindir / shim_binary_name(self.runtime)).symlink_to(Path(bundle.root) / str(shim.binary))

@@ -84,6 +84,13 @@ def root_device_facts(request: pytest.FixtureRequest, kata_result: Any, *, privi
     return sandbox, facts
 
 
+@pytest.fixture(scope="module")
+def guest_root_attempt(request: pytest.FixtureRequest) -> exploits.RootDeviceAttempt:
+    """One CAP_MKNOD container in a real pod tries the guest root device; CVE-2020-2023 and CVE-2020-2025
+    judge the same attempt (one pod for both)."""
+    return exploits.guest_root_attempt(request.getfixturevalue("kata_sandbox"), current_run_id())
+
+
 # ---- 2020 advisories (the 1.x releases the project builds) -------------------------------------------------
 
 
@@ -91,22 +98,24 @@ def root_device_facts(request: pytest.FixtureRequest, kata_result: Any, *, privi
 @pytest.mark.kata_check("KATA-ESC-001", severity="critical", title="the workload cannot write the guest root device")
 @pytest.mark.parametrize("mode", MODES)
 def test_cve_2020_2023_root_device(mode, request, kata_result):
-    """A CAP_MKNOD (unprivileged) container makes a node for the guest root device and opens it for writing:
-    the guest's device cgroup must deny it."""
+    """A CAP_MKNOD (unprivileged) container makes a node for the guest root device (the partition the guest's
+    ``/`` is mounted from, pmem0p1 in image mode) and opens it for writing: the guest's device cgroup must
+    deny it, and the host image must keep its sha256."""
     if mode == "static":
         return static(request, kata_result, feed_only("CVE-2020-2023"))
-    sandbox, facts = root_device_facts(request, kata_result, privileged=False)
-    writes = facts["writes"] if facts else {}
-    tried = (f"an unprivileged container (CAP_MKNOD) made /dev/{writes.get('disk')}'s node: mknod "
-             f"{writes.get('mknod')}, open for writing {writes.get('open_write')}, write {writes.get('disk_write')}")
-    if writes.get("open_write") == "ok":
-        outcome = exploits.dynamic("fail", "CVE-2020-2023: an unprivileged container opened the guest root device "
-                                   f"/dev/{writes.get('disk')} for writing (the device cgroup does not deny it)",
-                                   tried, writes=writes)
-    else:
-        outcome = exploits.dynamic("pass", "the device cgroup denied the guest root device: "
-                                   f"{writes.get('open_write')}", tried, writes=writes)
-    finish(kata_result, outcome, sandbox)
+    sandbox = request.getfixturevalue("kata_sandbox")
+    finish(kata_result, exploits.root_device_cgroup(request.getfixturevalue("guest_root_attempt")), sandbox)
+
+
+@pytest.mark.kata_check("KATA-ESC-017", severity="medium", title="the workload cannot write the disk holding the "
+                        "guest root filesystem")
+@pytest.mark.vm
+def test_guest_root_disk_write(request, kata_result):
+    """The same CAP_MKNOD container opens the whole disk around the guest root partition (pmem0) for writing.
+    No advisory covers it: the CVE-2020-2023 fix denies only the partition ``/`` is on."""
+    kata_result.record(advisory="none (the disk around the partition CVE-2020-2023's fix guards)")
+    sandbox = request.getfixturevalue("kata_sandbox")
+    finish(kata_result, exploits.root_disk_cgroup(request.getfixturevalue("guest_root_attempt")), sandbox)
 
 
 def hostile_pod(request: pytest.FixtureRequest, kata_result: Any) -> tuple[Any, Any]:
@@ -151,11 +160,13 @@ def test_cve_2020_2024_teardown_unmount(mode, request, kata_result, kata_escape_
 @pytest.mark.kata_check("KATA-ESC-003", severity="critical", title="guest writes never persist into the host image")
 @pytest.mark.parametrize("mode", MODES)
 def test_cve_2020_2025_image_writes(mode, request, kata_candidate_image, kata_result):
+    """A guest write to its root device (the container's marker, read back inside) must not reach the host
+    image file the pod's hypervisor maps: its sha256 around the write says whether it did."""
     if mode == "static":
         return static(request, kata_result, lambda c, v, f: checks.combine(
             escape.advisory_decision(f, "CVE-2020-2025", v), escape.writable_image(c, v, kata_candidate_image, f)))
-    sandbox, facts = root_device_facts(request, kata_result, privileged=True)
-    finish(kata_result, image_unchanged(request, sandbox, facts or {}, "CVE-2020-2025"), sandbox)
+    sandbox = request.getfixturevalue("kata_sandbox")
+    finish(kata_result, exploits.root_device_host_image(request.getfixturevalue("guest_root_attempt")), sandbox)
 
 
 @pytest.mark.kata_advisory("CVE-2020-2026")
