@@ -59,7 +59,7 @@ def by_nodeid(verdict: dict, fragment: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reference() -> Path:
-    """The reference candidate (helper D's), the positive control's subject."""
+    """The reference candidate, the positive control's subject."""
     sys.path.insert(0, str(REPO / "fixtures"))
     try:
         from reference import ensure_reference  # type: ignore[import-not-found]
@@ -227,7 +227,7 @@ def test_version_gates_decide_from_the_advisory_feed(pytester, stand_in, tmp_pat
 
 @pytest.mark.slow
 def test_runc_control_on_a_libvirt_staging_host(pytester):
-    """The containerd driver on a real staging host (helper E's libvirt pool): the workload's kernel is the
+    """The containerd driver on a real staging host (a libvirt host of the pool): the workload's kernel is the
     *staging host's*, and the suite says runc is no VM there too. One host boot, one probe."""
     needs_runc()
     if not shutil.which("virsh"):
