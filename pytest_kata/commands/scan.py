@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from pytest_kata.bundle import open_bundle
+from pytest_kata.bundle import PREFIX, open_bundle
 from pytest_kata.errors import KataError, check_output_file
 from pytest_kata.images.surface import _bundle_image
 from pytest_kata.severities import SEVERITIES
@@ -64,7 +64,7 @@ def kata_tree_defaults(target: str) -> tuple[str, str | None, list[str]]:
     image = _bundle_image(p) if p.is_dir() else None
     if image is None:
         return target, None, []
-    kata = p / "opt/kata" if (p / "opt/kata").is_dir() else p
+    kata = p / PREFIX if (p / PREFIX).is_dir() else p
     version = None
     try:
         data = yaml.safe_load((kata / "versions.yaml").read_text()) or {}

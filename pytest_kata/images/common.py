@@ -17,7 +17,6 @@ Why this shape:
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import hashlib
 import json
@@ -35,6 +34,7 @@ from typing import NamedTuple
 
 from pytest_kata.errors import KataError
 from pytest_kata.hashing import sha256_file as _sha256_file
+from pytest_kata.locking import exclusive
 from pytest_kata.progress import step
 from pytest_kata.resources import cache_dir
 
@@ -459,7 +459,7 @@ def cached(kind: str, key: str, build_fn: Callable[[Path], object], *, force: bo
     """``cache_dir()/<kind>/<key>``, built by ``build_fn(tmpdir)`` once and reused by content hash.
 
     ``build_fn`` fills the empty directory it is given. The result is renamed into place only when the build
-    succeeded (an exclusive ``flock`` serialises concurrent builders of the same key; the others wait and
+    succeeded (an exclusive lock serialises concurrent builders of the same key; the others wait and
     then reuse it), so a crash or Ctrl-C never leaves a half-built entry that a later run would trust.
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", kind) or not re.fullmatch(r"[A-Za-z0-9._-]+", key):
@@ -469,8 +469,7 @@ def cached(kind: str, key: str, build_fn: Callable[[Path], object], *, force: bo
     final = base / key
     if final.is_dir() and not force:
         return final
-    with open(base / f".{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with exclusive(base / f".{key}.lock"):
         if final.is_dir() and not force:
             return final  # another builder finished while we waited
         _sweep_stale_temps(base)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_kata.bundle import open_bundle
+from pytest_kata.bundle import PREFIX, open_bundle
 from pytest_kata.errors import KataError
 from pytest_kata.images import guest
 from pytest_kata.images.facts import image_facts
@@ -184,7 +184,7 @@ def _num(value: float | None) -> str:
 
 def _bundle_image(p: Path) -> Path | None:
     """The guest image a Kata tree (a dir holding opt/kata, or /opt/kata itself) ships, if ``p`` is one."""
-    for kata in (p / "opt/kata", p):
+    for kata in (p / PREFIX, p):
         share = kata / "share/kata-containers"
         if (kata / "share/defaults/kata-containers").is_dir() and share.is_dir():
             for name in ("kata-containers.img", "kata-containers-initrd.img"):

@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from pytest_kata.bundle import unpack_archive
+from pytest_kata.bundle import PREFIX, unpack_archive
 from pytest_kata.errors import KataError
 from pytest_kata.hashing import sha256_file
 from pytest_kata.images.common import HostKernel, cached, content_hash, safe_rmtree, write_tarball
@@ -61,7 +61,6 @@ from pytest_kata.resources import cache_dir
 AREA = "kata-build"
 CACHE_KIND = "kata-build"
 BUILDER_VERSION = "2"
-PREFIX = "opt/kata"
 GUEST_RECIPE = "kata"
 QEMU = Path("/usr/bin/qemu-system-x86_64")
 # Debian's qemu is relocatable: run from /opt/kata/bin it loads its accelerator and device modules, its
