@@ -119,6 +119,10 @@ def outcome(fn: Callable[[Session], checks.Outcome]) -> Check:
     return lambda s: status(fn(s))
 
 
+def annotation(route: exploits.AnnotationRoute, hypervisor: str = "") -> Check:
+    return lambda s: status(exploits.annotation_exec(s.driver, route, s.scratch, hypervisor=hypervisor))
+
+
 SCHEDULE: list[tuple[str, Check]] = [
     ("KATA-ESC-001 (CVE-2020-2023, root device)", root_device(exploits.root_device_cgroup)),
     ("KATA-ESC-017 (disk around the root partition)", root_device(exploits.root_disk_cgroup)),
@@ -129,12 +133,9 @@ SCHEDULE: list[tuple[str, Check]] = [
     ("KATA-ESC-003 (CVE-2020-2025, host image)", root_device(exploits.root_device_host_image)),
     ("KATA-ESC-004 (CVE-2020-2026, symlink bind)",
      on_hostile_pod(lambda pod, s: exploits.symlink_redirects_mount(pod, s.scratch))),
-    *[(f"KATA-ESC-005 ({route.name})",
-       outcome(lambda s, route=route: exploits.annotation_exec(s.driver, route, s.scratch, hypervisor="qemu")))
+    *[(f"KATA-ESC-005 ({route.name})", annotation(route, hypervisor="qemu"))
       for route in exploits.ANNOTATION_EXEC_ROUTES],
-    *[(f"KATA-ESC-015 ({route.name})",
-       outcome(lambda s, route=route: exploits.annotation_exec(s.driver, route, s.scratch)))
-      for route in exploits.ANNOTATION_ASSET_ROUTES],
+    *[(f"KATA-ESC-015 ({route.name})", annotation(route)) for route in exploits.ANNOTATION_ASSET_ROUTES],
     ("KATA-ESC-006 (read-only volume)", outcome(lambda s: exploits.readonly_volume(s.driver, s.scratch))),
     ("KATA-ESC-007 (privileged root-device writes)", root_device_writes),
     ("KATA-ESC-008 (guest block devices)", block_devices),
