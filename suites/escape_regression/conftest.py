@@ -15,12 +15,5 @@ def kata_hostile_pod(kata_sandbox: Any) -> Iterator[exploits.HostilePod | str]:
     """One running pod with a privileged container that acts as the guest's root, reused by every
     shared-directory check (CVE-2020-2024, CVE-2020-2026); the reason as a string where the session's
     driver cannot run it. Removed at the end of the session."""
-    why = exploits.share_missing(kata_sandbox)
-    if why:
-        yield why
-        return
-    pod = exploits.HostilePod(kata_sandbox)
-    try:
+    with exploits.hostile_pod(kata_sandbox) as pod:
         yield pod
-    finally:
-        pod.remove()
