@@ -278,7 +278,7 @@ def _clean_run(rid: str, conn: Any, report: SweepReport) -> None:
         services.prune_containerd_run_dirs()
         services.prune_kata_run_dirs()
     with contextlib.suppress(Exception):
-        for item in services.return_syslog(rid, dry_run=dry):
+        for item in services.return_syslog(rid, dry_run=dry, whole_run=True):
             report.add(rid, item)
     _remove_files(rid, report)
 

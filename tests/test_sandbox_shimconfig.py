@@ -133,8 +133,31 @@ def test_lent_syslog_answers_and_the_last_user_takes_it_away(tmp_path, monkeypat
         assert not devlog.exists() and not log.exists() and services.syslog_users() == []
     finally:
         for rid in (first, second):
-            services.return_syslog(rid)
+            services.return_syslog(rid, whole_run=True)
             runid.unregister(rid)
+
+
+@pytest.mark.skipif(not shutil.which("socat"), reason="needs socat")
+def test_lent_syslog_is_held_per_holder_within_one_run(tmp_path, monkeypatch):
+    """Two Kata drivers of one run (xdist workers, or a suite and a driver in one process) each hold the socket:
+    the first one's return must not take it from the second; a sweep of the run gives back every hold."""
+    monkeypatch.setenv("PYTEST_KATA_STATE", str(tmp_path / "state"))
+    devlog = tmp_path / "log"
+    run = runid.new_run_id()
+    runid.register(run)
+    try:
+        log = services.lend_syslog(run, devlog=devlog)
+        assert services.lend_syslog(run, devlog=devlog) == log
+        assert services.return_syslog(run) == [] and devlog.is_socket(), "the second holder lost the socket"
+        assert services.syslog_users() == [run]
+        removed = services.return_syslog(run)
+        assert any("socat" in r for r in removed) and not devlog.exists()
+        services.lend_syslog(run, devlog=devlog)
+        services.lend_syslog(run, devlog=devlog)
+        assert any("socat" in r for r in services.return_syslog(run, whole_run=True)) and not devlog.exists()
+    finally:
+        services.return_syslog(run, whole_run=True)
+        runid.unregister(run)
 
 
 def test_machine_syslog_is_left_alone(tmp_path, monkeypatch):

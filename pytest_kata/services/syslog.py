@@ -26,26 +26,48 @@ def _read_lease(path: Path) -> dict:
         return {}
 
 
+def _holder(run_id: str) -> str:
+    """One process of a run: a run's xdist workers and the drivers of one process each hold the socket."""
+    return f"{run_id}@{os.getpid()}"
+
+
+def _run_of(holder: str) -> str:
+    return holder.rpartition("@")[0] or holder
+
+
+def _alive(holder: str) -> bool:
+    run, _, pid = holder.rpartition("@")
+    return runid.is_alive(run) and (not pid.isdigit() or start_time(int(pid)) is not None)
+
+
+def _holders(lease: dict) -> dict[str, int]:
+    """Who holds the lent socket, and how many times (a process may run several Kata drivers at once)."""
+    return {str(k): int(v) for k, v in dict(lease.get("holders", {})).items()}
+
+
 def lend_syslog(run_id: str, *, devlog: Path = DEVLOG, timeout: float = 10.0) -> Path | None:
     """Make sure a syslog socket answers at ``devlog`` while ``run_id`` lives (Kata's shim refuses to start
     without one); returns the file the lent listener writes to, or None when the machine has its own socket.
 
-    The first run that needs it starts a listener (``socat``) and every later run joins the lease; the last
-    user's :func:`return_syslog` (or a sweep of the dead users) stops it and removes the socket it created,
-    so the machine is left as it was found."""
+    The first holder starts a listener (``socat``) and every later one joins the lease, counted per process
+    of a run (each :func:`return_syslog` gives one back); the last holder's return (or a sweep of the dead
+    runs) stops it and removes the socket it created, so the machine is left as it was found."""
     with machine_lock("syslog"):
         lease_path = runid.state_dir() / SYSLOG_LEASE
         lease = _read_lease(lease_path)
-        users = {run_id}
+        me = _holder(run_id)
+        holders: dict[str, int] = {}
         if lease:
+            holders = _holders(lease)
             if start_time(int(lease["pid"])) == lease["starttime"] and devlog.is_socket():
-                lease["users"] = sorted(set(lease["users"]) | users)
+                holders[me] = holders.get(me, 0) + 1
+                lease["holders"] = holders
                 lease_path.write_text(json.dumps(lease))
                 return Path(lease["log"])
             with contextlib.suppress(OSError):  # the listener died: its socket file answers no one
                 if devlog.is_socket() and devlog.stat().st_ino == lease["inode"]:
                     devlog.unlink()
-            users |= {u for u in lease.get("users", []) if runid.is_alive(u)}
+            holders = {h: n for h, n in holders.items() if _alive(h)}
         if devlog.exists() or devlog.is_symlink():
             return None  # the machine's own syslog: nothing to lend
         if not shutil.which("socat"):
@@ -58,24 +80,34 @@ def lend_syslog(run_id: str, *, devlog: Path = DEVLOG, timeout: float = 10.0) ->
         if poll_until(devlog.is_socket, timeout=timeout, alive=lambda: proc.poll() is None, interval=0.02) != READY:
             proc.kill()
             raise ServiceError("the syslog listener did not create its socket", path=str(devlog))
+        holders[me] = holders.get(me, 0) + 1
         lease = {"pid": proc.pid, "starttime": start_time(proc.pid), "inode": devlog.stat().st_ino,
-                 "devlog": str(devlog), "log": str(log), "users": sorted(users)}
+                 "devlog": str(devlog), "log": str(log), "holders": holders}
         lease_path.write_text(json.dumps(lease))
         return log
 
 
-def return_syslog(run_id: str, *, dry_run: bool = False) -> list[str]:
-    """``run_id`` no longer needs the lent syslog socket; the last live user takes it away. Returns what was
-    (or, in a dry run, would be) removed, for a sweep's report."""
+def return_syslog(run_id: str, *, dry_run: bool = False, whole_run: bool = False) -> list[str]:
+    """This process of ``run_id`` gives back one hold on the lent syslog socket (``whole_run``: every hold of
+    the run, as a sweep of a finished or dead run does); when no live holder is left the socket is taken away.
+    Returns what was (or, in a dry run, would be) removed, for a sweep's report."""
     with machine_lock("syslog"):
         lease_path = runid.state_dir() / SYSLOG_LEASE
         lease = _read_lease(lease_path)
-        if not lease or run_id not in lease.get("users", []):
+        holders = _holders(lease)
+        if not lease or run_id not in {_run_of(h) for h in holders}:
             return []
-        users = [u for u in lease["users"] if u != run_id and runid.is_alive(u)]
-        if users:
+        if whole_run:
+            holders = {h: n for h, n in holders.items() if _run_of(h) != run_id}
+        elif _holder(run_id) in holders:
+            me = _holder(run_id)
+            holders[me] -= 1
+            if holders[me] <= 0:
+                del holders[me]
+        live = {h: n for h, n in holders.items() if _alive(h)}
+        if live:
             if not dry_run:
-                lease["users"] = users
+                lease["holders"] = live
                 lease_path.write_text(json.dumps(lease))
             return []
         removed = []
@@ -99,4 +131,4 @@ def return_syslog(run_id: str, *, dry_run: bool = False) -> list[str]:
 
 def syslog_users() -> list[str]:
     """The runs holding the lent syslog socket (empty: none lent)."""
-    return list(_read_lease(runid.state_dir() / SYSLOG_LEASE).get("users", []))
+    return sorted({_run_of(h) for h in _holders(_read_lease(runid.state_dir() / SYSLOG_LEASE))})
