@@ -152,15 +152,18 @@ key root_device; jstr "$rdev"
 # for it (CAP_MKNOD) and opened for reading, which the device cgroup of a container must refuse
 rparam=$(tr ' ' '\n' < /proc/cmdline 2>/dev/null | sed -n 's/^root=//p' | tail -n 1)
 key root_param; jstr "$rparam"
-rblk=${rparam#/dev/}; rsrc=root=
-if [ "$rblk" = "$rparam" ] || [ ! -e "/sys/class/block/$rblk/dev" ]; then
-  rblk=""; rsrc="first disk"
+# the first whole disk (not a partition, loop, ram or optical device), or nothing
+first_disk() {
   for s in /sys/class/block/*; do
     [ -e "$s/dev" ] || continue
     [ -e "$s/partition" ] && continue
     case ${s##*/} in loop*|ram*|zram*|sr*) continue;; esac
-    rblk=${s##*/}; break
+    echo "${s##*/}"; return
   done
+}
+rblk=${rparam#/dev/}; rsrc=root=
+if [ "$rblk" = "$rparam" ] || [ ! -e "/sys/class/block/$rblk/dev" ]; then
+  rblk=$(first_disk); rsrc="first disk"
 fi
 key mknod_root; printf '{"device":%s,"source":%s' "$(jstr "$rblk")" "$(jstr "$rsrc")"
 if [ -n "$rblk" ]; then
@@ -183,13 +186,7 @@ if [ "$KATA_PROBE_WRITES" = 1 ]; then
   [ -n "$old" ] && { echo "$old" > /proc/sys/kernel/core_pattern; } 2>/dev/null
   printf ',"uevent_helper":%s' "$(jstr "$(errof sh -c "echo /kata-escape-$MARK > /sys/kernel/uevent_helper")")"
   { echo > /sys/kernel/uevent_helper; } 2>/dev/null
-  disk=""
-  for s in /sys/class/block/*; do
-    [ -e "$s/dev" ] || continue
-    [ -e "$s/partition" ] && continue
-    case ${s##*/} in loop*|ram*|zram*|sr*) continue;; esac
-    disk=${s##*/}; break
-  done
+  disk=$(first_disk)
   if [ -n "$rdev" ] && [ -e "/sys/class/block/$rdev/partition" ]; then
     disk=$(basename "$(dirname "$(readlink -f "/sys/class/block/$rdev")")")
   fi
