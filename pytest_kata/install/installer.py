@@ -69,6 +69,7 @@ from pytest_kata.install.state import (
     merge_toml,
     residue,
 )
+from pytest_kata.install.workloads import KataArgs
 
 DROPIN_DIR = "/etc/containerd/conf.d"
 DROPIN_NAME = "kata-runtimes.toml"
@@ -172,6 +173,8 @@ class Installer:
         self.layout = layout
         self.inject = inject
         self.journal = Journal(host, self.sysroot)
+        # how Kata workloads run on this host (runnable configuration copies), for every probe of its installs
+        self.kata_args: KataArgs | None = None
 
     # paths as seen on the host
     def p(self, path: str) -> str:

@@ -113,8 +113,8 @@ class WorkloadProbe:
     def __init__(self, installer: Any, *, tag: str | None = None, namespace: str | None = None,
                  kata_args: KataArgs | None = None) -> None:
         self.installer = installer
-        # an installer may carry the kata_args of its host (so that a smoke gate's probe runs Kata there too)
-        self.kata_args = kata_args or getattr(installer, "kata_args", None)
+        # an installer carries the kata_args of its host (so that a smoke gate's probe runs Kata there too)
+        self.kata_args = kata_args or installer.kata_args
         self.host = installer.host
         self.address = containerd_address(installer.containerd)
         where = f"{self.host.name}:{installer.sysroot}"

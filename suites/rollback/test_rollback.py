@@ -88,7 +88,7 @@ def real_kata_on(inst: Installer, baseline: Any, scratch: Any) -> Iterator[Runna
     run = runid.current_run_id()
     services.lend_syslog(run)
     # the installer carries them, so that the smoke gate's probe runs Kata the same way
-    inst.kata_args = kata  # type: ignore[attr-defined]
+    inst.kata_args = kata
     try:
         yield kata
     finally:
