@@ -33,7 +33,7 @@ from pytest_kata.hosts.ssh import CONFIG_ENV, SshHost, close_all_ssh_hosts, next
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "fixtures" / "configs" / "upstream"
 SSHD = "/usr/sbin/sshd"
-PRIVSEP_DIR = Path("/run/sshd")  # sshd refuses to start without its privilege-separation directory
+PRIVSEP_DIR = Path("/run/sshd")  # sshd refuses each connection without its privilege-separation directory
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not Path(SSHD).exists() or not shutil.which("ssh"),
                                 reason="needs root, sshd (openssh-server) and ssh (openssh-client)")
@@ -95,9 +95,9 @@ SetEnv SHLVL=1
     ssh_config = tmp / "ssh_config"
     ssh_config.write_text(f"IdentityFile {tmp}/client_key\nIdentitiesOnly yes\n"
                           f"UserKnownHostsFile {tmp}/known_hosts_cli\n")
-    made_privsep = not PRIVSEP_DIR.exists()
-    if made_privsep:
-        PRIVSEP_DIR.mkdir(mode=0o755)
+    # Made when missing and left in place, as openssh-server's own unit keeps it (RuntimeDirectoryPreserve):
+    # sshds of other xdist workers share it, and one removed under a running sshd resets every new connection.
+    PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
     subprocess.run([SSHD, "-t", "-f", str(config)], check=True)
     log = tmp / "sshd.log"
     with open(log, "wb") as err:
@@ -122,8 +122,6 @@ SetEnv SHLVL=1
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if made_privsep:
-            PRIVSEP_DIR.rmdir()
 
 
 def close_sessions_then(listener: subprocess.Popen[bytes]) -> None:
