@@ -50,5 +50,11 @@ def cache_dir() -> Path:
 
 
 # Fixed names on the machines a candidate is installed on and tested from.
+def sandbox_dir() -> str:
+    """Where sandboxes keep their files on the host that runs them (``$PYTEST_KATA_SANDBOX_DIR``): on
+    /var/tmp, because a staging host may mount /run noexec and the Kata shim runs a wrapper from there."""
+    return os.environ.get("PYTEST_KATA_SANDBOX_DIR", "/var/tmp/pytest-kata")
+
+
 KATA_PREFIX = "/opt/kata"  # where a Kata release lives (kata-static's layout; every shipped path names it)
 LOCAL_LIBVIRT_URI = "qemu:///system"  # this machine's libvirtd (the default hypervisor URI)

@@ -29,9 +29,12 @@ _claimed: set[str] = set()
 _first_use: list[Callable[[str], None]] = []
 
 
+def _default_state_base() -> Path:
+    return Path("/run/pytest-kata" if os.geteuid() == 0 else f"/tmp/pytest-kata-{os.getuid()}")
+
+
 def _state_base() -> Path:
-    return Path(os.environ.get("PYTEST_KATA_STATE") or ("/run/pytest-kata" if os.geteuid() == 0 else
-                                                        f"/tmp/pytest-kata-{os.getuid()}"))
+    return Path(os.environ.get("PYTEST_KATA_STATE") or _default_state_base())
 
 
 def state_dir() -> Path:
@@ -119,8 +122,14 @@ def unregister(run_id: str) -> None:
 
 
 def is_alive(run_id: str) -> bool:
-    """Whether the process that owns ``run_id`` still runs (unknown ids count as dead)."""
-    pidfile = state_dir() / f"{run_id}.pid"
+    """Whether the process that owns ``run_id`` still runs (unknown ids count as dead). The machine's default
+    state directory is asked too when ``$PYTEST_KATA_STATE`` points elsewhere: resources (domains, daemons,
+    mounts) are the machine's, so a run registered there is never swept from another state directory."""
+    bases = dict.fromkeys([_state_base(), _default_state_base()])
+    return any(_owner_runs(base / f"{run_id}.pid") for base in bases)
+
+
+def _owner_runs(pidfile: Path) -> bool:
     try:
         fields = pidfile.read_text().split()
         pid = int(fields[0])

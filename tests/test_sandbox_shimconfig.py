@@ -16,7 +16,15 @@ from pytest_kata import runid, services
 from pytest_kata.kataconfig import KataConfig
 from pytest_kata.sandbox.base import SandboxError
 from pytest_kata.sandbox.containerd import shim_binary_name
-from pytest_kata.sandbox.shimconfig import read_argv_log, rewritten, write_shim_config, write_tcg_wrapper
+from pytest_kata.sandbox.shimconfig import (
+    CONFIG_PATH_ANNOTATION,
+    SHORT_BOOLEAN_PROBE,
+    config_args,
+    read_argv_log,
+    rewritten,
+    write_shim_config,
+    write_tcg_wrapper,
+)
 
 KATA_ARGV = ["/opt/kata/bin/qemu-system-x86_64", "-name", "sandbox-kt-00000000-x", "-machine",
              "q35,accel=kvm,kernel_irqchip", "-cpu", "host,pmu=off", "-m", "2048M,slots=10,maxmem=8G",
@@ -56,6 +64,62 @@ def test_wrapper_spells_image_modes_bare_nvdimm_flag_for_qemu_7(tmp_path):
     got = subprocess.run([str(wrapper), *argv], capture_output=True, text=True, check=True).stdout
     assert got.split("\n")[:-1] == rewritten(argv) == ["-machine", "pc,accel=tcg,nvdimm=on", *argv[2:]]
     assert read_argv_log(log) == [argv]
+
+
+def test_where_kvm_works_the_wrapper_only_spells_bare_booleans(tmp_path):
+    """With KVM the wrapper keeps accel=kvm, kernel_irqchip and -cpu host; it only writes Kata 1.x's bare
+    ``-machine`` flags in the ``=on`` form qemu 7+ takes (and hands qemu back at once: no agent wait)."""
+    fake_qemu = tmp_path / "qemu"
+    fake_qemu.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    fake_qemu.chmod(0o755)
+    wrapper, log = write_tcg_wrapper(tmp_path / "w", fake_qemu, tcg=False)
+    argv = ["-machine", "pc,accel=kvm,kernel_irqchip,nvdimm", "-cpu", "host,pmu=off", "-qmp",
+            f"unix:{tmp_path}/qmp.sock,server=on,wait=off", "-daemonize"]
+    got = subprocess.run([str(wrapper), *argv], capture_output=True, text=True, check=True, timeout=30).stdout
+    expected = ["-machine", "pc,accel=kvm,kernel_irqchip=on,nvdimm=on", *argv[2:]]
+    assert got.split("\n")[:-1] == rewritten(argv, tcg=False) == expected
+    assert read_argv_log(log) == [argv]
+
+
+@pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="qemu-system-x86 is not installed")
+def test_the_short_boolean_probe_tells_qemu_7_from_the_long_form():
+    """The probe the driver runs on a host's hypervisor: this machine's qemu (7.2) refuses the bare flag and
+    takes the spelled one, so the probe says which form the wrapper must write."""
+    refused = subprocess.run(["qemu-system-x86_64", *SHORT_BOOLEAN_PROBE], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode != 0 and "Expected '=' after parameter 'nvdimm'" in refused.stderr
+    spelled = [a.replace("nvdimm", "nvdimm=on") for a in SHORT_BOOLEAN_PROBE]
+    assert subprocess.run(["qemu-system-x86_64", *spelled], capture_output=True, timeout=60).returncode == 0
+
+
+def test_a_config_for_a_staging_host_keeps_the_installed_paths(tmp_path):
+    """``place``: the copy is written here and runs on a host where the candidate is installed at /opt/kata;
+    its paths stay /opt/kata (checked against the bundle tree), the wrapper and its log live under ``place``."""
+    config, root = _config(tmp_path, use_vsock=True, image="/opt/kata/share/kata-containers/vmlinuz")
+    place = Path("/run/pytest-kata/kt-00000000/kata-shim-1-1")
+    out = write_shim_config(config, root, tmp_path / "out", accel="kvm", vhost_net=True, vhost_vsock=True,
+                           refuses_short_booleans=True, place=place)
+    qemu = tomllib.loads(out.path.read_text())["hypervisor"]["qemu"]
+    assert qemu["kernel"] == "/opt/kata/share/kata-containers/vmlinuz"
+    assert qemu["valid_hypervisor_paths"] == ["/opt/kata/bin/qemu-system-x86_64"]
+    assert qemu["path"] == str(place / out.wrapper.name) and out.runs_at == place / out.path.name
+    text = out.wrapper.read_text()
+    assert "/opt/kata/bin/qemu-system-x86_64" in text and str(place / out.argv_log.name) in text
+    assert out.rewrite_note.startswith("hypervisor argv spelled for qemu 7+") and "KVM works here" in out.rewrite_note
+    assert list(out.changes) == ["hypervisor.qemu.path"]
+    out.read_log = lambda path: "@@KATA-ARGV 1\n-machine\npc,nvdimm\n" if path == place / out.argv_log.name else ""
+    assert out.original_argv() == [["-machine", "pc,nvdimm"]]
+    assert out.to_json()["rewritten_argv"] == ["-machine", "pc,nvdimm=on"]
+    # a hypervisor that takes the bare flags gets no wrapper at all where KVM works
+    plain = write_shim_config(config, root, tmp_path / "plain", accel="kvm", vhost_net=True, vhost_vsock=True,
+                              place=place)
+    assert plain.wrapper is None and plain.changes == {} and plain.rewrite_note == ""
+    assert tomllib.loads(plain.path.read_text())["hypervisor"]["qemu"]["path"] == "/opt/kata/bin/qemu-system-x86_64"
+
+
+def test_kata_1_shims_get_their_configuration_by_annotation():
+    assert config_args("1.11.5", "/c.toml") == ["--annotation", f"{CONFIG_PATH_ANNOTATION}=/c.toml"]
+    assert config_args("3.2.0", "/c.toml") == ["--runtime-config-path", "/c.toml"]
 
 
 def _config(tmp_path: Path, **qemu: object) -> tuple[KataConfig, Path]:
@@ -163,11 +227,16 @@ def test_lent_syslog_is_held_per_holder_within_one_run(tmp_path, monkeypatch):
 def test_machine_syslog_is_left_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTEST_KATA_STATE", str(tmp_path / "state"))
     devlog = tmp_path / "log"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as own:
-        own.bind(str(devlog))
-        assert services.lend_syslog(runid.current_run_id(), devlog=devlog) is None
-        assert services.return_syslog(runid.current_run_id()) == [] and devlog.is_socket()
-    os.unlink(devlog)
+    run = runid.new_run_id()  # registered by hand: a run starting here would sweep from the private state dir
+    runid.register(run)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as own:
+            own.bind(str(devlog))
+            assert services.lend_syslog(run, devlog=devlog) is None
+            assert services.return_syslog(run) == [] and devlog.is_socket()
+        os.unlink(devlog)
+    finally:
+        runid.unregister(run)
 
 
 def test_both_guest_forms_shipped_keeps_the_one_asked_for(tmp_path):

@@ -392,3 +392,27 @@ def test_ctrl_c_ends_a_run_that_never_used_libvirt_even_when_libvirtd_hangs(
         os.kill(pid, signal.SIGCONT)
     assert _leftovers(state) == NOTHING, _log(pytester)
     assert seconds < 30
+
+
+def test_a_sweep_from_a_private_state_dir_leaves_a_live_machine_run_alone(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process whose ``$PYTEST_KATA_STATE`` points elsewhere (a test's private directory, a second user's
+    setting) knows none of the machine's pid files there; a run registered in the machine's state directory
+    must still count as alive, or that process's start sweep would destroy its hosts and pods."""
+    run = runid.new_run_id()
+    runid.register(run)
+    scratch = cache_dir() / "runs" / run
+    scratch.mkdir(parents=True)
+    try:
+        monkeypatch.setenv("PYTEST_KATA_STATE", str(tmp_path / "state"))
+        assert runid.is_alive(run)
+        report = sweep(dead_only=True)
+        assert scratch.is_dir() and not any(run in line for line in report.removed), report.removed
+        monkeypatch.delenv("PYTEST_KATA_STATE")
+        runid.unregister(run)
+        assert not runid.is_alive(run)  # negative control: unregistered, the same scratch is a dead run's
+        assert any(run in line for line in sweep(dead_only=True, run_id=run).removed) and not scratch.exists()
+    finally:
+        runid.unregister(run)
+        if scratch.exists():
+            scratch.rmdir()

@@ -106,6 +106,13 @@ class Bundle:
         raise KataError(f"{what} in this bundle; known shims: {known}", path=self.label,
                         hint="pick one with --kata-shim")
 
+    def ships_shim(self) -> bool:
+        """Whether the default shim has a real ``containerd-shim-kata-v2`` (the reference candidate has none)."""
+        try:
+            return bool(self.shim(None).binary)
+        except KataError:
+            return False
+
     @property
     def label(self) -> str:
         return " + ".join(str(s) for s in self.sources)

@@ -23,18 +23,33 @@ ACCELS = ("kvm", "tcg")
 def detect_local(root: Path = Path("/")) -> tuple[str, str]:
     """KVM or TCG for VMs started on this machine, with the reason (shown in the pytest header)."""
     dev = root / "dev/kvm"
-    if not dev.exists():
-        return "tcg", "no /dev/kvm"
-    if (root / "sys/module/kvm_pvm").exists():
-        return "tcg", "/dev/kvm is PVM (kvm_pvm): stock guests cannot run on it"
     try:
         cpuinfo = (root / "proc/cpuinfo").read_text()
     except OSError:
         cpuinfo = ""
+    return decide(dev.exists(), (root / "sys/module/kvm_pvm").exists(), cpuinfo,
+                  root != Path("/") or os.access(dev, os.R_OK | os.W_OK))
+
+
+def detect_on(host: Any) -> tuple[str, str]:
+    """KVM or TCG for VMs a :class:`~pytest_kata.hosts.base.Host` starts itself (e.g. Kata's sandboxes on a
+    staging host), read there by the same rules as :func:`detect_local`."""
+    out = host.run("test -e /dev/kvm && echo dev; test -e /sys/module/kvm_pvm && echo pvm; "
+                   "test -r /dev/kvm -a -w /dev/kvm && echo rw; grep -m1 '^flags' /proc/cpuinfo", timeout=60).stdout
+    lines = out.splitlines()
+    return decide("dev" in lines, "pvm" in lines, out, "rw" in lines)
+
+
+def decide(dev: bool, pvm: bool, cpuinfo: str, accessible: bool) -> tuple[str, str]:
+    """The rules: a /dev/kvm that is not PVM, a CPU with svm/vmx, and the device open to this user."""
+    if not dev:
+        return "tcg", "no /dev/kvm"
+    if pvm:
+        return "tcg", "/dev/kvm is PVM (kvm_pvm): stock guests cannot run on it"
     flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
     if not flags & {"svm", "vmx"}:
         return "tcg", "/dev/kvm present but the CPU has no svm/vmx flag"
-    if root == Path("/") and not os.access(dev, os.R_OK | os.W_OK):
+    if not accessible:
         return "tcg", "/dev/kvm is not accessible to this user"
     return "kvm", f"/dev/kvm with {'svm' if 'svm' in flags else 'vmx'}"
 

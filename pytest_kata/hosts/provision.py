@@ -134,9 +134,10 @@ class HostPool:
         self.used.discard(host.name)
         step(AREA, f"{host.name} reverted to {CLEAN!r} in {time.monotonic() - start:.1f}s")
 
-    def fresh(self) -> Host:
-        """An unshared host for a ``kata_dirty`` test; give it back with :meth:`release`."""
-        host = self.boot()
+    def fresh(self, **changes: Any) -> Host:
+        """An unshared host for a ``kata_dirty`` test; give it back with :meth:`release`. ``changes`` override
+        HostSpec fields (e.g. more memory for the sandbox VMs it will run)."""
+        host = self.boot(**changes)
         self._fresh.append(host)
         return host
 

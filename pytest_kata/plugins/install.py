@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 
+from pytest_kata.bundle import Bundle
 from pytest_kata.hosts.base import LocalHost
 from pytest_kata.install.installer import Installer, NoContainerd, SysrootContainerd, SystemdContainerd
 from pytest_kata.options import KataSettings
+from pytest_kata.sandbox.containerd import staging_host_changes
 
 
 class InstallTargets:
@@ -30,7 +32,17 @@ class InstallTargets:
         self.tmp = tmp
         self.started: list[SysrootContainerd] = []
 
-    def one(self, name: str = "target", *, layout: str = "versioned") -> Installer:
+    def one(self, name: str = "target", *, layout: str = "versioned", runs: Bundle | None = None) -> Installer:
+        """One target. ``runs``: a release whose real Kata pods the target must run; on libvirt that is a fresh
+        host booted for it (:func:`~pytest_kata.sandbox.containerd.staging_host_changes`)."""
+        if self.pool is not None and runs is not None and runs.ships_shim():
+            spec = self.pool.spec()
+            config = runs.shim(None).config
+            host = self.pool.fresh(**staging_host_changes(
+                spec.memory_mib, spec.cmdline, runs.version,
+                int(config.get("hypervisor.*.default_memory", 0) or 0)))
+            return self._describe(Installer(host, "/", containerd=SystemdContainerd(host), layout=layout),
+                                  f"libvirt host {host.name} (booted for {runs.version} pods)")
         return self.many(1, name, layout=layout)[0]
 
     def many(self, count: int, name: str = "target", *, layout: str = "versioned") -> list[Installer]:

@@ -26,10 +26,11 @@ from pytest_kata import runid
 from pytest_kata.bundle import Bundle
 from pytest_kata.errors import KataError
 from pytest_kata.hosts.base import LocalHost
+from pytest_kata.install.installer import Installer, SystemdContainerd
 from pytest_kata.kataconfig import KataConfig
 from pytest_kata.options import KataSettings
 from pytest_kata.plugins.candidate import opened_bundle
-from pytest_kata.resources import cache_dir
+from pytest_kata.resources import cache_dir, sandbox_dir
 from pytest_kata.sandbox import (
     HostInvariants,
     ProbeFacts,
@@ -41,6 +42,7 @@ from pytest_kata.sandbox import (
     candidate_version,
     choose_driver,
 )
+from pytest_kata.sandbox.containerd import staging_host_changes
 from pytest_kata.sandbox.direct import map_path
 from pytest_kata.sandbox.exploits import Scratch
 from pytest_kata.sandbox.probe import host_facts
@@ -53,7 +55,7 @@ COMMON_COMMS = {"sh", "bash", "ash", "dash", "busybox", "init", "sleep", "cat", 
 
 def sandbox_dirs() -> list[str]:
     """Where sandboxes put their files and mounts: excluded from the host mount-table comparison."""
-    return [os.environ.get("PYTEST_KATA_SANDBOX_DIR", "/var/tmp/pytest-kata"), str(cache_dir()), "/run/netns",
+    return [sandbox_dir(), str(cache_dir()), "/run/netns",
             "/run/containerd", "/run/pytest-kata", "/var/lib/containerd"]
 
 
@@ -82,15 +84,29 @@ def kata_sandbox_version(kata_sandbox_candidate: Bundle | None) -> str | None:
 
 
 @pytest.fixture(scope="session")
-def kata_sandbox_host(request: pytest.FixtureRequest, kata_settings: KataSettings) -> Any:
+def kata_sandbox_host(request: pytest.FixtureRequest, kata_settings: KataSettings,
+                      kata_sandbox_candidate: Bundle | None, kata_sandbox_config: KataConfig | None) -> Any:
     """Where the sandbox runs: None for this machine; a fresh libvirt staging host (from the host pool) when
-    ``--kata-host-provider libvirt`` is given explicitly with the containerd driver."""
+    ``--kata-host-provider libvirt`` is given explicitly with the containerd driver. A Kata handler's
+    candidate is installed there first (the recorded install, registered with the host's containerd), as a
+    staging host runs it."""
     explicit = kata_settings.sources.get("host_provider") not in (None, "default")
     wants_containerd = bool(kata_settings.runtime) or kata_settings.driver == "containerd"
     if not (explicit and kata_settings.host_provider == "libvirt" and wants_containerd):
         return None
     pool = request.getfixturevalue("make_kata_host")
-    return pool.fresh()
+    changes: dict[str, Any] = {}
+    if kata_sandbox_config is not None:
+        spec = pool.spec()
+        changes = staging_host_changes(spec.memory_mib, spec.cmdline, candidate_version(kata_sandbox_candidate),
+                                       int(kata_sandbox_config.get("hypervisor.*.default_memory", 0) or 0))
+    host = pool.fresh(**changes)
+    if kata_sandbox_candidate is not None and (kata_settings.runtime or "kata").startswith("kata"):
+        try:
+            Installer(host, "/", containerd=SystemdContainerd(host)).install(kata_sandbox_candidate)
+        except KataError as exc:
+            pytest.fail(f"cannot install the candidate on {host.name}: {exc}", pytrace=False)
+    return host
 
 
 def _remote(host: Any) -> bool:
@@ -100,7 +116,7 @@ def _remote(host: Any) -> bool:
 @pytest.fixture(scope="session")
 def kata_host_marker(kata_sandbox_host: Any) -> Iterator[str]:
     """A file that exists only on the host: its visibility from inside is an isolation failure."""
-    base = os.environ.get("PYTEST_KATA_SANDBOX_DIR", "/var/tmp/pytest-kata")
+    base = sandbox_dir()
     marker = f"{base}/{runid.current_run_id()}-host-marker-{os.getpid()}"
     if _remote(kata_sandbox_host):
         kata_sandbox_host.run(f"mkdir -p {base} && echo 'host only' > {marker}", timeout=60, check=True)

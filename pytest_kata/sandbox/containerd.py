@@ -27,9 +27,10 @@ from typing import Any
 
 from pytest_kata import runid
 from pytest_kata.bundle import Bundle, ShimInfo
+from pytest_kata.hosts.accel import detect_on
 from pytest_kata.hosts.base import LocalHost
 from pytest_kata.progress import step, timed
-from pytest_kata.resources import KATA_PREFIX, cache_dir
+from pytest_kata.resources import KATA_PREFIX, cache_dir, sandbox_dir
 from pytest_kata.sandbox.base import (
     HostProcess,
     HostView,
@@ -41,7 +42,7 @@ from pytest_kata.sandbox.base import (
 )
 from pytest_kata.sandbox.direct import detect_accel, kernel_release_of, map_path
 from pytest_kata.sandbox.probe import build_oci_image, parse_output
-from pytest_kata.sandbox.shimconfig import ShimConfig, write_shim_config
+from pytest_kata.sandbox.shimconfig import SHORT_BOOLEAN_PROBE, ShimConfig, config_args, write_shim_config
 from pytest_kata.services import lend_syslog, return_syslog, start_containerd, unique_dir
 
 CONTROL_HANDLERS = {"runc": "io.containerd.runc.v2", "runsc": "io.containerd.runsc.v1"}
@@ -49,8 +50,24 @@ CONTROL_SHIMS = {"runc": ("containerd-shim-runc-v2", "runc"), "runsc": ("contain
 KATA_NAMESPACE = "pytest-kata"
 AGENT_TIMEOUT = "Failed to check if grpc server is working"
 AGENT_TIMEOUT_RETRIES = 2
+NESTED_POD_DEADLINE = 150.0  # seconds a pod attempt may take on a staging host before it is retried
+TIMED_OUT = 124  # a Host's exit status for a command it stopped at its timeout
 CAPS_NEWER_THAN_KATA1 = ("perfmon", "bpf", "checkpoint_restore")  # Linux 5.8/5.9: unknown to Kata 1.x agents
 VMM_NAMES = ("qemu", "cloud-hypervisor", "firecracker", "dragonball", "stratovirt")
+
+
+LEGACY_CGROUPS = "systemd.unified_cgroup_hierarchy=0"
+
+
+def staging_host_changes(memory_mib: int, cmdline: str, version: str | None, sandbox_mib: int) -> dict[str, Any]:
+    """What a staging host needs beyond the pool's default to run this candidate's pods: room for two sandbox
+    VMs at once (the driver's holder pod and a probe) besides its own ``memory_mib``, and, for Kata 1.x, which
+    knows only cgroup v1 ("cgroups: cgroup mountpoint does not exist" on a unified host), systemd's hybrid
+    hierarchy on the kernel command line ``cmdline``."""
+    changes: dict[str, Any] = {"memory_mib": max(memory_mib, 1024 + 2 * sandbox_mib)}
+    if (version or "").startswith("1.") and LEGACY_CGROUPS not in cmdline.split():
+        changes["cmdline"] = f"{cmdline} {LEGACY_CGROUPS}"
+    return changes
 
 
 def shim_binary_name(runtime: str) -> str:
@@ -146,7 +163,11 @@ class ContainerdDriver(SandboxDriver):
         self._own_ctd = containerd is None and host is None
         self.host = host
         self.address = address
+        # Kata's shim wants a namespace whose dash-separated parts start with a letter, which a run id
+        # (kt-<8 hex>) need not
         self.namespace = runid.current_run_id()
+        if self.is_vm:
+            self.namespace = f"{KATA_NAMESPACE}-{self.namespace.replace('-', '')}"
         self.image = ""
         self.holder = ""
         self.remote_tar = ""
@@ -163,6 +184,7 @@ class ContainerdDriver(SandboxDriver):
         self._shim_dirs: list[Path] = []
         self._syslog_lent = False
         self.agent_retries = 0  # pods retried after Kata's agent connect deadline passed under TCG
+        self.stalled_retries = 0  # pods on a staging host retried after they did not finish in time
 
     def _on(self) -> Any:
         if self.host is None:
@@ -199,11 +221,38 @@ class ContainerdDriver(SandboxDriver):
             reason = self.bundle.missing.get("containerd-shim-kata-v2", "the bundle has no shim")
             raise SandboxUnavailable(f"no containerd-shim-kata-v2 in the candidate: {reason}",
                                      path=str(self.bundle.root))
-        if not self._own_ctd:  # a staging host: the candidate is installed there at /opt/kata
-            config = shim.config_path.relative_to(self.bundle.root)
-            self.runtime_args = ["--runtime-config-path", f"{KATA_PREFIX}/{config}"]
+        if not self._own_ctd:
+            self._prepare_installed_shim(self.bundle, shim)
             return
         self._prepare_local_shim(self.bundle, shim)
+
+    def _prepare_installed_shim(self, bundle: Bundle, shim: ShimInfo) -> None:
+        """A staging host runs the candidate as installed there at ``/opt/kata``. The shim is named by its
+        absolute path and handed a copy of its configuration written on the host, which differs only in what
+        the host lacks, a hypervisor wrapper where KVM is unusable there or the hypervisor refuses Kata's bare
+        ``-machine`` flags (:func:`~pytest_kata.sandbox.shimconfig.write_shim_config`), each with its reason."""
+        host = self.host
+        accel, why = detect_on(host) if self.accel == "auto" else (self.accel, "forced by --kata-accel")
+        devices = host.run("for d in vhost-net vhost-vsock; do test -e /dev/$d && echo $d; done", timeout=30)
+        qemu = str(shim.config.get("hypervisor.*.path", "") or "")
+        refuses = bool(qemu) and host.run([qemu, *SHORT_BOOLEAN_PROBE], timeout=60).rc != 0
+        place = Path(sandbox_dir()) / f"{self.run_id}-kata-shim-{os.getpid()}-{self.instance}"
+        out = unique_dir(cache_dir() / "runs" / self.run_id, "kata-shim")
+        try:
+            written = write_shim_config(shim.config, Path(bundle.root), out, accel=accel,
+                                        vhost_net="vhost-net" in devices.stdout.split(),
+                                        vhost_vsock="vhost-vsock" in devices.stdout.split(), guest=self.guest,
+                                        refuses_short_booleans=refuses, place=place)
+        except SandboxError as exc:
+            raise SandboxUnavailable(str(exc), path=exc.path) from None
+        host.run(["mkdir", "-p", str(place)], timeout=30, check=True)
+        for item in sorted(out.iterdir()):
+            host.put(item, str(place / item.name), mode=item.stat().st_mode & 0o777)
+        written.read_log = lambda path: host.run(["cat", str(path)], timeout=60).stdout
+        written.changes.setdefault("accel", f"{accel} ({why})")
+        self.shim_config, self.guest = written, written.guest
+        self.runtime = f"{KATA_PREFIX}/{shim.binary}"
+        self.runtime_args = config_args(bundle.version, written.runs_at)
 
     def _prepare_local_shim(self, bundle: Bundle, shim: ShimInfo) -> None:
         """Write the runnable copy of the shim's configuration (see :mod:`~pytest_kata.sandbox.shimconfig`)
@@ -236,8 +285,8 @@ class ContainerdDriver(SandboxDriver):
             if self.is_vm:
                 self._syslog_lent = True
                 self.syslog = lend_syslog(self.run_id)  # the Kata shim refuses to start without /dev/log
-            # Kata's shim wants a namespace whose dash-separated parts start with a letter, which a run id
-            # (kt-<8 hex>) need not; the run id is in every pod id and cgroup path instead
+            # the private containerd's namespace is the fixed KATA_NAMESPACE; the run id is in every pod id and
+            # cgroup path instead
             # the configuration goes to the shim as KATA_CONF_FILE: Kata 1.x shims do not understand the runtime
             # options type ctr 1.6+ sends for --runtime-config-path (the create fails with "not found")
             self.ctd = start_containerd(run_id=self.run_id, private_mounts=self.is_vm, path=self._shim_dirs,
@@ -292,38 +341,55 @@ class ContainerdDriver(SandboxDriver):
 
         Returns the host's result (``rc``, ``stdout``, ``stderr``); never raises for the command's own exit
         status, so a refused pod (e.g. a shim rejecting an annotation) is evidence, not an error."""
-        for _ in range(AGENT_TIMEOUT_RETRIES + 1):
+        for attempt in range(AGENT_TIMEOUT_RETRIES + 1):
             cid = self.pod_id(name)
             start = time.monotonic()
             result = self.ctr("run", "--rm", *self.run_args(workload, cid), self.image, cid, *command, check=False,
-                              timeout=timeout, prefix=self._ctr_prefix(workload))
+                              timeout=self._attempt_timeout(timeout, attempt), prefix=self._ctr_prefix(workload))
             self.last_seconds = time.monotonic() - start
             if result.rc != 0:  # a pod the runtime refused can leave its container record behind
                 self.remove_pod(cid)
-            if not self._agent_timed_out(result):
+            if not self._retry(result):
                 break
         return result
 
-    def _agent_timed_out(self, result: Any) -> bool:
-        """Under TCG a slow guest can still miss Kata's 20 s agent connect deadline: that pod is retried (at
-        most :data:`AGENT_TIMEOUT_RETRIES` times) and the retry is said in the evidence."""
-        if result.rc == 0 or AGENT_TIMEOUT not in (result.stderr or "") or not self.evidence():
+    def _attempt_timeout(self, timeout: float, attempt: int) -> float:
+        """On a staging host every attempt but the last is cut at :data:`NESTED_POD_DEADLINE` (see
+        :meth:`_retry`); the last one gets the whole ``timeout``."""
+        if self._own_ctd or not self.is_vm or attempt == AGENT_TIMEOUT_RETRIES:
+            return timeout
+        return min(timeout, NESTED_POD_DEADLINE)
+
+    def _retry(self, result: Any) -> bool:
+        """Whether a failed pod is retried (at most :data:`AGENT_TIMEOUT_RETRIES` times), each retry said in the
+        evidence: under TCG a slow guest can miss Kata's 20 s agent connect deadline; on a staging host whose
+        pods are nested KVM guests of a TCG VM, a pod now and then never finishes starting (seen about once in
+        twenty pods here), which the attempt's deadline cuts."""
+        if result.rc == 0:
             return False
-        self.agent_retries += 1
-        step("sandbox", f"Kata's agent connect timed out under TCG: retrying the pod ({self.agent_retries})")
-        return True
+        tcg = self.shim_config is not None and self.shim_config.wrapper is not None and self.shim_config.tcg
+        if AGENT_TIMEOUT in (result.stderr or "") and tcg:
+            self.agent_retries += 1
+            step("sandbox", f"Kata's agent connect timed out under TCG: retrying the pod ({self.agent_retries})")
+            return True
+        if result.rc == TIMED_OUT and not self._own_ctd and self.is_vm:
+            self.stalled_retries += 1
+            step("sandbox", f"a pod on {self.host.name} did not finish within {NESTED_POD_DEADLINE:g} s: retrying "
+                            f"it ({self.stalled_retries})")
+            return True
+        return False
 
     def start_pod(self, workload: Workload, command: list[str], *, name: str = "pod", timeout: float = 300.0) -> str:
         """Start ``command`` in a pod that keeps running (``ctr run -d``); returns its id for :meth:`exec`,
         :meth:`pod_pids` and :meth:`remove_pod`."""
-        for _ in range(AGENT_TIMEOUT_RETRIES + 1):
+        for attempt in range(AGENT_TIMEOUT_RETRIES + 1):
             cid = self.pod_id(name)
             result = self.ctr("run", "-d", *self.run_args(workload, cid), self.image, cid, *command, check=False,
-                              timeout=timeout, prefix=self._ctr_prefix(workload))
+                              timeout=self._attempt_timeout(timeout, attempt), prefix=self._ctr_prefix(workload))
             if result.rc == 0:
                 return cid
             self.remove_pod(cid)
-            if not self._agent_timed_out(result):
+            if not self._retry(result):
                 break
         raise SandboxError(f"ctr run -d through {self.handler} failed with exit {result.rc}: "
                            f"{(result.stderr or result.stdout).strip()[-300:]}",
@@ -403,12 +469,14 @@ class ContainerdDriver(SandboxDriver):
 
     def evidence(self) -> dict[str, Any]:
         """What every result that used this sandbox must carry: above all, whether Kata's hypervisor argv was
-        rewritten for TCG (empty when the shim runs exactly as configured)."""
-        if self.shim_config is None or not self.shim_config.rewrite_note:
-            return {}
-        out: dict[str, Any] = {"hypervisor_rewrite": self.shim_config.rewrite_note}
+        changed (empty when the shim runs exactly as configured), and which pods were retried."""
+        out: dict[str, Any] = {}
+        if self.shim_config is not None and self.shim_config.rewrite_note:
+            out["hypervisor_rewrite"] = self.shim_config.rewrite_note
         if self.agent_retries:
             out["agent_connect_retries"] = self.agent_retries
+        if self.stalled_retries:
+            out["stalled_pod_retries"] = self.stalled_retries
         return out
 
     def hypervisor_argv(self) -> list[list[str]]:
@@ -469,4 +537,6 @@ class ContainerdDriver(SandboxDriver):
                                 f"{(gone.stderr or gone.stdout).strip()[-200:]}")
             if self.remote_tar:
                 self.host.run(["rm", "-f", self.remote_tar], timeout=30)
+            if self.shim_config is not None and self.shim_config.place is not None:
+                self.host.run(["rm", "-rf", str(self.shim_config.place)], timeout=30)
         self.image = ""

@@ -38,7 +38,7 @@ from pytest_kata import runid
 from pytest_kata.bundle import Bundle, bundle_relative
 from pytest_kata.hosts.accel import detect_local
 from pytest_kata.progress import step, timed
-from pytest_kata.resources import cache_dir
+from pytest_kata.resources import cache_dir, sandbox_dir
 from pytest_kata.sandbox.base import (
     HostProcess,
     HostView,
@@ -401,7 +401,7 @@ class DirectDriver(SandboxDriver):
 
         if self.child is not None:
             return
-        base = Path(os.environ.get("PYTEST_KATA_SANDBOX_DIR", "/var/tmp/pytest-kata"))
+        base = Path(sandbox_dir())
         base.mkdir(parents=True, exist_ok=True)
         self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.vm_name}-", dir=base))
         if self.spec.image is not None and not self.spec.image_read_only:

@@ -26,15 +26,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_kata import runid
 from pytest_kata.errors import KataError
+from pytest_kata.hosts.accel import detect_on
 from pytest_kata.install.workloads import Workload, WorkloadProbe
 from pytest_kata.kataconfig import load_config
+from pytest_kata.resources import sandbox_dir
 from pytest_kata.sandbox.base import SandboxError
 from pytest_kata.sandbox.containerd import read_processes
 from pytest_kata.sandbox.direct import detect_accel, map_path
-from pytest_kata.sandbox.shimconfig import ShimConfig, write_shim_config
-
-CONFIG_PATH_ANNOTATION = "io.katacontainers.config_path"
+from pytest_kata.sandbox.shimconfig import (
+    CONFIG_PATH_ANNOTATION,
+    SHORT_BOOLEAN_PROBE,
+    ShimConfig,
+    write_shim_config,
+)
 
 
 class RunnableKataConfigs:
@@ -73,6 +79,61 @@ class RunnableKataConfigs:
     def evidence(self) -> dict[str, Any]:
         """What every result that ran these pods carries: how each configuration copy differs, and whether
         qemu's argv was rewritten for TCG."""
+        notes = sorted({s.rewrite_note for s in self.written.values() if s.rewrite_note})
+        out: dict[str, Any] = {"kata_config_copies": {p: s.changes for p, s in sorted(self.written.items())}}
+        if notes:
+            out["hypervisor_rewrite"] = notes[0]
+        return out
+
+
+class StagingKataConfigs:
+    """``kata_args`` for a release installed on a staging host (a libvirt host with nested KVM, an SSH host):
+    a copy of each handler's installed configuration, written on the host under the sandbox directory, that
+    differs only where the host lacks a device or KVM, or where its qemu refuses Kata 1.x's bare ``-machine``
+    flags (:func:`~pytest_kata.sandbox.shimconfig.write_shim_config` with ``place``). Its ``/opt/kata`` paths
+    are kept, so it follows the installed release as the original does."""
+
+    def __init__(self, host: Any, out_dir: Path, *, accel: str = "auto") -> None:
+        self.host = host
+        self.out_dir = out_dir
+        self.accel, self.accel_reason = detect_on(host) if accel == "auto" else (accel, "forced by --kata-accel")
+        devices = host.run("for d in vhost-net vhost-vsock; do test -e /dev/$d && echo $d; done", timeout=30)
+        self.devices = set(devices.stdout.split())
+        self.written: dict[str, ShimConfig] = {}  # path on the host -> what was written and why
+
+    def __call__(self, handler: str, spec: dict[str, str]) -> list[str]:
+        source = spec.get("config_path") or ""
+        text = self.host.run(["cat", source], timeout=60)
+        if not source or not text.ok:
+            raise KataError(f"{handler} names no configuration file on {self.host.name}", path=source)
+        digest = hashlib.sha256(text.stdout.encode()).hexdigest()[:12]
+        place = Path(sandbox_dir()) / f"{runid.current_run_id()}-{handler}-{digest}"
+        runs_at = place / Path(source).name
+        if str(runs_at) not in self.written:  # a copy in use is never rewritten
+            local = self.out_dir / f"{handler}-{digest}"
+            original = local / "installed" / Path(source).name
+            original.parent.mkdir(parents=True, exist_ok=True)
+            original.write_text(text.stdout)
+            config = load_config(original, dropins=False)
+            qemu = str(config.get("hypervisor.*.path", "") or "")
+            refuses = bool(qemu) and self.host.run([qemu, *SHORT_BOOLEAN_PROBE], timeout=60).rc != 0
+            try:
+                shim = write_shim_config(config, None, local / "copy", accel=self.accel,
+                                         vhost_net="vhost-net" in self.devices,
+                                         vhost_vsock="vhost-vsock" in self.devices,
+                                         refuses_short_booleans=refuses, place=place)
+            except SandboxError as exc:
+                raise KataError(f"{handler} cannot run on {self.host.name}: {exc}") from None
+            self.host.run(["mkdir", "-p", str(place)], timeout=30, check=True)
+            for item in sorted((local / "copy").iterdir()):
+                self.host.put(item, str(place / item.name), mode=item.stat().st_mode & 0o777)
+            shim.read_log = lambda path: self.host.run(["cat", str(path)], timeout=60).stdout
+            shim.changes.setdefault("accel", f"{self.accel} ({self.accel_reason})")
+            self.written[str(runs_at)] = shim
+        return ["--annotation", f"{CONFIG_PATH_ANNOTATION}={runs_at}"]
+
+    def evidence(self) -> dict[str, Any]:
+        """As :meth:`RunnableKataConfigs.evidence`: how each copy differs and how qemu's argv was changed."""
         notes = sorted({s.rewrite_note for s in self.written.values() if s.rewrite_note})
         out: dict[str, Any] = {"kata_config_copies": {p: s.changes for p, s in sorted(self.written.items())}}
         if notes:

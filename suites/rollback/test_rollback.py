@@ -25,7 +25,13 @@ import pytest
 
 from pytest_kata import runid, services
 from pytest_kata.bundle import Bundle
-from pytest_kata.install.installer import Installer, InstallError, NoContainerd, SysrootContainerd
+from pytest_kata.install.installer import (
+    Installer,
+    InstallError,
+    NoContainerd,
+    SysrootContainerd,
+    SystemdContainerd,
+)
 from pytest_kata.install.rollout import rolling_update, smoke_gate, target_name
 from pytest_kata.install.state import RELEASES, State
 from pytest_kata.install.workloads import WorkloadProbe
@@ -33,7 +39,9 @@ from pytest_kata.options import KataSettings
 from pytest_kata.plugins.install import InstallTargets
 from pytest_kata.plugins.recorder import CheckRecorder
 
-from .kata_pods import RunnableKataConfigs, RunningPod
+from .kata_pods import RunnableKataConfigs, RunningPod, StagingKataConfigs
+
+KataConfigs = RunnableKataConfigs | StagingKataConfigs
 
 pytestmark = pytest.mark.vm  # installs on hosts (libvirt VMs or a sysroot) and runs containerd workloads
 
@@ -43,7 +51,7 @@ class Scenario:
     installer: Installer
     results: dict[str, Any] = field(default_factory=dict)
     workloads: WorkloadProbe | None = None
-    kata: RunnableKataConfigs | None = None  # real Kata pods on a local sysroot: their runnable configurations
+    kata: KataConfigs | None = None  # real Kata pods: their runnable configurations
     pod: RunningPod | None = None
     pod_note: str = ""  # why no pod was left running through the upgrade
     errors: dict[str, str] = field(default_factory=dict)
@@ -69,19 +77,16 @@ class Scenario:
         return [self.results[n] for n in names]
 
 
-def ships_kata_shim(bundle: Bundle) -> bool:
-    """Whether the bundle carries a real ``containerd-shim-kata-v2`` (the reference candidate does not)."""
-    try:
-        return bool(bundle.shim(None).binary)
-    except Exception:
-        return False
-
-
 @contextlib.contextmanager
-def real_kata_on(inst: Installer, baseline: Any, scratch: Any) -> Iterator[RunnableKataConfigs | None]:
-    """On a local sysroot with a baseline that ships a Kata shim: the installer's ``kata_args`` (runnable
-    configuration copies) and the ``/dev/log`` Kata's shim insists on, for the sequence; else None."""
-    if not (isinstance(inst.containerd, SysrootContainerd) and ships_kata_shim(baseline)):
+def real_kata_on(inst: Installer, baseline: Any, scratch: Any) -> Iterator[KataConfigs | None]:
+    """With a baseline that ships a Kata shim, the installer's ``kata_args`` for the sequence: on a staging
+    host (systemd's containerd, the release installed at /opt/kata) runnable copies written there; on a local
+    sysroot runnable copies here and the ``/dev/log`` Kata's shim insists on. Else None."""
+    if baseline.ships_shim() and isinstance(inst.containerd, SystemdContainerd):
+        inst.kata_args = StagingKataConfigs(inst.host, scratch)
+        yield inst.kata_args
+        return
+    if not (isinstance(inst.containerd, SysrootContainerd) and baseline.ships_shim()):
         yield None
         return
     kata = RunnableKataConfigs(inst.sysroot, scratch)
@@ -99,7 +104,7 @@ def real_kata_on(inst: Installer, baseline: Any, scratch: Any) -> Iterator[Runna
 def upgrade(kata_baseline: Bundle, kata_candidate: Bundle, make_kata_install_target: InstallTargets,
             tmp_path_factory: pytest.TempPathFactory) -> Generator[Scenario, None, None]:
     """The whole upgrade-and-rollback sequence, once."""
-    scenario = Scenario(make_kata_install_target.one("upgrade"))
+    scenario = Scenario(make_kata_install_target.one("upgrade", runs=kata_baseline))
     inst = scenario.installer
     with real_kata_on(inst, kata_baseline, tmp_path_factory.mktemp("kata-configs")) as kata:
         scenario.kata = kata
