@@ -32,11 +32,11 @@ HARDENED = REPO / "fixtures" / "configs" / "hardened" / "configuration-qemu.toml
 SUITE_ARGS = ("-p", "no:cacheprovider", "-p", "no:randomly", f"--rootdir={REPO}")
 
 
-def run_suites(pytester: pytest.Pytester, *args: str, suites: tuple[str, ...] = ("isolation",)
-               ) -> tuple[pytest.RunResult, dict]:
+def run_suites(pytester: pytest.Pytester, *args: str, suites: tuple[str, ...] = ("isolation",),
+               timeout: float = 900) -> tuple[pytest.RunResult, dict]:
     report = pytester.path / "verdict.json"
     result = pytester.runpytest_subprocess(*(str(SUITES / s) for s in suites), *SUITE_ARGS,
-                                           f"--kata-report={report}", *args, timeout=900)
+                                           f"--kata-report={report}", *args, timeout=timeout)
     verdict = json.loads(report.read_text()) if report.exists() else {}
     return result, verdict
 

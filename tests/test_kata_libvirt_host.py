@@ -28,6 +28,7 @@ from tests.test_sandbox_kata import KATA_SRC, VERSIONS
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.vm,
+    pytest.mark.timeout(2000),  # a host boot, an install and a dozen nested pods: beyond CI's 900 s default
     pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("go") or not shutil.which("libvirtd"),
                        reason="needs root, Go (real Kata is built) and libvirt (the staging host is a VM)"),
 ]
@@ -51,7 +52,8 @@ def test_isolation_suite_with_real_kata_pods_on_a_libvirt_host_with_nested_kvm(p
                                                                                 releases: Any) -> None:
     bundle = releases["1.11.5"]
     result, verdict = run_suites(pytester, f"--kata-candidate={bundle.sources[0]}", "--kata-runtime", "kata",
-                                 "--kata-host-provider", "libvirt", "-k", "not cpu_quota and not memory_limit")
+                                 "--kata-host-provider", "libvirt", "-k", "not cpu_quota and not memory_limit",
+                                 timeout=1800)
     seen = statuses(verdict)
     tail = result.outlines[-40:]
     boundary = {"KATA-ISO-001", "KATA-ISO-002", "KATA-ISO-003", "KATA-ISO-005", "KATA-ISO-006", "KATA-ISO-011",
@@ -72,7 +74,7 @@ def test_rollback_with_real_kata_pods_on_a_libvirt_host(pytester: pytest.Pyteste
     baseline, candidate = releases["1.11.0"], releases["1.11.5"]
     result, verdict = run_suites(pytester, f"--kata-baseline={baseline.sources[0]}",
                                  f"--kata-candidate={candidate.sources[0]}", "--kata-host-provider", "libvirt",
-                                 "-k", SEQUENCE, suites=("rollback",))
+                                 "-k", SEQUENCE, suites=("rollback",), timeout=1800)
     by_id = {r["id"]: r for r in verdict.get("results", [])}
     tail = result.outlines[-40:]
     assert {k: r["status"] for k, r in by_id.items()} == {

@@ -30,6 +30,7 @@ from pytest_kata.install.installer import Installer, SystemdContainerd
 from pytest_kata.kataconfig import KataConfig
 from pytest_kata.options import KataSettings
 from pytest_kata.plugins.candidate import opened_bundle
+from pytest_kata.progress import step
 from pytest_kata.resources import cache_dir, sandbox_dir
 from pytest_kata.sandbox import (
     HostInvariants,
@@ -85,15 +86,17 @@ def kata_sandbox_version(kata_sandbox_candidate: Bundle | None) -> str | None:
 
 @pytest.fixture(scope="session")
 def kata_sandbox_host(request: pytest.FixtureRequest, kata_settings: KataSettings,
-                      kata_sandbox_candidate: Bundle | None, kata_sandbox_config: KataConfig | None) -> Any:
+                      kata_sandbox_candidate: Bundle | None, kata_sandbox_config: KataConfig | None
+                      ) -> Iterator[Any]:
     """Where the sandbox runs: None for this machine; a fresh libvirt staging host (from the host pool) when
     ``--kata-host-provider libvirt`` is given explicitly with the containerd driver. A Kata handler's
     candidate is installed there first (the recorded install, registered with the host's containerd), as a
-    staging host runs it."""
+    staging host runs it. With ``--kata-keep-on-failure`` a session with failures leaves it running."""
     explicit = kata_settings.sources.get("host_provider") not in (None, "default")
     wants_containerd = bool(kata_settings.runtime) or kata_settings.driver == "containerd"
     if not (explicit and kata_settings.host_provider == "libvirt" and wants_containerd):
-        return None
+        yield None
+        return
     pool = request.getfixturevalue("make_kata_host")
     changes: dict[str, Any] = {}
     if kata_sandbox_config is not None:
@@ -105,8 +108,12 @@ def kata_sandbox_host(request: pytest.FixtureRequest, kata_settings: KataSetting
         try:
             Installer(host, "/", containerd=SystemdContainerd(host)).install(kata_sandbox_candidate)
         except KataError as exc:
+            pool.release(host, failed=True)
             pytest.fail(f"cannot install the candidate on {host.name}: {exc}", pytrace=False)
-    return host
+    yield host
+    kept = pool.release(host, failed=request.session.testsfailed > 0)
+    if kept:
+        step("sandbox", f"kept the staging host {host.name}: {kept}")
 
 
 def _remote(host: Any) -> bool:

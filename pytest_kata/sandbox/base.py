@@ -18,6 +18,7 @@ from pytest_kata.errors import KataError
 from pytest_kata.hashing import sha256_file
 from pytest_kata.hosts.base import LocalHost
 from pytest_kata.runid import RUN_ID_RE, current_run_id
+from pytest_kata.services.cleanup import KATA_SHARED_SANDBOXES
 
 
 class SandboxError(KataError):
@@ -223,6 +224,9 @@ def host_mounts(exclude: Iterable[str] = (), host: Any = None) -> list[str]:
             continue
         if any(rid != own for rid in RUN_ID_RE.findall(point)):
             continue  # another run's resource (a concurrent run on the same machine), not this sandbox's doing
+        if point.startswith(f"{KATA_SHARED_SANDBOXES}/{own}-"):
+            continue  # the runtime's own share of a pod of this run (seen where containerd runs in the host's
+            # mount namespace, a staging host): what a pod is; a mount redirected out of it still shows
         lines.append(f"{point} {fstype} {source}")
     return sorted(lines)
 

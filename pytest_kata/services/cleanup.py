@@ -177,8 +177,8 @@ def prune_containerd_run_dirs() -> None:
 
 # Where a Kata 1.x/2.x shim keeps per-sandbox state on the host (named after the sandbox id, which carries the
 # run id): a SIGKILLed shim leaves them behind, with the network namespace file it created (named by Kata).
-KATA_STATE_DIRS = (Path("/run/vc/sbs"), Path("/run/vc/vm"), Path("/run/kata-containers/shared/sandboxes"),
-                   Path("/run/kata-containers"))
+KATA_SHARED_SANDBOXES = Path("/run/kata-containers/shared/sandboxes")  # a sandbox's host side of its share
+KATA_STATE_DIRS = (Path("/run/vc/sbs"), Path("/run/vc/vm"), KATA_SHARED_SANDBOXES, Path("/run/kata-containers"))
 
 
 def kata_state_dirs(run_id: str | None = None) -> list[Path]:

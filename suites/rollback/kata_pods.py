@@ -115,6 +115,10 @@ class StagingKataConfigs:
             original.parent.mkdir(parents=True, exist_ok=True)
             original.write_text(text.stdout)
             config = load_config(original, dropins=False)
+            missing = self.missing_on_host(config)
+            if missing:
+                raise KataError(f"{handler} cannot run on {self.host.name}: the release installed there has no "
+                                f"{', '.join(missing)}")
             qemu = str(config.get("hypervisor.*.path", "") or "")
             refuses = bool(qemu) and self.host.run([qemu, *SHORT_BOOLEAN_PROBE], timeout=60).rc != 0
             try:
@@ -131,6 +135,18 @@ class StagingKataConfigs:
             shim.changes.setdefault("accel", f"{self.accel} ({self.accel_reason})")
             self.written[str(runs_at)] = shim
         return ["--annotation", f"{CONFIG_PATH_ANNOTATION}={runs_at}"]
+
+    def missing_on_host(self, config: Any) -> list[str]:
+        """The hypervisor, kernel, guest and (for virtio-fs) daemon files ``config`` names that the host lacks:
+        a handler whose release does not ship its hypervisor (acrn, clh, fc from a qemu-only build) cannot run."""
+        keys = ["path", "kernel", "image", "initrd"]
+        if config.get("hypervisor.*.shared_fs", "") == "virtio-fs":
+            keys.append("virtio_fs_daemon")
+        paths = [str(v) for v in (config.get(f"hypervisor.*.{k}", "") for k in keys) if v]
+        if not paths:
+            return []
+        script = 'for p in "$@"; do test -e "$p" || echo "$p"; done'
+        return self.host.run(["sh", "-c", script, "sh", *paths], timeout=60).stdout.split()
 
     def evidence(self) -> dict[str, Any]:
         """As :meth:`RunnableKataConfigs.evidence`: how each copy differs and how qemu's argv was changed."""
