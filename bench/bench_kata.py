@@ -97,10 +97,7 @@ def pod_on_libvirt_host(bundle: Any, version: str, local_pod: float, pods: int) 
     pool = HostPool(PoolSettings(log_dir=cache_dir() / "runs" / run_id / "logs"))
     driver = None
     try:
-        spec = pool.spec()
-        config = bundle.shim(None).config
-        changes = staging_host_changes(spec.memory_mib, spec.cmdline, version,
-                                       int(config.get("hypervisor.*.default_memory", 0) or 0))
+        changes = staging_host_changes(pool.spec(), version, bundle.shim(None).config)
         start = time.monotonic()
         host = pool.fresh(**changes)
         booted = time.monotonic() - start

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pytest_kata.bundle import open_bundle
+from pytest_kata.hosts.libvirt import HostSpec
 from pytest_kata.install.workloads import MARKER
 from pytest_kata.kata_build.build import build_bundle
 from pytest_kata.kata_build.sources import discover
+from pytest_kata.kataconfig import KataConfig
 from pytest_kata.sandbox.containerd import LEGACY_CGROUPS, staging_host_changes
 from tests.test_isolation_controls import run_suites, statuses
 from tests.test_rollback_kata import SEQUENCE
@@ -40,12 +43,15 @@ def releases() -> dict[str, Any]:
     return {v: open_bundle(build_bundle(discover(KATA_SRC, v)).tarball) for v in VERSIONS}
 
 
-def test_a_staging_host_for_kata_1_gets_cgroup_v1_and_room_for_two_sandboxes() -> None:
+def test_a_staging_host_for_kata_1_gets_cgroup_v1_and_room_for_two_sandboxes(tmp_path: Path) -> None:
     cmdline = "root=/dev/vda rw console=ttyS0"
-    assert staging_host_changes(1536, cmdline, "1.11.5", 2048) == {
+    spec = HostSpec(image=tmp_path / "host.img", kernel=tmp_path / "vmlinuz", initrd=None, cmdline=cmdline)
+    config = KataConfig(tmp_path / "configuration-qemu.toml", {"hypervisor": {"qemu": {"default_memory": 2048}}})
+    assert staging_host_changes(spec, "1.11.5", config) == {
         "memory_mib": 5120, "cmdline": f"{cmdline} {LEGACY_CGROUPS}"}
-    assert staging_host_changes(8192, f"{cmdline} {LEGACY_CGROUPS}", "1.11.0", 2048) == {"memory_mib": 8192}
-    assert staging_host_changes(1536, cmdline, "3.2.0", 2048) == {"memory_mib": 5120}  # 2.x+ knows cgroup v2
+    roomy = spec.with_changes(memory_mib=8192, cmdline=f"{cmdline} {LEGACY_CGROUPS}")
+    assert staging_host_changes(roomy, "1.11.0", config) == {"memory_mib": 8192}
+    assert staging_host_changes(spec, "3.2.0", config) == {"memory_mib": 5120}  # 2.x+ knows cgroup v2
 
 
 def test_isolation_suite_with_real_kata_pods_on_a_libvirt_host_with_nested_kvm(pytester: pytest.Pytester,

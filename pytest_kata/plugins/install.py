@@ -36,11 +36,7 @@ class InstallTargets:
         """One target. ``runs``: a release whose real Kata pods the target must run; on libvirt that is a fresh
         host booted for it (:func:`~pytest_kata.sandbox.containerd.staging_host_changes`)."""
         if self.pool is not None and runs is not None and runs.ships_shim():
-            spec = self.pool.spec()
-            config = runs.shim(None).config
-            host = self.pool.fresh(**staging_host_changes(
-                spec.memory_mib, spec.cmdline, runs.version,
-                int(config.get("hypervisor.*.default_memory", 0) or 0)))
+            host = self.pool.fresh(**staging_host_changes(self.pool.spec(), runs.version, runs.shim(None).config))
             return self._describe(Installer(host, "/", containerd=SystemdContainerd(host), layout=layout),
                                   f"libvirt host {host.name} (booted for {runs.version} pods)")
         return self.many(1, name, layout=layout)[0]

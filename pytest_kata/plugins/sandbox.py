@@ -100,9 +100,7 @@ def kata_sandbox_host(request: pytest.FixtureRequest, kata_settings: KataSetting
     pool = request.getfixturevalue("make_kata_host")
     changes: dict[str, Any] = {}
     if kata_sandbox_config is not None:
-        spec = pool.spec()
-        changes = staging_host_changes(spec.memory_mib, spec.cmdline, candidate_version(kata_sandbox_candidate),
-                                       int(kata_sandbox_config.get("hypervisor.*.default_memory", 0) or 0))
+        changes = staging_host_changes(pool.spec(), candidate_version(kata_sandbox_candidate), kata_sandbox_config)
     host = pool.fresh(**changes)
     if kata_sandbox_candidate is not None and (kata_settings.runtime or "kata").startswith("kata"):
         try:

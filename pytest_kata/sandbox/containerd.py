@@ -59,15 +59,37 @@ VMM_NAMES = ("qemu", "cloud-hypervisor", "firecracker", "dragonball", "stratovir
 LEGACY_CGROUPS = "systemd.unified_cgroup_hierarchy=0"
 
 
-def staging_host_changes(memory_mib: int, cmdline: str, version: str | None, sandbox_mib: int) -> dict[str, Any]:
-    """What a staging host needs beyond the pool's default to run this candidate's pods: room for two sandbox
-    VMs at once (the driver's holder pod and a probe) besides its own ``memory_mib``, and, for Kata 1.x, which
-    knows only cgroup v1 ("cgroups: cgroup mountpoint does not exist" on a unified host), systemd's hybrid
-    hierarchy on the kernel command line ``cmdline``."""
-    changes: dict[str, Any] = {"memory_mib": max(memory_mib, 1024 + 2 * sandbox_mib)}
-    if (version or "").startswith("1.") and LEGACY_CGROUPS not in cmdline.split():
-        changes["cmdline"] = f"{cmdline} {LEGACY_CGROUPS}"
+def staging_host_changes(spec: Any, version: str | None, config: Any) -> dict[str, Any]:
+    """What a staging host (booted from ``spec``, a HostSpec) needs beyond the pool's default to run the pods
+    of a release (``version``, its shim's ``config``): room for two sandbox VMs at once (the driver's holder pod
+    and a probe) besides its own memory, and, for Kata 1.x, which knows only cgroup v1 ("cgroups: cgroup
+    mountpoint does not exist" on a unified host), systemd's hybrid hierarchy on the kernel command line."""
+    sandbox_mib = int(config.get("hypervisor.*.default_memory", 0) or 0)
+    changes: dict[str, Any] = {"memory_mib": max(spec.memory_mib, 1024 + 2 * sandbox_mib)}
+    if (version or "").startswith("1.") and LEGACY_CGROUPS not in spec.cmdline.split():
+        changes["cmdline"] = f"{spec.cmdline} {LEGACY_CGROUPS}"
     return changes
+
+
+def write_shim_config_on(host: Any, config: Any, root: Path | None, out_dir: Path, place: Path, *,
+                         accel: tuple[str, str], guest: str = "initrd") -> ShimConfig:
+    """The runnable configuration copy for a staging ``host`` where the release is installed at /opt/kata:
+    what the host lacks and whether its qemu takes Kata's bare ``-machine`` flags are asked there; the copy is
+    written into ``out_dir``, copied to ``place`` on the host, and its argv log read back through the host.
+    ``accel``: what works there and why (:func:`~pytest_kata.hosts.accel.detect_on`)."""
+    devices = host.run("for d in vhost-net vhost-vsock; do test -e /dev/$d && echo $d; done", timeout=30)
+    present = devices.stdout.split()
+    qemu = str(config.get("hypervisor.*.path", "") or "")
+    refuses = bool(qemu) and host.run([qemu, *SHORT_BOOLEAN_PROBE], timeout=60).rc != 0
+    written = write_shim_config(config, root, out_dir, accel=accel[0], vhost_net="vhost-net" in present,
+                                vhost_vsock="vhost-vsock" in present, guest=guest, refuses_short_booleans=refuses,
+                                place=place)
+    host.run(["mkdir", "-p", str(place)], timeout=30, check=True)
+    for item in sorted(out_dir.iterdir()):
+        host.put(item, str(place / item.name), mode=item.stat().st_mode & 0o777)
+    written.read_log = lambda path: host.run(["cat", str(path)], timeout=60).stdout
+    written.changes.setdefault("accel", f"{accel[0]} ({accel[1]})")
+    return written
 
 
 def shim_binary_name(runtime: str) -> str:
@@ -231,25 +253,14 @@ class ContainerdDriver(SandboxDriver):
         absolute path and handed a copy of its configuration written on the host, which differs only in what
         the host lacks, a hypervisor wrapper where KVM is unusable there or the hypervisor refuses Kata's bare
         ``-machine`` flags (:func:`~pytest_kata.sandbox.shimconfig.write_shim_config`), each with its reason."""
-        host = self.host
-        accel, why = detect_on(host) if self.accel == "auto" else (self.accel, "forced by --kata-accel")
-        devices = host.run("for d in vhost-net vhost-vsock; do test -e /dev/$d && echo $d; done", timeout=30)
-        qemu = str(shim.config.get("hypervisor.*.path", "") or "")
-        refuses = bool(qemu) and host.run([qemu, *SHORT_BOOLEAN_PROBE], timeout=60).rc != 0
+        accel = detect_on(self.host) if self.accel == "auto" else (self.accel, "forced by --kata-accel")
         place = Path(sandbox_dir()) / f"{self.run_id}-kata-shim-{os.getpid()}-{self.instance}"
         out = unique_dir(cache_dir() / "runs" / self.run_id, "kata-shim")
         try:
-            written = write_shim_config(shim.config, Path(bundle.root), out, accel=accel,
-                                        vhost_net="vhost-net" in devices.stdout.split(),
-                                        vhost_vsock="vhost-vsock" in devices.stdout.split(), guest=self.guest,
-                                        refuses_short_booleans=refuses, place=place)
+            written = write_shim_config_on(self.host, shim.config, Path(bundle.root), out, place, accel=accel,
+                                           guest=self.guest)
         except SandboxError as exc:
             raise SandboxUnavailable(str(exc), path=exc.path) from None
-        host.run(["mkdir", "-p", str(place)], timeout=30, check=True)
-        for item in sorted(out.iterdir()):
-            host.put(item, str(place / item.name), mode=item.stat().st_mode & 0o777)
-        written.read_log = lambda path: host.run(["cat", str(path)], timeout=60).stdout
-        written.changes.setdefault("accel", f"{accel} ({why})")
         self.shim_config, self.guest = written, written.guest
         self.runtime = f"{KATA_PREFIX}/{shim.binary}"
         self.runtime_args = config_args(bundle.version, written.runs_at)

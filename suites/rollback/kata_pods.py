@@ -10,7 +10,9 @@ writes a runnable copy of the configuration the handler names (with
 the TCG wrapper, each with its reason) and pins it in the container record with Kata 1.x's
 ``io.katacontainers.config_path`` annotation (ctr 1.6 sends ``--runtime-config-path`` in an options type
 Kata 1.x shims cannot decode). A copy is keyed by the configuration's bytes, so the candidate's smoke run
-never rewrites the baseline's.
+never rewrites the baseline's. :class:`StagingKataConfigs` does the same for a release installed on a staging
+host (a libvirt host): the copy is written there, keeps ``/opt/kata``, and handlers whose hypervisor, kernel
+or guest the release lacks on that host are not run.
 
 :class:`RunningPod` is the pod started on the baseline and left running while the candidate is installed:
 afterwards it must still run on the baseline's shim (same task pid, the shim process still executing the
@@ -33,14 +35,9 @@ from pytest_kata.install.workloads import Workload, WorkloadProbe
 from pytest_kata.kataconfig import load_config
 from pytest_kata.resources import sandbox_dir
 from pytest_kata.sandbox.base import SandboxError
-from pytest_kata.sandbox.containerd import read_processes
+from pytest_kata.sandbox.containerd import read_processes, write_shim_config_on
 from pytest_kata.sandbox.direct import detect_accel, map_path
-from pytest_kata.sandbox.shimconfig import (
-    CONFIG_PATH_ANNOTATION,
-    SHORT_BOOLEAN_PROBE,
-    ShimConfig,
-    write_shim_config,
-)
+from pytest_kata.sandbox.shimconfig import CONFIG_PATH_ANNOTATION, ShimConfig, write_shim_config
 
 
 class RunnableKataConfigs:
@@ -96,9 +93,7 @@ class StagingKataConfigs:
     def __init__(self, host: Any, out_dir: Path, *, accel: str = "auto") -> None:
         self.host = host
         self.out_dir = out_dir
-        self.accel, self.accel_reason = detect_on(host) if accel == "auto" else (accel, "forced by --kata-accel")
-        devices = host.run("for d in vhost-net vhost-vsock; do test -e /dev/$d && echo $d; done", timeout=30)
-        self.devices = set(devices.stdout.split())
+        self.accel = detect_on(host) if accel == "auto" else (accel, "forced by --kata-accel")
         self.written: dict[str, ShimConfig] = {}  # path on the host -> what was written and why
 
     def __call__(self, handler: str, spec: dict[str, str]) -> list[str]:
@@ -119,20 +114,10 @@ class StagingKataConfigs:
             if missing:
                 raise KataError(f"{handler} cannot run on {self.host.name}: the release installed there has no "
                                 f"{', '.join(missing)}")
-            qemu = str(config.get("hypervisor.*.path", "") or "")
-            refuses = bool(qemu) and self.host.run([qemu, *SHORT_BOOLEAN_PROBE], timeout=60).rc != 0
             try:
-                shim = write_shim_config(config, None, local / "copy", accel=self.accel,
-                                         vhost_net="vhost-net" in self.devices,
-                                         vhost_vsock="vhost-vsock" in self.devices,
-                                         refuses_short_booleans=refuses, place=place)
+                shim = write_shim_config_on(self.host, config, None, local / "copy", place, accel=self.accel)
             except SandboxError as exc:
                 raise KataError(f"{handler} cannot run on {self.host.name}: {exc}") from None
-            self.host.run(["mkdir", "-p", str(place)], timeout=30, check=True)
-            for item in sorted((local / "copy").iterdir()):
-                self.host.put(item, str(place / item.name), mode=item.stat().st_mode & 0o777)
-            shim.read_log = lambda path: self.host.run(["cat", str(path)], timeout=60).stdout
-            shim.changes.setdefault("accel", f"{self.accel} ({self.accel_reason})")
             self.written[str(runs_at)] = shim
         return ["--annotation", f"{CONFIG_PATH_ANNOTATION}={runs_at}"]
 
