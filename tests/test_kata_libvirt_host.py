@@ -32,6 +32,9 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.vm,
     pytest.mark.timeout(2000),  # a host boot, an install and a dozen nested pods: beyond CI's 900 s default
+    # the worker of the other libvirt host tests, never beside test_sweep's frozen-libvirtd test, whose
+    # 30-s freeze would outlast libvirt's keepalive on these hosts' console streams
+    pytest.mark.xdist_group("kata-hosts"),
     pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("go") or not shutil.which("libvirtd"),
                        reason="needs root, Go (real Kata is built) and libvirt (the staging host is a VM)"),
 ]
