@@ -43,6 +43,9 @@ WORKLOAD_SCRIPT = (f"if test -e /var/ran-before; then echo {MARKER} again $(cat 
                    f"else mkdir -p /var && echo $$ > /var/ran-before && echo {MARKER} first; fi")
 CONTROL_RUNTIMES = {"runc": ("io.containerd.runc.v2", ("runc", "containerd-shim-runc-v2"))}
 SYSTEM_SOCKET = "/run/containerd/containerd.sock"
+STALL_DEADLINE = 150.0  # seconds a task start on a remote host may take before it is stopped and started again
+STALL_RETRIES = 2
+TIMED_OUT = 124  # a Host's exit status for a command it stopped at its timeout
 
 
 @dataclass
@@ -116,6 +119,7 @@ class WorkloadProbe:
         # an installer carries the kata_args of its host (so that a smoke gate's probe runs Kata there too)
         self.kata_args = kata_args or installer.kata_args
         self.host = installer.host
+        self.stalled_starts = 0  # Kata task starts on a remote host stopped at STALL_DEADLINE and started again
         self.address = containerd_address(installer.containerd)
         where = f"{self.host.name}:{installer.sysroot}"
         # runc's state directory is per namespace and shared by every containerd: ids must be unique per target
@@ -141,6 +145,24 @@ class WorkloadProbe:
         if self.address is None:
             return "no containerd socket to drive"
         return None
+
+    def start_task(self, container: str, *, detach: bool = False, timeout: float = 300.0) -> Any:
+        """``ctr tasks start`` of a created container. On a remote host a Kata pod that has not finished
+        starting after :data:`STALL_DEADLINE` s (nested KVM guests of a TCG host VM stall now and then) is
+        killed and started again, at most :data:`STALL_RETRIES` times, each counted in ``stalled_starts``."""
+        remote = not isinstance(self.host, LocalHost)
+        for attempt in range(STALL_RETRIES + 1):
+            last = attempt == STALL_RETRIES or not remote
+            result = self.ctr("tasks", "start", *(["-d"] if detach else []), container,
+                              timeout=timeout if last else min(timeout, STALL_DEADLINE))
+            if last or result.rc != TIMED_OUT:
+                return result
+            self.stalled_starts += 1
+            progress.step("workloads", f"{container} did not start within {STALL_DEADLINE:g} s on "
+                                       f"{self.host.name}: starting it again ({self.stalled_starts})")
+            self.ctr("tasks", "kill", "-s", "SIGKILL", container, timeout=60)
+            self.ctr("tasks", "delete", "-f", container, timeout=120)
+        return result
 
     def ctr(self, *args: str, timeout: float = 180.0) -> Any:
         assert self.address is not None
@@ -237,7 +259,7 @@ class WorkloadProbe:
         if not created.ok:
             workload.before = f"not created: {_tail(created)}"
             return
-        started = self.ctr("tasks", "start", workload.container, timeout=300)
+        started = self.start_task(workload.container)
         output = started.stdout.strip()
         workload.ran_before = started.ok and f"{MARKER} first" in output
         workload.before = output if workload.ran_before else f"did not run before the upgrade: {_tail(started)}"
@@ -277,7 +299,7 @@ class WorkloadProbe:
         if not info.ok:
             problems.append(f"the container record is gone after the rollback: {_tail(info)}")
             return result("fail", "; ".join(problems))
-        started = self.ctr("tasks", "start", workload.container, timeout=300)
+        started = self.start_task(workload.container)
         output = started.stdout.strip()
         if not started.ok:
             problems.append(f"does not start again: {_tail(started)}")

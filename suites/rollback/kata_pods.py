@@ -163,7 +163,7 @@ class RunningPod:
         created = probe.create(workload, ["sh", "-c", "echo running > /tmp/running; exec sleep 3600"])
         if not created.ok:
             raise KataError(f"the running pod was not created: {_tail(created)}", path=workload.container)
-        started = probe.ctr("tasks", "start", "-d", workload.container, timeout=300)
+        started = probe.start_task(workload.container, detach=True)
         if not started.ok:
             pod.delete()
             raise KataError(f"the running pod did not start: {_tail(started)}", path=workload.container)

@@ -202,6 +202,8 @@ def test_workloads_that_ran_before_start_again_after_rollback(upgrade: Scenario,
         kata_result.conclude("notapplicable", f"no containerd to run workloads with: {reason}")
     report, _ = upgrade.need(kata_result, "workloads-planted", "workloads-after")
     kata_result.record(workloads=report.to_json(), **(upgrade.kata.evidence() if upgrade.kata else {}))
+    if upgrade.workloads is not None and upgrade.workloads.stalled_starts:
+        kata_result.record(stalled_task_starts=upgrade.workloads.stalled_starts)
     kata_result.attach("workloads before the upgrade and after the rollback",
                        "\n".join(f"{w.handler:12} {w.container}\n  before: {w.before}" for w in report.planted)
                        + "\n" + "\n".join(f"{r.handler:12} {r.status}: {r.detail}" for r in report.results),
