@@ -31,9 +31,12 @@ def detect_local(root: Path = Path("/")) -> tuple[str, str]:
                   root != Path("/") or os.access(dev, os.R_OK | os.W_OK))
 
 
-def detect_on(host: Any) -> tuple[str, str]:
+def detect_on(host: Any, requested: str = "auto") -> tuple[str, str]:
     """KVM or TCG for VMs a :class:`~pytest_kata.hosts.base.Host` starts itself (e.g. Kata's sandboxes on a
-    staging host), read there by the same rules as :func:`detect_local`."""
+    staging host), read there by the same rules as :func:`detect_local`; ``requested`` (``--kata-accel``) wins
+    unless it is ``auto``."""
+    if requested in ACCELS:
+        return requested, "forced by --kata-accel"
     out = host.run("test -e /dev/kvm && echo dev; test -e /sys/module/kvm_pvm && echo pvm; "
                    "test -r /dev/kvm -a -w /dev/kvm && echo rw; grep -m1 '^flags' /proc/cpuinfo", timeout=60).stdout
     lines = out.splitlines()

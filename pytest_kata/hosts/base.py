@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 
 from pytest_kata.errors import KataError
 
+TIMED_OUT = 124  # the exit status of a command a Host stopped at its timeout (as coreutils' timeout)
 
 class HostError(KataError):
     """A host cannot be reached, booted or driven."""
@@ -108,7 +109,7 @@ class LocalHost:
             result = RunResult(command, proc.returncode, proc.stdout.decode(errors="replace"),
                                proc.stderr.decode(errors="replace"), time.monotonic() - start, self.name)
         except subprocess.TimeoutExpired:
-            result = RunResult(command, 124, "", f"timed out after {timeout:g} s", time.monotonic() - start,
+            result = RunResult(command, TIMED_OUT, "", f"timed out after {timeout:g} s", time.monotonic() - start,
                                self.name)
         self._log.append(f"$ {command}\n{result.stdout}{result.stderr}")
         return result.check() if check else result

@@ -41,7 +41,7 @@ import pexpect
 from pytest_kata import runid
 from pytest_kata.hashing import sha256_file as _sha256
 from pytest_kata.hosts.accel import is_local_uri
-from pytest_kata.hosts.base import HostError, RunResult, as_command
+from pytest_kata.hosts.base import TIMED_OUT, HostError, RunResult, as_command
 from pytest_kata.hosts.console import Console, strip_ansi
 from pytest_kata.images.common import make_ext4_fs
 from pytest_kata.progress import step
@@ -324,7 +324,7 @@ class LibvirtHost:
                 match = con.expect(regex, timeout=timeout)
             except pexpect.TIMEOUT:
                 partial = con.child.before.split(b"__KT_B%d_42__\n" % n, 1)[-1]
-                result = RunResult(command, 124, strip_ansi(partial.decode(errors="replace")),
+                result = RunResult(command, TIMED_OUT, strip_ansi(partial.decode(errors="replace")),
                                    f"timed out after {timeout:g} s", time.monotonic() - start, self.name)
                 self._interrupt(n)
                 return result.check() if check else result

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 from pytest_kata import runid
 from pytest_kata.errors import KataError
 from pytest_kata.hashing import sha256_file
-from pytest_kata.hosts.base import HostError, RunResult, UnsupportedOperation, as_command
+from pytest_kata.hosts.base import TIMED_OUT, HostError, RunResult, UnsupportedOperation, as_command
 
 CONFIG_ENV = "PYTEST_KATA_SSH_CONFIG"
 KILL_GRACE = 5  # seconds between the remote timeout's TERM and KILL
@@ -180,7 +180,7 @@ class SshHost:
             result = RunResult(command, proc.returncode, proc.stdout.decode(errors="replace"),
                                proc.stderr.decode(errors="replace"), time.monotonic() - start, self.name)
         except subprocess.TimeoutExpired:
-            result = RunResult(command, 124, "", f"timed out after {timeout:g} s (the ssh client gave up)",
+            result = RunResult(command, TIMED_OUT, "", f"timed out after {timeout:g} s (the ssh client gave up)",
                                time.monotonic() - start, self.name)
         self._log.append(f"$ {command}\n{result.stdout}{result.stderr}")
         return result.check() if check else result

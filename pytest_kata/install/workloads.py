@@ -33,8 +33,9 @@ from typing import Any
 
 from pytest_kata import progress, runid
 from pytest_kata.errors import KataError
-from pytest_kata.hosts.base import LocalHost
+from pytest_kata.hosts.base import TIMED_OUT, LocalHost
 from pytest_kata.install.state import PREFIX
+from pytest_kata.sandbox.containerd import NESTED_POD_DEADLINE, POD_RETRIES
 from pytest_kata.sandbox.probe import IMAGE_REPO, build_oci_image
 
 MARKER = "KATA-WORKLOAD"
@@ -43,9 +44,6 @@ WORKLOAD_SCRIPT = (f"if test -e /var/ran-before; then echo {MARKER} again $(cat 
                    f"else mkdir -p /var && echo $$ > /var/ran-before && echo {MARKER} first; fi")
 CONTROL_RUNTIMES = {"runc": ("io.containerd.runc.v2", ("runc", "containerd-shim-runc-v2"))}
 SYSTEM_SOCKET = "/run/containerd/containerd.sock"
-STALL_DEADLINE = 150.0  # seconds a task start on a remote host may take before it is stopped and started again
-STALL_RETRIES = 2
-TIMED_OUT = 124  # a Host's exit status for a command it stopped at its timeout
 
 
 @dataclass
@@ -119,7 +117,7 @@ class WorkloadProbe:
         # an installer carries the kata_args of its host (so that a smoke gate's probe runs Kata there too)
         self.kata_args = kata_args or installer.kata_args
         self.host = installer.host
-        self.stalled_starts = 0  # Kata task starts on a remote host stopped at STALL_DEADLINE and started again
+        self.stalled_starts = 0  # Kata task starts on a remote host stopped at NESTED_POD_DEADLINE and started again
         self.address = containerd_address(installer.containerd)
         where = f"{self.host.name}:{installer.sysroot}"
         # runc's state directory is per namespace and shared by every containerd: ids must be unique per target
@@ -148,17 +146,17 @@ class WorkloadProbe:
 
     def start_task(self, container: str, *, detach: bool = False, timeout: float = 300.0) -> Any:
         """``ctr tasks start`` of a created container. On a remote host a Kata pod that has not finished
-        starting after :data:`STALL_DEADLINE` s (nested KVM guests of a TCG host VM stall now and then) is
-        killed and started again, at most :data:`STALL_RETRIES` times, each counted in ``stalled_starts``."""
+        starting after :data:`NESTED_POD_DEADLINE` s (nested KVM guests of a TCG host VM stall now and then) is
+        killed and started again, at most :data:`POD_RETRIES` times, each counted in ``stalled_starts``."""
         remote = not isinstance(self.host, LocalHost)
-        for attempt in range(STALL_RETRIES + 1):
-            last = attempt == STALL_RETRIES or not remote
+        for attempt in range(POD_RETRIES + 1):
+            last = attempt == POD_RETRIES or not remote
             result = self.ctr("tasks", "start", *(["-d"] if detach else []), container,
-                              timeout=timeout if last else min(timeout, STALL_DEADLINE))
+                              timeout=timeout if last else min(timeout, NESTED_POD_DEADLINE))
             if last or result.rc != TIMED_OUT:
                 return result
             self.stalled_starts += 1
-            progress.step("workloads", f"{container} did not start within {STALL_DEADLINE:g} s on "
+            progress.step("workloads", f"{container} did not start within {NESTED_POD_DEADLINE:g} s on "
                                        f"{self.host.name}: starting it again ({self.stalled_starts})")
             self.ctr("tasks", "kill", "-s", "SIGKILL", container, timeout=60)
             self.ctr("tasks", "delete", "-f", container, timeout=120)

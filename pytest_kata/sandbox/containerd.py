@@ -28,7 +28,7 @@ from typing import Any
 from pytest_kata import runid
 from pytest_kata.bundle import Bundle, ShimInfo
 from pytest_kata.hosts.accel import detect_on
-from pytest_kata.hosts.base import LocalHost
+from pytest_kata.hosts.base import TIMED_OUT, LocalHost
 from pytest_kata.progress import step, timed
 from pytest_kata.resources import KATA_PREFIX, cache_dir, sandbox_dir
 from pytest_kata.sandbox.base import (
@@ -49,9 +49,8 @@ CONTROL_HANDLERS = {"runc": "io.containerd.runc.v2", "runsc": "io.containerd.run
 CONTROL_SHIMS = {"runc": ("containerd-shim-runc-v2", "runc"), "runsc": ("containerd-shim-runsc-v1", "runsc")}
 KATA_NAMESPACE = "pytest-kata"
 AGENT_TIMEOUT = "Failed to check if grpc server is working"
-AGENT_TIMEOUT_RETRIES = 2
+POD_RETRIES = 2  # a pod is tried at most this many times more (agent deadline under TCG, stalled nested pod)
 NESTED_POD_DEADLINE = 150.0  # seconds a pod attempt may take on a staging host before it is retried
-TIMED_OUT = 124  # a Host's exit status for a command it stopped at its timeout
 CAPS_NEWER_THAN_KATA1 = ("perfmon", "bpf", "checkpoint_restore")  # Linux 5.8/5.9: unknown to Kata 1.x agents
 VMM_NAMES = ("qemu", "cloud-hypervisor", "firecracker", "dragonball", "stratovirt")
 
@@ -253,7 +252,7 @@ class ContainerdDriver(SandboxDriver):
         absolute path and handed a copy of its configuration written on the host, which differs only in what
         the host lacks, a hypervisor wrapper where KVM is unusable there or the hypervisor refuses Kata's bare
         ``-machine`` flags (:func:`~pytest_kata.sandbox.shimconfig.write_shim_config`), each with its reason."""
-        accel = detect_on(self.host) if self.accel == "auto" else (self.accel, "forced by --kata-accel")
+        accel = detect_on(self.host, self.accel)
         place = Path(sandbox_dir()) / f"{self.run_id}-kata-shim-{os.getpid()}-{self.instance}"
         out = unique_dir(cache_dir() / "runs" / self.run_id, "kata-shim")
         try:
@@ -352,7 +351,7 @@ class ContainerdDriver(SandboxDriver):
 
         Returns the host's result (``rc``, ``stdout``, ``stderr``); never raises for the command's own exit
         status, so a refused pod (e.g. a shim rejecting an annotation) is evidence, not an error."""
-        for attempt in range(AGENT_TIMEOUT_RETRIES + 1):
+        for attempt in range(POD_RETRIES + 1):
             cid = self.pod_id(name)
             start = time.monotonic()
             result = self.ctr("run", "--rm", *self.run_args(workload, cid), self.image, cid, *command, check=False,
@@ -367,12 +366,12 @@ class ContainerdDriver(SandboxDriver):
     def _attempt_timeout(self, timeout: float, attempt: int) -> float:
         """On a staging host every attempt but the last is cut at :data:`NESTED_POD_DEADLINE` (see
         :meth:`_retry`); the last one gets the whole ``timeout``."""
-        if self._own_ctd or not self.is_vm or attempt == AGENT_TIMEOUT_RETRIES:
+        if self._own_ctd or not self.is_vm or attempt == POD_RETRIES:
             return timeout
         return min(timeout, NESTED_POD_DEADLINE)
 
     def _retry(self, result: Any) -> bool:
-        """Whether a failed pod is retried (at most :data:`AGENT_TIMEOUT_RETRIES` times), each retry said in the
+        """Whether a failed pod is retried (at most :data:`POD_RETRIES` times), each retry said in the
         evidence: under TCG a slow guest can miss Kata's 20 s agent connect deadline; on a staging host whose
         pods are nested KVM guests of a TCG VM, a pod now and then never finishes starting (seen about once in
         twenty pods here), which the attempt's deadline cuts."""
@@ -393,7 +392,7 @@ class ContainerdDriver(SandboxDriver):
     def start_pod(self, workload: Workload, command: list[str], *, name: str = "pod", timeout: float = 300.0) -> str:
         """Start ``command`` in a pod that keeps running (``ctr run -d``); returns its id for :meth:`exec`,
         :meth:`pod_pids` and :meth:`remove_pod`."""
-        for attempt in range(AGENT_TIMEOUT_RETRIES + 1):
+        for attempt in range(POD_RETRIES + 1):
             cid = self.pod_id(name)
             result = self.ctr("run", "-d", *self.run_args(workload, cid), self.image, cid, *command, check=False,
                               timeout=self._attempt_timeout(timeout, attempt), prefix=self._ctr_prefix(workload))

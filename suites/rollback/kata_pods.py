@@ -93,7 +93,7 @@ class StagingKataConfigs:
     def __init__(self, host: Any, out_dir: Path, *, accel: str = "auto") -> None:
         self.host = host
         self.out_dir = out_dir
-        self.accel = detect_on(host) if accel == "auto" else (accel, "forced by --kata-accel")
+        self.accel = detect_on(host, accel)
         self.written: dict[str, ShimConfig] = {}  # path on the host -> what was written and why
 
     def __call__(self, handler: str, spec: dict[str, str]) -> list[str]:
