@@ -9,12 +9,13 @@ import subprocess
 import time
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from pytest_kata import runid, services
 from pytest_kata.kataconfig import KataConfig
-from pytest_kata.sandbox.base import SandboxError
+from pytest_kata.sandbox.base import SandboxError, host_mounts
 from pytest_kata.sandbox.containerd import shim_binary_name
 from pytest_kata.sandbox.shimconfig import (
     CONFIG_PATH_ANNOTATION,
@@ -253,3 +254,21 @@ def test_both_guest_forms_shipped_keeps_the_one_asked_for(tmp_path):
     (root / "share/kata-containers/guest.img").unlink()
     with pytest.raises(SandboxError, match="ships no guest image"):
         write_shim_config(config, root, tmp_path / "c", accel="kvm", vhost_net=True, vhost_vsock=True, guest="image")
+
+
+def test_a_staging_hosts_own_pod_shares_are_not_host_changes_but_a_redirected_mount_is():
+    """On a staging host containerd shares the host's mount namespace: the share mounts Kata makes for this
+    run's pods are what a pod is; a mount the runtime made elsewhere (a guest-planted symlink's target), or
+    one in another sandbox's share that is not this run's, still counts."""
+    own = runid.current_run_id()
+    share = "/run/kata-containers/shared/sandboxes"
+    lines = [f"{n} 1 0:{n} / {point} rw shared:1 - {fs} {fs} rw" for n, (point, fs) in enumerate([
+        ("/", "ext4"),
+        (f"{share}/{own}-hold-1-1-1/shared", "tmpfs"),
+        (f"{share}/{own}-hold-1-1-1/shared/{own}-hold-1-1-1/rootfs", "overlay"),
+        ("/var/lib/victim/rootfs", "overlay"),
+        (f"{share}/someone-else/shared", "tmpfs"),
+    ], start=20)]
+    host = SimpleNamespace(run=lambda command, **_: SimpleNamespace(stdout="\n".join(lines) + "\n"))
+    assert host_mounts(host=host) == ["/ ext4 ext4", f"{share}/someone-else/shared tmpfs tmpfs",
+                                      "/var/lib/victim/rootfs overlay overlay"]
